@@ -1,0 +1,8 @@
+//! Host-side bindings generated from the WIT contract in `sdk/wit/`, the one
+//! source of truth shared with the SDK. Hand-written code lives beside this
+//! module, never in it.
+
+wasmtime::component::bindgen!({
+    path: "../sdk/wit",
+    world: "plugin",
+});

@@ -1,0 +1,213 @@
+//! The wasmtime engine shared by all plugins: configuration, the epoch
+//! ticker that enforces call deadlines, and loading (compile + validate).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine};
+
+use super::error::LoadError;
+use super::instance::{HostServices, PluginContext, State};
+use super::loaded::LoadedPlugin;
+
+/// Bounds on every plugin call and outcome.
+#[derive(Debug, Clone)]
+pub struct PluginLimits {
+    /// Wall-clock budget of one call (instantiation and `handle` alike).
+    pub call_timeout: Duration,
+    /// Largest linear memory a plugin instance may grow to.
+    pub memory_bytes: usize,
+    /// Most deliveries in one outcome.
+    pub max_deliveries: usize,
+    /// Most recipients across an outcome's deliveries.
+    pub max_recipients: usize,
+    /// Largest single payload (delivery or reply data), in bytes.
+    pub max_payload_bytes: usize,
+    /// Largest sum of payload bytes in one outcome.
+    pub max_outcome_bytes: usize,
+    /// Warm instances kept per plugin version; more are created under load
+    /// and dropped afterwards.
+    pub max_idle_instances: usize,
+    /// Calls after which an instance is replaced, so that a slow leak inside
+    /// a plugin cannot grow without bound.
+    pub recycle_after_calls: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_millis(50),
+            memory_bytes: 32 << 20,
+            max_deliveries: 256,
+            max_recipients: 1024,
+            max_payload_bytes: 64 << 10,
+            max_outcome_bytes: 1 << 20,
+            max_idle_instances: 16,
+            recycle_after_calls: 100_000,
+        }
+    }
+}
+
+/// How often the engine's epoch advances; call deadlines are rounded up to it.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The plugin runtime: one engine and one linker for every plugin.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    limits: PluginLimits,
+    services: Arc<dyn HostServices>,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    /// Creates the engine. `services` answers the plugins' `get-user` and
+    /// `connection-count`.
+    pub fn new(limits: PluginLimits, services: Arc<dyn HostServices>) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            // Sync calls only: component-model concurrency costs every call
+            // (~350 ns measured) and no plugin needs it.
+            .concurrency_support(false)
+            .max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        // WASI is linked because Rust's std imports it, but the context grants
+        // nothing: no preopened directories, environment, arguments or sockets.
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        super::bindings::Plugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
+            &mut linker,
+            |state| state,
+        )?;
+
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+            services,
+            _ticker: ticker,
+        })
+    }
+
+    /// The limits applied to every plugin.
+    pub fn limits(&self) -> &PluginLimits {
+        &self.limits
+    }
+
+    /// Compiles and validates a plugin: it is instantiated, and its `info`
+    /// and `subscriptions` are read, before anything may route to it.
+    /// Blocking (compilation takes tens of milliseconds); async callers use
+    /// [`PluginRuntime::load_blocking`] through `spawn_blocking`.
+    ///
+    /// `name` is the operator's handle for the plugin (its file stem);
+    /// `config` its JSON configuration.
+    pub fn load(&self, name: &str, wasm: &[u8], config: &str) -> Result<LoadedPlugin, LoadError> {
+        serde_json::from_str::<serde::de::IgnoredAny>(config)
+            .map_err(|err| LoadError::Config(err.to_string()))?;
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|err| LoadError::Compile(format!("{err:#}")))?;
+        let context = Arc::new(PluginContext {
+            name: name.to_owned(),
+            config: config.to_owned(),
+            services: Arc::clone(&self.services),
+        });
+        LoadedPlugin::validate(
+            &self.engine,
+            &self.linker,
+            &component,
+            content_hash(wasm),
+            context,
+            self.limits.clone(),
+        )
+    }
+
+    /// [`PluginRuntime::load`] on tokio's blocking pool, so compilation never
+    /// stalls the async runtime.
+    pub async fn load_blocking(
+        self: &Arc<Self>,
+        name: String,
+        wasm: Vec<u8>,
+        config: String,
+    ) -> Result<LoadedPlugin, LoadError> {
+        let runtime = Arc::clone(self);
+        tokio::task::spawn_blocking(move || runtime.load(&name, &wasm, &config))
+            .await
+            .unwrap_or_else(|join| Err(LoadError::Start(format!("loader panicked: {join}"))))
+    }
+}
+
+/// Hex SHA-256 of a plugin's bytes: its version identity.
+pub fn content_hash(wasm: &[u8]) -> String {
+    let digest = Sha256::digest(wasm);
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Epoch ticks that make up `timeout`, rounded up, at least one.
+pub(crate) fn deadline_ticks(timeout: Duration) -> u64 {
+    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] so that calls past their
+/// deadline trap; stops when the runtime is dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_to_whole_ticks() {
+        assert_eq!(deadline_ticks(Duration::from_millis(50)), 10);
+        assert_eq!(deadline_ticks(Duration::from_millis(51)), 11);
+        assert_eq!(deadline_ticks(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn content_hash_is_hex_sha256() {
+        assert_eq!(
+            content_hash(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

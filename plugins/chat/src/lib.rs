@@ -1,0 +1,302 @@
+//! Direct messages between users (PROTOCOL.md §4, `sendMessage`).
+//!
+//! Who may write to whom comes from the plugin's configuration:
+//!
+//! ```json
+//! {"allow": [{"from": "student", "to": "consultant"}, {"from": "consultant", "to": "student"}]}
+//! ```
+//!
+//! `"*"` matches any role. Without configuration only students and
+//! consultants may write to each other.
+
+use serde::{Deserialize, Serialize};
+use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
+
+/// Longest accepted message, in Unicode scalar values.
+const MAX_TEXT_CHARS: usize = 4000;
+
+/// The chat plugin.
+pub struct Chat;
+
+#[derive(Deserialize)]
+struct SendMessage {
+    to: NonEmptyString,
+    text: String,
+}
+
+#[derive(Deserialize, Default)]
+struct Config {
+    allow: Option<Vec<Rule>>,
+}
+
+/// One allowed (sender role, recipient role) pair.
+#[derive(Deserialize)]
+struct Rule {
+    from: String,
+    to: String,
+}
+
+impl Rule {
+    fn permits(&self, from_role: &str, to_role: &str) -> bool {
+        let matches = |pattern: &str, role: &str| pattern == "*" || pattern == role;
+        matches(&self.from, from_role) && matches(&self.to, to_role)
+    }
+}
+
+fn default_rules() -> Vec<Rule> {
+    let rule = |from: &str, to: &str| Rule {
+        from: from.to_owned(),
+        to: to.to_owned(),
+    };
+    vec![rule("student", "consultant"), rule("consultant", "student")]
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Message<'a> {
+    message_id: &'a str,
+    from: &'a str,
+    from_role: &'a str,
+    to: &'a str,
+    text: &'a str,
+    sent_at: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ack<'a> {
+    message_id: &'a str,
+}
+
+impl Plugin for Chat {
+    const SUBSCRIPTIONS: &'static [&'static str] = &["sendMessage"];
+
+    fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
+        let sender = event.require_client()?;
+        let request: SendMessage = event.data_as()?;
+        let text_chars = request.text.chars().count();
+        if text_chars == 0 || text_chars > MAX_TEXT_CHARS {
+            return Err(Failure::bad_request(format!(
+                "`text` must be 1 to {MAX_TEXT_CHARS} characters"
+            )));
+        }
+        if *request.to == *sender.user_id {
+            return Err(Failure::bad_request("`to` must be another user"));
+        }
+
+        let recipient = host
+            .get_user(&request.to)
+            .ok_or_else(|| Failure::not_found(format!("user `{}` does not exist", request.to)))?;
+        let config: Config = host.config_as()?;
+        let rules = config.allow.unwrap_or_else(default_rules);
+        if !rules
+            .iter()
+            .any(|rule| rule.permits(&sender.role, &recipient.role))
+        {
+            return Err(Failure::forbidden(format!(
+                "a {} may not message a {}",
+                sender.role, recipient.role
+            )));
+        }
+
+        let message = Message {
+            message_id: &event.id,
+            from: &sender.user_id,
+            from_role: &sender.role,
+            to: &request.to,
+            text: &request.text,
+            sent_at: &event.received_at,
+        };
+        let push = Delivery::new("message", &message)?
+            .to_user(&request.to)
+            .to_sender_others();
+        Ok(Outcome::new()
+            .deliver(push)
+            .reply(&Ack {
+                message_id: &event.id,
+            })?
+            .count_delivered_in("delivered"))
+    }
+}
+
+sockets_sdk::export_plugin!(Chat);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use sockets_sdk::testing::{TEST_RECEIVED_AT, TestHost, broker_event, client_event};
+    use sockets_sdk::{ErrorCode, Recipient};
+
+    use super::*;
+
+    fn directory() -> TestHost {
+        TestHost::new()
+            .with_user("s_1", "student")
+            .with_user("s_2", "student")
+            .with_user("c_1", "consultant")
+    }
+
+    fn send(host: &TestHost, from: &str, role: &str, data: Value) -> Result<Outcome, Failure> {
+        Chat::handle(
+            &client_event("sendMessage", from, role, &data.to_string()),
+            host,
+        )
+    }
+
+    fn code(result: Result<Outcome, Failure>) -> ErrorCode {
+        result.expect_err("expected a failure").code
+    }
+
+    #[test]
+    fn student_to_consultant_is_delivered_to_recipient_and_sender_others() {
+        let outcome = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "c_1", "text": "hello"}),
+        )
+        .unwrap();
+
+        assert_eq!(outcome.deliveries.len(), 1);
+        let push = &outcome.deliveries[0];
+        assert_eq!(push.event, "message");
+        assert_eq!(
+            push.to,
+            vec![Recipient::User("c_1".into()), Recipient::SenderOthers]
+        );
+        let data: Value = serde_json::from_str(&push.data).unwrap();
+        assert_eq!(
+            data,
+            json!({"messageId": "evt-1", "from": "s_1", "fromRole": "student", "to": "c_1",
+                   "text": "hello", "sentAt": TEST_RECEIVED_AT})
+        );
+        let reply = outcome.reply.unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&reply.data).unwrap(),
+            json!({"messageId": "evt-1"})
+        );
+        assert_eq!(reply.delivered_field.as_deref(), Some("delivered"));
+    }
+
+    #[test]
+    fn consultant_to_student_is_allowed_by_default() {
+        assert!(
+            send(
+                &directory(),
+                "c_1",
+                "consultant",
+                json!({"to": "s_1", "text": "hi"})
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_forged_from_is_ignored() {
+        let outcome = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "c_1", "text": "hi", "from": "c_1"}),
+        )
+        .unwrap();
+        let data: Value = serde_json::from_str(&outcome.deliveries[0].data).unwrap();
+        assert_eq!(data["from"], "s_1");
+    }
+
+    #[test]
+    fn student_to_student_is_forbidden_by_default() {
+        let result = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "s_2", "text": "hi"}),
+        );
+        assert_eq!(code(result), ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn configured_rules_replace_the_default() {
+        let host = directory().with_config(r#"{"allow":[{"from":"student","to":"*"}]}"#);
+        assert!(send(&host, "s_1", "student", json!({"to": "s_2", "text": "hi"})).is_ok());
+        let result = send(
+            &host,
+            "c_1",
+            "consultant",
+            json!({"to": "s_1", "text": "hi"}),
+        );
+        assert_eq!(code(result), ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn unknown_recipient_is_not_found() {
+        let result = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "nobody", "text": "hi"}),
+        );
+        assert_eq!(code(result), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn bad_request_comes_before_not_found() {
+        let result = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "nobody", "text": ""}),
+        );
+        assert_eq!(code(result), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn malformed_requests_are_bad_requests() {
+        let too_long = "é".repeat(MAX_TEXT_CHARS + 1);
+        for data in [
+            json!(null),
+            json!("text"),
+            json!({"text": "hi"}),
+            json!({"to": "c_1"}),
+            json!({"to": "", "text": "hi"}),
+            json!({"to": 5, "text": "hi"}),
+            json!({"to": "c_1", "text": 5}),
+            json!({"to": "c_1", "text": ""}),
+            json!({"to": "c_1", "text": too_long}),
+            json!({"to": "s_1", "text": "to myself"}),
+        ] {
+            let result = send(&directory(), "s_1", "student", data.clone());
+            assert_eq!(code(result), ErrorCode::BadRequest, "data: {data}");
+        }
+    }
+
+    #[test]
+    fn text_length_counts_characters_not_bytes() {
+        let longest = "é".repeat(MAX_TEXT_CHARS);
+        assert!(
+            send(
+                &directory(),
+                "s_1",
+                "student",
+                json!({"to": "c_1", "text": longest})
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn backend_events_are_refused() {
+        let event = broker_event("sendMessage", r#"{"to":"c_1","text":"hi"}"#);
+        assert_eq!(
+            code(Chat::handle(&event, &directory())),
+            ErrorCode::Forbidden
+        );
+    }
+
+    #[test]
+    fn a_broken_configuration_is_internal() {
+        let host = directory().with_config(r#"{"allow": 3}"#);
+        let result = send(&host, "s_1", "student", json!({"to": "c_1", "text": "hi"}));
+        assert_eq!(code(result), ErrorCode::Internal);
+    }
+}

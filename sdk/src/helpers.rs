@@ -1,0 +1,199 @@
+//! Typed helpers over the generated WIT types.
+
+use std::fmt;
+use std::ops::Deref;
+
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
+use serde::{Deserialize, Serialize};
+
+use crate::{Client, Delivery, ErrorCode, Event, Failure, Origin, Outcome, Recipient, Reply};
+
+impl Failure {
+    /// A failure with the given code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Malformed or invalid event data (`bad_request`).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    /// The sender may not do this (`forbidden`).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
+    }
+
+    /// Something the event names does not exist (`not_found`).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    /// The plugin could not do its job (`internal`).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+impl Event {
+    /// Parses the event's data into `T`; a mismatch is `bad_request` with
+    /// serde's explanation.
+    pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        serde_json::from_str(&self.data).map_err(|err| {
+            Failure::bad_request(format!("invalid data: {}", without_position(&err)))
+        })
+    }
+
+    /// The sending connection, when the event came from a client.
+    pub fn client(&self) -> Option<&Client> {
+        match &self.origin {
+            Origin::Client(client) => Some(client),
+            Origin::Broker | Origin::Api(_) => None,
+        }
+    }
+
+    /// The sending connection; events from backends are `forbidden`.
+    pub fn require_client(&self) -> Result<&Client, Failure> {
+        self.client().ok_or_else(|| {
+            Failure::forbidden(format!("`{}` is only accepted from clients", self.name))
+        })
+    }
+
+    /// Succeeds for events from backend services (broker or HTTP API);
+    /// client frames are `forbidden`, so clients cannot forge backend events.
+    pub fn require_backend(&self) -> Result<(), Failure> {
+        match self.origin {
+            Origin::Client(_) => Err(Failure::forbidden(format!(
+                "`{}` is only accepted from backend services",
+                self.name
+            ))),
+            Origin::Broker | Origin::Api(_) => Ok(()),
+        }
+    }
+}
+
+/// serde_json appends "at line 1 column 12" to its messages; the column of a
+/// compact frame helps nobody.
+fn without_position(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" at line ") {
+        Some(cut) => text[..cut].to_owned(),
+        None => text,
+    }
+}
+
+impl Delivery {
+    /// A push of `event` with `data` serialized as JSON, to nobody yet.
+    pub fn new(event: &str, data: &impl Serialize) -> Result<Self, Failure> {
+        let data = serde_json::to_string(data)
+            .map_err(|err| Failure::internal(format!("cannot serialize delivery: {err}")))?;
+        Ok(Self {
+            to: Vec::new(),
+            event: event.to_owned(),
+            data,
+        })
+    }
+
+    /// Adds every live connection of `user_id`.
+    pub fn to_user(mut self, user_id: &str) -> Self {
+        self.to.push(Recipient::User(user_id.to_owned()));
+        self
+    }
+
+    /// Adds one connection.
+    pub fn to_connection(mut self, connection_id: &str) -> Self {
+        self.to
+            .push(Recipient::Connection(connection_id.to_owned()));
+        self
+    }
+
+    /// Adds the sending user's other connections (client events only).
+    pub fn to_sender_others(mut self) -> Self {
+        self.to.push(Recipient::SenderOthers);
+        self
+    }
+}
+
+impl Outcome {
+    /// No deliveries and a `null` reply.
+    pub fn new() -> Self {
+        Self {
+            deliveries: Vec::new(),
+            reply: None,
+        }
+    }
+
+    /// Adds a delivery.
+    pub fn deliver(mut self, delivery: Delivery) -> Self {
+        self.deliveries.push(delivery);
+        self
+    }
+
+    /// Sets the reply's data, serialized as JSON.
+    pub fn reply(mut self, data: &impl Serialize) -> Result<Self, Failure> {
+        let data = serde_json::to_string(data)
+            .map_err(|err| Failure::internal(format!("cannot serialize reply: {err}")))?;
+        self.reply = Some(Reply {
+            data,
+            delivered_field: None,
+        });
+        Ok(self)
+    }
+
+    /// Asks the host to set `field` of the reply object to the number of
+    /// connections of the `user` recipients that the deliveries reached.
+    /// Call after [`Outcome::reply`] with an object.
+    pub fn count_delivered_in(mut self, field: &str) -> Self {
+        let reply = self.reply.get_or_insert_with(|| Reply {
+            data: "{}".to_owned(),
+            delivered_field: None,
+        });
+        reply.delivered_field = Some(field.to_owned());
+        self
+    }
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A string that must not be empty: PROTOCOL's rule for required strings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct NonEmptyString(String);
+
+impl NonEmptyString {
+    /// The inner string.
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for NonEmptyString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        if value.is_empty() {
+            return Err(D::Error::custom("a required string is empty"));
+        }
+        Ok(Self(value))
+    }
+}
+
+impl Deref for NonEmptyString {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NonEmptyString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}

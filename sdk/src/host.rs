@@ -1,0 +1,53 @@
+//! What a plugin may ask of the host.
+
+use serde::de::DeserializeOwned;
+
+use crate::bindings::sockets::plugin::host as imports;
+use crate::{Failure, Level, User};
+
+/// The host's services available to a plugin while it handles an event.
+///
+/// Inside the component this is the real host; in native unit tests it is
+/// [`crate::testing::TestHost`].
+pub trait Host {
+    /// Writes a line to the host's log, tagged with the plugin's name.
+    fn log(&self, level: Level, message: &str);
+    /// Looks a user up in the user directory.
+    fn get_user(&self, id: &str) -> Option<User>;
+    /// The number of live connections of a user, cluster-wide.
+    fn connection_count(&self, user_id: &str) -> u32;
+    /// This plugin's configuration as JSON text (`{}` when none is set).
+    fn config(&self) -> String;
+}
+
+impl dyn Host + '_ {
+    /// Parses this plugin's configuration; a configuration that does not fit
+    /// `T` is an `internal` failure (the operator's mistake, not the
+    /// sender's).
+    pub fn config_as<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+        serde_json::from_str(&self.config())
+            .map_err(|err| Failure::internal(format!("invalid plugin configuration: {err}")))
+    }
+}
+
+/// The host as seen from inside the component: calls the WIT imports.
+#[derive(Debug, Clone, Copy)]
+pub struct ComponentHost;
+
+impl Host for ComponentHost {
+    fn log(&self, level: Level, message: &str) {
+        imports::log(level, message);
+    }
+
+    fn get_user(&self, id: &str) -> Option<User> {
+        imports::get_user(id)
+    }
+
+    fn connection_count(&self, user_id: &str) -> u32 {
+        imports::connection_count(user_id)
+    }
+
+    fn config(&self) -> String {
+        imports::config()
+    }
+}
