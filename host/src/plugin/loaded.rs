@@ -219,11 +219,14 @@ fn classify(err: &wasmtime::Error, memory_denied: bool, limits: &PluginLimits) -
     } else if memory_denied {
         CallError::OutOfMemory(limits.memory_bytes)
     } else {
-        // The first line names the trap; the wasm backtrace that follows is
-        // for the plugin's author, in the debug log.
+        // The trap code says what happened; the wasm backtrace is for the
+        // plugin's author, in the debug log.
         tracing::debug!(target: "plugin", "trap: {err:?}");
-        let text = format!("{err:#}");
-        CallError::Trapped(text.lines().next().unwrap_or("unknown trap").to_owned())
+        let reason = match err.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => err.root_cause().to_string(),
+        };
+        CallError::Trapped(reason)
     }
 }
 

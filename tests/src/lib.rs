@@ -1,0 +1,75 @@
+//! Support for the end-to-end tests: real plugins and the real binary, built
+//! from source on first use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Every plugin crate the tests load, built for `wasm32-wasip2`.
+pub const TEST_PLUGINS: [&str; 5] = ["chat", "payments", "reviews", "misbehaving", "wrong-world"];
+
+/// The repository root.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace root")
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(mut command: Command, what: &str) {
+    let status = command
+        .status()
+        .unwrap_or_else(|err| panic!("cannot start cargo to build {what}: {err}"));
+    assert!(status.success(), "building {what} failed: {status}");
+}
+
+/// The compiled component of plugin crate `name` (one of [`TEST_PLUGINS`]).
+///
+/// Plugins are built once per test process, in their own target directory:
+/// the outer `cargo test` holds the lock of the main one.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let target_dir = workspace_root().join("target/test-plugins");
+        let mut command = cargo();
+        command
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
+            .arg(&target_dir);
+        for plugin in TEST_PLUGINS {
+            command.args(["-p", plugin]);
+        }
+        run(command, "the test plugins");
+        target_dir.join("wasm32-wasip2/release")
+    });
+    let file = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(file.exists(), "{} was not built", file.display());
+    file
+}
+
+/// The `sockets-host` binary, built from this checkout (debug profile, the
+/// workspace's own target directory: cargo releases its lock while tests run).
+pub fn host_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut command = cargo();
+            command.args(["build", "-p", "sockets-host", "--bin", "sockets-host"]);
+            run(command, "sockets-host");
+            let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"));
+            target_dir.join("debug/sockets-host")
+        })
+        .clone()
+}
