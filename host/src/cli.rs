@@ -4,21 +4,48 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::Settings;
+
 /// Realtime WebSocket gateway routed by WebAssembly plugins.
 #[derive(Debug, Parser)]
 #[command(name = "sockets-host", version)]
 pub struct Cli {
-    /// What to do.
+    /// A TOML config file; flags and environment variables override it.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Settings (each also `SOCKETS_*` in the environment).
+    #[command(flatten)]
+    pub settings: Settings,
+    /// What to do; `serve` when omitted.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Print a JWT signed with the configured HS256 secret (development and
+    /// tests).
+    Token(TokenArgs),
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+/// `sockets-host token --sub ID --role ROLE [--ttl 1h]`
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user (or service) id.
+    #[arg(long)]
+    pub sub: String,
+    /// The role, e.g. `student`, `consultant`, `service`, `admin`.
+    #[arg(long, default_value = "user")]
+    pub role: String,
+    /// Lifetime: `30s`, `15m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = crate::auth::parse_ttl)]
+    pub ttl: std::time::Duration,
 }
 
 /// `sockets-host plugin …`
@@ -50,7 +77,8 @@ pub struct CheckArgs {
     /// The plugin's configuration (JSON).
     #[arg(long, default_value = "{}")]
     pub config: String,
-    /// The user directory (JSON users file); defaults to the demo file.
-    #[arg(long, env = "SOCKETS_USERS_FILE")]
+    /// The user directory (JSON users file); defaults to `SOCKETS_USERS_FILE`
+    /// or the demo file.
+    #[arg(long)]
     pub users: Option<PathBuf>,
 }

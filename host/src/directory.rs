@@ -41,6 +41,13 @@ pub enum DirectoryError {
     },
 }
 
+/// Where users are looked up: a users file here, MongoDB's `users` in
+/// production. Answers synchronously: plugins call it mid-`handle`.
+pub trait UserDirectory: Send + Sync + 'static {
+    /// Looks a user up.
+    fn get_user(&self, id: &str) -> Option<User>;
+}
+
 /// A directory held in memory, loaded from a JSON users file:
 /// `[{"id": "s_1", "role": "student", "name": "Sam"}, …]`.
 #[derive(Debug, Clone, Default)]
@@ -86,6 +93,12 @@ impl FileDirectory {
     /// Whether the directory is empty.
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
+    }
+}
+
+impl UserDirectory for FileDirectory {
+    fn get_user(&self, id: &str) -> Option<User> {
+        self.get(id).cloned()
     }
 }
 

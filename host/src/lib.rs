@@ -3,8 +3,17 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules.
 
+pub mod auth;
 pub mod check;
 pub mod cli;
+pub mod config;
+pub mod connections;
 pub mod directory;
+pub mod gateway;
+pub mod intake;
+pub mod metrics;
 pub mod plugin;
 pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod store;

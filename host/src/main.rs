@@ -1,21 +1,44 @@
-//! `sockets-host`: parses the command line, sets up logging, dispatches.
+//! `sockets-host`: parses the command line and configuration, sets up
+//! logging, binds, and runs the chosen command.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
+use sockets_host::auth::Authenticator;
 use sockets_host::cli::{Cli, Command, PluginCommand};
+use sockets_host::config::{Config, Settings};
+use sockets_host::server;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<ExitCode> {
-    let filter = EnvFilter::try_from_env("SOCKETS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let cli = Cli::parse();
+    let file = match &cli.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let settings = cli.settings.clone().or(file);
+    let mut config = Config::from_settings(settings)?;
+
+    let filter = EnvFilter::try_new(&config.log).context("invalid SOCKETS_LOG filter")?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
 
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Plugin(PluginCommand::Check(args)) => {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::Token(args) => {
+            server::apply_dev_mode(&mut config)?;
+            let auth = Authenticator::new(&config.jwt)?;
+            let token = auth
+                .mint(&args.sub, &args.role, args.ttl)
+                .context("minting needs an HS256 secret (SOCKETS_JWT_SECRET)")?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin(PluginCommand::Check(mut args)) => {
+            args.users = args.users.or_else(|| Some(config.users_file.clone()));
             let handled = sockets_host::check::run(&args, &mut std::io::stdout().lock())?;
             Ok(if handled {
                 ExitCode::SUCCESS
@@ -23,5 +46,46 @@ fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
+    let dev_mode = server::apply_dev_mode(&mut config)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = server::bind(config.listen)?;
+        let addr = listener.local_addr()?;
+        if dev_mode {
+            let secret = config.jwt.secret.as_deref().unwrap_or_default();
+            eprintln!(
+                "dev mode: JWT HS256 secret {secret} (kept in {}); mint tokens with\n  cargo run -p sockets-host -- token --sub s_1 --role student",
+                config.data_dir.join("dev-jwt-secret").display()
+            );
+        }
+        println!("sockets-host listening on http://{addr}");
+        server::run(config, listener, shutdown_signal()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
     }
 }

@@ -1,5 +1,11 @@
-//! Rules of the wire protocol (PROTOCOL.md §2) shared by every module that
-//! accepts or produces event names.
+//! The wire protocol (PROTOCOL.md §2): parsing client frames strictly,
+//! writing server frames, error codes, ids and timestamps.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Longest event name, in characters.
 pub const MAX_EVENT_NAME_CHARS: usize = 64;
@@ -10,6 +16,214 @@ pub fn is_valid_event_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The protocol's error codes (exact strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A `refreshToken` with a bad token; HTTP 401.
+    Unauthorized,
+    /// Malformed frame or body, wrong types.
+    BadRequest,
+    /// No handler for that event.
+    UnknownEvent,
+    /// A plugin (or the host) refused.
+    Forbidden,
+    /// Something named does not exist.
+    NotFound,
+    /// Too big.
+    TooLarge,
+    /// Too many frames or requests.
+    RateLimited,
+    /// The plugin trapped, timed out or returned invalid output.
+    PluginFailed,
+    /// A dependency is down.
+    Unavailable,
+    /// Anything else.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The exact wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::BadRequest => "bad_request",
+            Self::UnknownEvent => "unknown_event",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::PluginFailed => "plugin_failed",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// An error to report to a client or HTTP caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorBody {
+    /// The code.
+    pub code: ErrorCode,
+    /// A human-readable reason, without secrets.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed client frame.
+#[derive(Debug)]
+pub struct ClientFrame {
+    /// The event name (validated).
+    pub event: String,
+    /// The data as JSON text; `null` when absent.
+    pub data: Box<RawValue>,
+    /// The ack to answer, when present.
+    pub ack: Option<u64>,
+}
+
+/// Why a client frame was rejected; `ack` is set when it could be read, so
+/// that the error goes back as a reply rather than an `error` event.
+#[derive(Debug)]
+pub struct FrameError {
+    /// The frame's ack, if it was valid.
+    pub ack: Option<u64>,
+    /// What was wrong.
+    pub error: ErrorBody,
+}
+
+#[derive(serde::Deserialize)]
+struct RawFrame<'a> {
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ack: Option<&'a RawValue>,
+}
+
+/// Parses a text frame: a JSON object with a valid `event`, optional
+/// `data`, optional `ack` (u64). `null` counts as absent.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let bad = |ack, message: &str| FrameError {
+        ack,
+        error: ErrorBody::new(ErrorCode::BadRequest, message),
+    };
+    if !text.trim_start().starts_with('{') {
+        return Err(bad(None, "a frame must be a JSON object"));
+    }
+    let raw: RawFrame<'_> =
+        serde_json::from_str(text).map_err(|_| bad(None, "a frame must be a JSON object"))?;
+    let ack = match raw.ack.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(ack) => Some(
+            ack.parse::<u64>()
+                .map_err(|_| bad(None, "`ack` must be an unsigned 64-bit integer"))?,
+        ),
+    };
+    let event = match raw
+        .event
+        .map(|event| serde_json::from_str::<Value>(event.get()))
+    {
+        Some(Ok(Value::String(event))) => event,
+        None | Some(Ok(Value::Null)) => return Err(bad(ack, "`event` is required")),
+        _ => return Err(bad(ack, "`event` must be a string")),
+    };
+    if !is_valid_event_name(&event) {
+        return Err(bad(ack, "`event` must be 1-64 chars of [A-Za-z0-9_.:-]"));
+    }
+    let data = match raw.data {
+        Some(data) => data.to_owned(),
+        None => RawValue::from_string("null".to_owned()).expect("null is JSON"),
+    };
+    Ok(ClientFrame { event, data, ack })
+}
+
+/// `{"event":"<name>","data":<data>,"id":"<delivery id>"}`
+pub fn push_frame(event: &str, data: &RawValue, id: &str) -> String {
+    #[derive(Serialize)]
+    struct Push<'a> {
+        event: &'a str,
+        data: &'a RawValue,
+        id: &'a str,
+    }
+    serde_json::to_string(&Push { event, data, id }).expect("a push serializes")
+}
+
+/// `{"event":"<name>","data":<data>}` — `connected` and `error` events.
+pub fn event_frame(event: &str, data: &impl Serialize) -> String {
+    #[derive(Serialize)]
+    struct Event<'a, T> {
+        event: &'a str,
+        data: &'a T,
+    }
+    serde_json::to_string(&Event { event, data }).expect("an event serializes")
+}
+
+/// `{"ack":N,"ok":true,"data":<data>}`
+pub fn ok_reply(ack: u64, data: &RawValue) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        ack: u64,
+        ok: bool,
+        data: &'a RawValue,
+    }
+    serde_json::to_string(&Reply {
+        ack,
+        ok: true,
+        data,
+    })
+    .expect("a reply serializes")
+}
+
+/// `{"ack":N,"ok":false,"error":{...}}`
+pub fn error_reply(ack: u64, error: &ErrorBody) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        ack: u64,
+        ok: bool,
+        error: &'a ErrorBody,
+    }
+    serde_json::to_string(&Reply {
+        ack,
+        ok: false,
+        error,
+    })
+    .expect("a reply serializes")
+}
+
+/// The error answer for a frame: a reply when it had an ack, else an
+/// `error` event.
+pub fn error_frame(ack: Option<u64>, error: &ErrorBody) -> String {
+    match ack {
+        Some(ack) => error_reply(ack, error),
+        None => event_frame("error", error),
+    }
+}
+
+/// A new unique id (UUID v7: time-ordered, so ids sort by creation).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T10:00:00.123Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from(at)
+        .format(&format)
+        .expect("a UTC timestamp formats")
 }
 
 #[cfg(test)]
@@ -30,5 +244,56 @@ mod tests {
         for bad in ["", "with space", "émoji", "a/b", &"x".repeat(65)] {
             assert!(!is_valid_event_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn frames_parse_strictly() {
+        let frame = parse_client_frame(r#"{"event":"x","data":{"a":1},"ack":7}"#).unwrap();
+        assert_eq!(
+            (frame.event.as_str(), frame.data.get(), frame.ack),
+            ("x", r#"{"a":1}"#, Some(7))
+        );
+        let frame = parse_client_frame(r#"{"event":"x","ack":null,"data":null}"#).unwrap();
+        assert_eq!((frame.data.get(), frame.ack), ("null", None));
+
+        let rejected = |text: &str| parse_client_frame(text).unwrap_err();
+        assert_eq!(rejected("not json").ack, None);
+        assert_eq!(rejected("[1]").ack, None);
+        assert_eq!(rejected(r#"{"event":"x","ack":-1}"#).ack, None);
+        assert_eq!(rejected(r#"{"event":"x","ack":1.0}"#).ack, None);
+        assert_eq!(rejected(r#"{"event":"x","ack":"1"}"#).ack, None);
+        assert_eq!(
+            rejected(r#"{"event":"x","ack":18446744073709551616}"#).ack,
+            None
+        );
+        assert_eq!(rejected(r#"{"ack":3}"#).ack, Some(3));
+        assert_eq!(rejected(r#"{"event":5,"ack":3}"#).ack, Some(3));
+        assert_eq!(rejected(r#"{"event":"bad name","ack":3}"#).ack, Some(3));
+        assert_eq!(rejected(r#"{"event":"","ack":3}"#).ack, Some(3));
+    }
+
+    #[test]
+    fn server_frames_have_the_protocol_shape() {
+        let data = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
+        assert_eq!(
+            push_frame("x", &data, "d1"),
+            r#"{"event":"x","data":{"a":1},"id":"d1"}"#
+        );
+        assert_eq!(ok_reply(2, &data), r#"{"ack":2,"ok":true,"data":{"a":1}}"#);
+        let error = ErrorBody::new(ErrorCode::NotFound, "gone");
+        assert_eq!(
+            error_frame(Some(3), &error),
+            r#"{"ack":3,"ok":false,"error":{"code":"not_found","message":"gone"}}"#
+        );
+        assert_eq!(
+            error_frame(None, &error),
+            r#"{"event":"error","data":{"code":"not_found","message":"gone"}}"#
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339(at), "2023-11-14T22:13:20.123Z");
     }
 }

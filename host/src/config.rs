@@ -1,0 +1,352 @@
+//! One typed configuration, from a TOML file, the environment and flags
+//! (flags beat environment, environment beats the file), validated once at
+//! start (PROTOCOL.md §9).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Settings as given by an operator: every field optional, from flags and
+/// environment (clap) or from the config file (serde).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "SOCKETS_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// HS256 secret for client, service and admin tokens.
+    #[arg(
+        long,
+        env = "SOCKETS_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// Path to a PEM public key (RS256/ES256).
+    #[arg(long, env = "SOCKETS_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "SOCKETS_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "SOCKETS_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+    /// Comma-separated allow-list of JWT algorithms.
+    #[arg(long, env = "SOCKETS_JWT_ALGORITHMS", global = true)]
+    pub jwt_algorithms: Option<String>,
+    /// Clock leeway for `exp`/`nbf`, in seconds.
+    #[arg(long, env = "SOCKETS_JWT_LEEWAY", global = true)]
+    pub jwt_leeway: Option<u64>,
+    /// Folder of `*.wasm` plugins.
+    #[arg(long, env = "SOCKETS_PLUGINS_DIR", global = true)]
+    pub plugins_dir: Option<PathBuf>,
+    /// Embedded store folder.
+    #[arg(long, env = "SOCKETS_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// User directory file (JSON) for the embedded default.
+    #[arg(long, env = "SOCKETS_USERS_FILE", global = true)]
+    pub users_file: Option<PathBuf>,
+    /// RabbitMQ URL.
+    #[arg(long, env = "SOCKETS_AMQP_URL", global = true, hide_env_values = true)]
+    pub amqp_url: Option<String>,
+    /// MongoDB URL.
+    #[arg(long, env = "SOCKETS_MONGO_URL", global = true, hide_env_values = true)]
+    pub mongo_url: Option<String>,
+    /// MongoDB database name.
+    #[arg(long, env = "SOCKETS_MONGO_DB", global = true)]
+    pub mongo_db: Option<String>,
+    /// Comma-separated Origin allow-list.
+    #[arg(long, env = "SOCKETS_ALLOWED_ORIGINS", global = true)]
+    pub allowed_origins: Option<String>,
+    /// Inbound frames per second per connection (burst 2x; 0 = off).
+    #[arg(long, env = "SOCKETS_RATE_LIMIT", global = true)]
+    pub rate_limit: Option<u32>,
+    /// Seconds between server pings.
+    #[arg(long, env = "SOCKETS_PING_INTERVAL", global = true)]
+    pub ping_interval: Option<u64>,
+    /// Seconds without a frame or pong before a connection is closed.
+    #[arg(long, env = "SOCKETS_IDLE_TIMEOUT", global = true)]
+    pub idle_timeout: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "SOCKETS_LOG", global = true)]
+    pub log: Option<String>,
+    /// Per-plugin JSON configuration, from the file's `[plugins.NAME]` tables.
+    #[arg(skip)]
+    #[serde(default)]
+    pub plugins: BTreeMap<String, toml::Value>,
+}
+
+impl Settings {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Invalid {
+            setting: "--config",
+            why: format!("cannot read {}: {err}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|err| ConfigError::Invalid {
+            setting: "--config",
+            why: format!("{}: {err}", path.display()),
+        })
+    }
+
+    /// Fills every field not set here from `lower` (these settings win).
+    pub fn or(self, lower: Settings) -> Settings {
+        let mut plugins = lower.plugins;
+        plugins.extend(self.plugins);
+        Settings {
+            listen: self.listen.or(lower.listen),
+            jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(lower.jwt_public_key),
+            jwt_issuer: self.jwt_issuer.or(lower.jwt_issuer),
+            jwt_audience: self.jwt_audience.or(lower.jwt_audience),
+            jwt_algorithms: self.jwt_algorithms.or(lower.jwt_algorithms),
+            jwt_leeway: self.jwt_leeway.or(lower.jwt_leeway),
+            plugins_dir: self.plugins_dir.or(lower.plugins_dir),
+            data_dir: self.data_dir.or(lower.data_dir),
+            users_file: self.users_file.or(lower.users_file),
+            amqp_url: self.amqp_url.or(lower.amqp_url),
+            mongo_url: self.mongo_url.or(lower.mongo_url),
+            mongo_db: self.mongo_db.or(lower.mongo_db),
+            allowed_origins: self.allowed_origins.or(lower.allowed_origins),
+            rate_limit: self.rate_limit.or(lower.rate_limit),
+            ping_interval: self.ping_interval.or(lower.ping_interval),
+            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            log: self.log.or(lower.log),
+            plugins,
+        }
+    }
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The value is unusable.
+    #[error("invalid {setting}: {why}")]
+    Invalid {
+        /// The setting's name.
+        setting: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// HS256 secret; `None` only before the dev secret is chosen.
+    pub secret: Option<String>,
+    /// PEM public key contents (RS256/ES256).
+    pub public_key_pem: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Allowed algorithms, as named in JWT headers (`HS256`, `RS256`, …).
+    pub algorithms: Option<Vec<String>>,
+    /// Clock leeway for `exp`/`nbf`.
+    pub leeway: Duration,
+}
+
+/// Per-connection limits (PROTOCOL.md §6).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest reassembled inbound message, bytes.
+    pub max_message_bytes: usize,
+    /// Sustained inbound frames per second (0 = unlimited); burst is twice.
+    pub rate_limit: u32,
+    /// How long a client may keep being rate-limited before it is closed.
+    pub abuse_window: Duration,
+    /// Frames queued for one connection before it counts as too slow.
+    pub outbound_queue_frames: usize,
+    /// Interval between server pings.
+    pub ping_interval: Duration,
+    /// Silence after which a connection is closed.
+    pub idle_timeout: Duration,
+    /// Largest `setConnection` details, bytes of compact JSON.
+    pub max_details_bytes: usize,
+    /// Largest HTTP request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 65_536,
+            rate_limit: 100,
+            abuse_window: Duration::from_secs(10),
+            outbound_queue_frames: 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_details_bytes: 4096,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The validated configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Token verification.
+    pub jwt: JwtConfig,
+    /// Folder of plugins.
+    pub plugins_dir: PathBuf,
+    /// Embedded store folder.
+    pub data_dir: PathBuf,
+    /// Users file of the embedded directory.
+    pub users_file: PathBuf,
+    /// RabbitMQ URL, when a broker is used.
+    pub amqp_url: Option<String>,
+    /// MongoDB URL, when MongoDB is used.
+    pub mongo_url: Option<String>,
+    /// MongoDB database.
+    pub mongo_db: String,
+    /// Allowed `Origin`s; `None` allows any.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Log filter.
+    pub log: String,
+    /// Per-plugin JSON configuration, by plugin name.
+    pub plugin_configs: BTreeMap<String, String>,
+}
+
+/// The plugins folder a newcomer gets: what `scripts/build-plugins.sh` builds.
+pub fn default_plugins_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/wasm32-wasip2/release")
+}
+
+fn comma_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Config {
+    /// Validates settings and fills in defaults.
+    pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
+        let public_key_pem = match &settings.jwt_public_key {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|err| ConfigError::Invalid {
+                        setting: "SOCKETS_JWT_PUBLIC_KEY",
+                        why: format!("cannot read {}: {err}", path.display()),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        if settings.jwt_secret.as_deref() == Some("") {
+            return Err(ConfigError::Invalid {
+                setting: "SOCKETS_JWT_SECRET",
+                why: "empty".into(),
+            });
+        }
+        let plugin_configs = settings
+            .plugins
+            .iter()
+            .map(|(name, value)| {
+                serde_json::to_string(value)
+                    .map(|json| (name.clone(), json))
+                    .map_err(|err| ConfigError::Invalid {
+                        setting: "plugins",
+                        why: format!("[plugins.{name}]: {err}"),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let seconds = |value: Option<u64>, default: u64, setting: &'static str| {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    setting,
+                    why: "must be at least 1 second".into(),
+                })
+            } else {
+                Ok(Duration::from_secs(value))
+            }
+        };
+        let limits = Limits {
+            rate_limit: settings.rate_limit.unwrap_or(100),
+            ping_interval: seconds(settings.ping_interval, 25, "SOCKETS_PING_INTERVAL")?,
+            idle_timeout: seconds(settings.idle_timeout, 60, "SOCKETS_IDLE_TIMEOUT")?,
+            ..Limits::default()
+        };
+        Ok(Self {
+            listen: settings
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            jwt: JwtConfig {
+                secret: settings.jwt_secret,
+                public_key_pem,
+                issuer: settings.jwt_issuer,
+                audience: settings.jwt_audience,
+                algorithms: settings.jwt_algorithms.as_deref().map(comma_list),
+                leeway: Duration::from_secs(settings.jwt_leeway.unwrap_or(30)),
+            },
+            plugins_dir: settings.plugins_dir.unwrap_or_else(default_plugins_dir),
+            data_dir: settings.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
+            users_file: settings
+                .users_file
+                .unwrap_or_else(|| crate::directory::demo_users_file().to_owned()),
+            amqp_url: settings.amqp_url,
+            mongo_url: settings.mongo_url,
+            mongo_db: settings.mongo_db.unwrap_or_else(|| "sockets".to_owned()),
+            allowed_origins: settings.allowed_origins.as_deref().map(comma_list),
+            limits,
+            log: settings.log.unwrap_or_else(|| "info".to_owned()),
+            plugin_configs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn higher_settings_win_and_gaps_are_filled_from_lower_ones() {
+        let flags = Settings {
+            rate_limit: Some(5),
+            ..Settings::default()
+        };
+        let file: Settings = toml::from_str(
+            "rate_limit = 50\nidle_timeout = 9\n[plugins.chat]\nallow = [{from = \"*\", to = \"*\"}]\n",
+        )
+        .unwrap();
+        let config = Config::from_settings(flags.or(file)).unwrap();
+        assert_eq!(config.limits.rate_limit, 5);
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(9));
+        assert_eq!(config.limits.ping_interval, Duration::from_secs(25));
+        assert_eq!(
+            config.plugin_configs["chat"],
+            r#"{"allow":[{"from":"*","to":"*"}]}"#
+        );
+    }
+
+    #[test]
+    fn defaults_follow_the_protocol() {
+        let config = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.jwt.leeway, Duration::from_secs(30));
+        assert_eq!(config.limits.rate_limit, 100);
+        assert_eq!(config.mongo_db, "sockets");
+        assert!(config.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn unknown_file_keys_and_zero_timeouts_are_refused() {
+        assert!(toml::from_str::<Settings>("listn = \"x\"").is_err());
+        let zero = Settings {
+            idle_timeout: Some(0),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(zero).is_err());
+    }
+}

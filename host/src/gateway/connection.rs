@@ -1,0 +1,410 @@
+//! One WebSocket connection: a reader that handles frames in order and a
+//! writer that drains the bounded outbound queue, sends pings and the close
+//! frame (PROTOCOL.md §2, §3, §6).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout};
+
+use super::AppState;
+use super::rate::{RateLimiter, Verdict};
+use crate::auth::Claims;
+use crate::connections::{CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame};
+use crate::plugin::{ClientOrigin, Event, Origin};
+use crate::protocol::{
+    ClientFrame, ErrorBody, ErrorCode, FrameError, error_frame, event_frame, new_id, ok_reply,
+    parse_client_frame, rfc3339,
+};
+use crate::router::Inbound;
+use crate::store::{ConnectionRecord, Source};
+
+/// Close codes of PROTOCOL.md §6.
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+const CLOSE_IDLE: u16 = 4002;
+
+/// How long the close handshake may take before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// `lastSeenAt` is refreshed at most this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
+
+/// What the upgrade learned about the client.
+pub struct Session {
+    /// The verified token.
+    pub claims: Claims,
+    /// The peer address.
+    pub remote_addr: String,
+    /// The `User-Agent` header.
+    pub user_agent: Option<String>,
+}
+
+/// Runs a connection from upgrade to close.
+pub async fn run(socket: WebSocket, state: AppState, session: Session) {
+    let limits = &state.config.limits;
+    let id: Arc<str> = new_id().into();
+    let (outbound, queue) = mpsc::channel(limits.outbound_queue_frames);
+    let handle = Arc::new(ConnectionHandle::new(
+        Arc::clone(&id),
+        session.claims.sub.as_str().into(),
+        session.claims.role.as_str().into(),
+        outbound,
+    ));
+
+    let now = SystemTime::now();
+    let record = ConnectionRecord {
+        id: id.to_string(),
+        user_id: session.claims.sub.clone(),
+        role: session.claims.role.clone(),
+        instance_id: state.instance_id.to_string(),
+        connected_at: rfc3339(now),
+        last_seen_at: rfc3339(now),
+        details: serde_json::Map::new(),
+        remote_addr: Some(session.remote_addr.clone()),
+        user_agent: session.user_agent.clone(),
+    };
+    if let Err(err) = state.connection_store.insert(record).await {
+        tracing::warn!(connection = %id, "connection record not stored: {err}");
+    }
+
+    // The `connected` frame is queued before the connection is registered,
+    // so that no delivery can overtake it.
+    let connected =
+        json!({"connectionId": &*id, "userId": session.claims.sub, "role": session.claims.role});
+    handle.push(event_frame("connected", &connected).into());
+    state.connections.register(Arc::clone(&handle));
+    state.metrics.connection_opened();
+    tracing::info!(connection = %id, user = %session.claims.sub, role = %session.claims.role, "connected");
+
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        Arc::clone(&handle),
+        limits.ping_interval,
+        Arc::clone(&state.metrics),
+    ));
+    let mut reader = Reader {
+        state: &state,
+        handle: &handle,
+        session,
+        limiter: RateLimiter::new(limits.rate_limit, limits.abuse_window, Instant::now()),
+    };
+    let close = reader.read_loop(stream).await;
+    // A client-initiated close was already answered by the WebSocket layer;
+    // 1000 here only stops the writer.
+    let close = close.unwrap_or(CloseRequest {
+        code: 1000,
+        reason: "",
+    });
+    handle.request_close(close.code, close.reason);
+    state.connections.unregister(&handle);
+    let _ = writer.await;
+
+    if let Err(err) = state.connection_store.remove(&id).await {
+        tracing::warn!(connection = %id, "connection record not removed: {err}");
+    }
+    state.metrics.connection_closed();
+    let closed = handle.close_requested().await;
+    tracing::info!(connection = %id, user = %reader.session.claims.sub, code = closed.code, reason = closed.reason, "disconnected");
+}
+
+/// Writes queued frames in order, pings, and finally the close frame.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<OutboundFrame>,
+    handle: Arc<ConnectionHandle>,
+    ping_every: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let close = loop {
+        tokio::select! {
+            biased;
+            close = handle.close_requested() => break close,
+            frame = queue.recv() => {
+                let Some(frame) = frame else { return };
+                // A socket that stops draining must not block a requested close.
+                tokio::select! {
+                    sent = sink.send(Message::Text(frame)) => {
+                        if sent.is_err() {
+                            return;
+                        }
+                        metrics.frame_out();
+                    }
+                    close = handle.close_requested() => break close,
+                }
+            }
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = timeout(CLOSE_GRACE, async {
+        // Frames queued before a regular close still go out first; a client
+        // too slow for its queue gets the close at once.
+        if close.code != CLOSE_TRY_AGAIN_LATER {
+            while let Ok(frame) = queue.try_recv() {
+                if sink.send(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+                metrics.frame_out();
+            }
+        }
+        if close.code != 1000 {
+            let frame = CloseFrame {
+                code: close.code,
+                reason: close.reason.into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        }
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+/// What the rate limiter decided for a frame.
+enum Admission {
+    /// Handle the frame.
+    Admitted,
+    /// Already answered with `rate_limited`.
+    Refused,
+    /// Close the connection.
+    Close(CloseRequest),
+}
+
+struct Reader<'a> {
+    state: &'a AppState,
+    handle: &'a Arc<ConnectionHandle>,
+    session: Session,
+    limiter: RateLimiter,
+}
+
+impl Reader<'_> {
+    /// Handles frames until the connection must close; returns the close to
+    /// send, or `None` when the client closed or vanished.
+    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
+        let limits = &self.state.config.limits;
+        let mut shutdown = self.state.shutdown.clone();
+        let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+        let mut token_deadline = self.token_deadline();
+        let mut touched = Instant::now();
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    return Some(CloseRequest { code: CLOSE_GOING_AWAY, reason: "server shutting down" });
+                }
+                _ = self.handle.close_requested() => return None,
+                _ = sleep_until(token_deadline) => {
+                    return Some(CloseRequest { code: CLOSE_TOKEN_EXPIRED, reason: "token expired" });
+                }
+                _ = sleep_until(idle_deadline) => {
+                    return Some(CloseRequest { code: CLOSE_IDLE, reason: "idle timeout" });
+                }
+                message = stream.next() => message,
+            };
+            let message = match message {
+                None => return None,
+                Some(Ok(message)) => message,
+                Some(Err(err)) => return too_big(err),
+            };
+            idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+            if touched.elapsed() >= TOUCH_EVERY {
+                touched = Instant::now();
+                let _ = self
+                    .state
+                    .connection_store
+                    .touch(&self.handle.id, SystemTime::now())
+                    .await;
+            }
+            match message {
+                Message::Text(text) => {
+                    self.state.metrics.frame_in();
+                    match self.rate_check(Some(text.as_str())) {
+                        Admission::Close(close) => return Some(close),
+                        Admission::Refused => {}
+                        Admission::Admitted => {
+                            self.handle_text(text.as_str()).await;
+                            // A refreshed token moves the expiry.
+                            token_deadline = self.token_deadline();
+                        }
+                    }
+                }
+                Message::Binary(_) => {
+                    self.state.metrics.frame_in();
+                    match self.rate_check(None) {
+                        Admission::Close(close) => return Some(close),
+                        Admission::Refused => {}
+                        Admission::Admitted => {
+                            let error = ErrorBody::new(
+                                ErrorCode::BadRequest,
+                                "binary frames are not part of the protocol",
+                            );
+                            self.send(error_frame(None, &error));
+                        }
+                    }
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Close(_) => return None,
+            }
+        }
+    }
+
+    fn token_deadline(&self) -> tokio::time::Instant {
+        let expires = self.session.claims.expires_at() + self.state.auth.leeway();
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::Instant::now() + left
+    }
+
+    /// Applies the rate limit to one frame: over the limit, the frame is
+    /// answered `rate_limited`; persistent abuse closes with 1008.
+    fn rate_check(&mut self, text: Option<&str>) -> Admission {
+        match self.limiter.check(Instant::now()) {
+            Verdict::Allowed => Admission::Admitted,
+            Verdict::Limited => {
+                self.state.metrics.frame_rate_limited();
+                let ack = text.and_then(|text| parse_client_frame(text).ok()?.ack);
+                let error = ErrorBody::new(ErrorCode::RateLimited, "too many frames");
+                self.send(error_frame(ack, &error));
+                Admission::Refused
+            }
+            Verdict::Abusive => Admission::Close(CloseRequest {
+                code: CLOSE_POLICY,
+                reason: "rate limit exceeded",
+            }),
+        }
+    }
+
+    fn send(&self, frame: String) {
+        self.handle.push(frame.into());
+    }
+
+    async fn handle_text(&mut self, text: &str) {
+        let frame = match parse_client_frame(text) {
+            Ok(frame) => frame,
+            Err(FrameError { ack, error }) => return self.send(error_frame(ack, &error)),
+        };
+        let ack = frame.ack;
+        let result = match frame.event.as_str() {
+            "setConnection" => self.set_connection(&frame).await,
+            "refreshToken" => self.refresh_token(&frame),
+            _ => self.route(frame).await,
+        };
+        match (ack, result) {
+            (Some(ack), Ok(data)) => self.send(ok_reply(ack, &data)),
+            (ack, Err(error)) => self.send(error_frame(ack, &error)),
+            (None, Ok(_)) => {}
+        }
+    }
+
+    async fn set_connection(&self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+        let Ok(Value::Object(details)) = serde_json::from_str::<Value>(frame.data.get()) else {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "`data` must be a JSON object",
+            ));
+        };
+        let size = serde_json::to_string(&details).map_or(usize::MAX, |json| json.len());
+        let max = self.state.config.limits.max_details_bytes;
+        if size > max {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!("connection details are {size} bytes, at most {max} allowed"),
+            ));
+        }
+        self.state
+            .connection_store
+            .set_details(&self.handle.id, details)
+            .await
+            .map_err(|err| ErrorBody::new(ErrorCode::Unavailable, err.to_string()))?;
+        Ok(raw(&json!({"connectionId": &*self.handle.id})))
+    }
+
+    fn refresh_token(&mut self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+        let token = match serde_json::from_str::<Value>(frame.data.get()) {
+            Ok(Value::Object(data)) => match data.get("token") {
+                Some(Value::String(token)) if !token.is_empty() => token.clone(),
+                _ => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::BadRequest,
+                        "`data.token` must be a non-empty string",
+                    ));
+                }
+            },
+            _ => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "`data` must be a JSON object",
+                ));
+            }
+        };
+        let claims = self
+            .state
+            .auth
+            .verify(&token)
+            .map_err(|err| ErrorBody::new(ErrorCode::Unauthorized, err.to_string()))?;
+        if claims.sub != self.session.claims.sub {
+            return Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "the token is for another user",
+            ));
+        }
+        let expires_at = rfc3339(claims.expires_at());
+        // The connection keeps the role it was opened with.
+        self.session.claims.exp = claims.exp;
+        Ok(raw(&json!({"expiresAt": expires_at})))
+    }
+
+    async fn route(&self, frame: ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+        let claims = &self.session.claims;
+        let inbound = Inbound {
+            event: Event {
+                id: new_id(),
+                name: frame.event,
+                origin: Origin::Client(ClientOrigin {
+                    user_id: claims.sub.clone(),
+                    role: claims.role.clone(),
+                    connection_id: self.handle.id.to_string(),
+                }),
+                data: frame.data.get().to_owned(),
+                received_at: rfc3339(SystemTime::now()),
+            },
+            source: Source::Client,
+            from: claims.sub.clone(),
+            sender_connection: Some(Arc::clone(&self.handle.id)),
+        };
+        match self.state.router.route(&inbound).await {
+            Ok(routed) => Ok(routed.reply),
+            Err(err) => Err(err.to_error_body()),
+        }
+    }
+}
+
+fn raw(value: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("JSON serializes")
+}
+
+/// A message over the size limit closes with 1009; other read errors mean
+/// the connection is gone.
+fn too_big(err: axum::Error) -> Option<CloseRequest> {
+    match err.into_inner().downcast::<tungstenite::Error>() {
+        Ok(err) if matches!(*err, tungstenite::Error::Capacity(_)) => Some(CloseRequest {
+            code: CLOSE_TOO_BIG,
+            reason: "message too big",
+        }),
+        _ => None,
+    }
+}

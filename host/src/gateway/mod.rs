@@ -1,0 +1,65 @@
+//! The HTTP surface: routes, the WebSocket upgrade, the per-connection loop,
+//! the publish API and the operational endpoints.
+
+mod connection;
+pub mod error;
+mod ops;
+mod publish;
+pub mod rate;
+mod upgrade;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::sync::watch;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::connections::Connections;
+use crate::intake::Idempotency;
+use crate::metrics::Metrics;
+use crate::plugin::PluginRegistry;
+use crate::router::Router as EventRouter;
+use crate::store::ConnectionStore;
+
+/// Everything request handlers and connection tasks share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Token verification.
+    pub auth: Arc<Authenticator>,
+    /// This node's live connections.
+    pub connections: Arc<Connections>,
+    /// Connection records.
+    pub connection_store: Arc<dyn ConnectionStore>,
+    /// Event routing.
+    pub router: Arc<EventRouter>,
+    /// The loaded plugins.
+    pub plugins: Arc<PluginRegistry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Seen idempotency keys of published events.
+    pub idempotency: Arc<Idempotency>,
+    /// Flips to `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// This node's id, stored with its connection records.
+    pub instance_id: Arc<str>,
+}
+
+/// The routes, testable without a socket.
+pub fn app(state: AppState) -> Router {
+    let max_body = state.config.limits.max_body_bytes;
+    Router::new()
+        .route("/ws", get(upgrade::upgrade))
+        .route("/api/events", post(publish::publish))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}

@@ -1,0 +1,226 @@
+//! Counters and the plugin latency histogram, rendered in the Prometheus
+//! text format for `GET /metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::plugin::PluginSet;
+
+/// Upper bounds (seconds) of the plugin dispatch latency buckets.
+const DISPATCH_BUCKETS: [f64; 14] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+    0.01, 0.025, 0.05, 0.1,
+];
+
+/// The host's counters; all lock-free.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    connections_opened: AtomicU64,
+    connections_closed: AtomicU64,
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+    frames_rate_limited: AtomicU64,
+    deliveries: AtomicU64,
+    dispatch_buckets: [AtomicU64; DISPATCH_BUCKETS.len()],
+    dispatch_count: AtomicU64,
+    dispatch_nanos: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// A connection was accepted.
+    pub fn connection_opened(&self) {
+        add(&self.connections_opened, 1);
+    }
+
+    /// A connection ended.
+    pub fn connection_closed(&self) {
+        add(&self.connections_closed, 1);
+    }
+
+    /// A client frame arrived.
+    pub fn frame_in(&self) {
+        add(&self.frames_in, 1);
+    }
+
+    /// A frame was written to a client.
+    pub fn frame_out(&self) {
+        add(&self.frames_out, 1);
+    }
+
+    /// A client frame was refused by the rate limiter.
+    pub fn frame_rate_limited(&self) {
+        add(&self.frames_rate_limited, 1);
+    }
+
+    /// Pushes queued to connections.
+    pub fn add_deliveries(&self, n: usize) {
+        add(&self.deliveries, n as u64);
+    }
+
+    /// One event's plugin dispatch took `elapsed`.
+    pub fn observe_dispatch(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(bucket) = DISPATCH_BUCKETS.iter().position(|bound| seconds <= *bound) {
+            add(&self.dispatch_buckets[bucket], 1);
+        }
+        add(&self.dispatch_count, 1);
+        add(
+            &self.dispatch_nanos,
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
+    /// Renders every metric; `live_connections` and `plugins` are read at
+    /// scrape time.
+    pub fn render(&self, live_connections: usize, plugins: &PluginSet) -> String {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "sockets_connections",
+            "gauge",
+            "Live WebSocket connections on this node.",
+            live_connections as u64,
+        );
+        metric(
+            "sockets_connections_opened_total",
+            "counter",
+            "WebSocket connections accepted.",
+            read(&self.connections_opened),
+        );
+        metric(
+            "sockets_connections_closed_total",
+            "counter",
+            "WebSocket connections ended.",
+            read(&self.connections_closed),
+        );
+        metric(
+            "sockets_frames_in_total",
+            "counter",
+            "Client frames received.",
+            read(&self.frames_in),
+        );
+        metric(
+            "sockets_frames_out_total",
+            "counter",
+            "Frames written to clients.",
+            read(&self.frames_out),
+        );
+        metric(
+            "sockets_frames_rate_limited_total",
+            "counter",
+            "Client frames refused by the rate limiter.",
+            read(&self.frames_rate_limited),
+        );
+        metric(
+            "sockets_deliveries_total",
+            "counter",
+            "Pushes queued to connections.",
+            read(&self.deliveries),
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP sockets_plugin_dispatch_seconds Time to decide one event (all subscribed plugins).\n# TYPE sockets_plugin_dispatch_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, bucket) in DISPATCH_BUCKETS.iter().zip(&self.dispatch_buckets) {
+            cumulative += read(bucket);
+            let _ = writeln!(
+                out,
+                "sockets_plugin_dispatch_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = read(&self.dispatch_count);
+        let _ = writeln!(
+            out,
+            "sockets_plugin_dispatch_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "sockets_plugin_dispatch_seconds_sum {}\nsockets_plugin_dispatch_seconds_count {count}",
+            read(&self.dispatch_nanos) as f64 / 1e9
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP sockets_plugin_calls_total Calls to a plugin's handle.\n# TYPE sockets_plugin_calls_total counter"
+        );
+        for plugin in plugins.iter() {
+            let _ = writeln!(
+                out,
+                "sockets_plugin_calls_total{{plugin=\"{}\"}} {}",
+                plugin.label(),
+                plugin.stats().snapshot().calls
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sockets_plugin_failures_total Failed plugin calls, by kind.\n# TYPE sockets_plugin_failures_total counter"
+        );
+        for plugin in plugins.iter() {
+            let stats = plugin.stats().snapshot();
+            for (kind, value) in [
+                ("refused", stats.refused),
+                ("timeout", stats.timeouts),
+                ("out_of_memory", stats.out_of_memory),
+                ("trap", stats.traps),
+                ("invalid_outcome", stats.invalid_outcomes),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "sockets_plugin_failures_total{{plugin=\"{}\",kind=\"{kind}\"}} {value}",
+                    plugin.label()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sockets_plugin_busy_seconds_total Time spent inside a plugin.\n# TYPE sockets_plugin_busy_seconds_total counter"
+        );
+        for plugin in plugins.iter() {
+            let busy = plugin.stats().snapshot().busy_nanos as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "sockets_plugin_busy_seconds_total{{plugin=\"{}\"}} {busy}",
+                plugin.label()
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_is_cumulative() {
+        let metrics = Metrics::default();
+        metrics.observe_dispatch(Duration::from_micros(3));
+        metrics.observe_dispatch(Duration::from_millis(2));
+        let text = metrics.render(0, &PluginSet::default());
+        assert!(
+            text.contains("sockets_plugin_dispatch_seconds_bucket{le=\"0.000005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockets_plugin_dispatch_seconds_bucket{le=\"0.0025\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sockets_plugin_dispatch_seconds_count 2\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Event → plugins → outcome → deliveries → log: the path every event takes,
+//! whatever its intake (WebSocket, HTTP, broker).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use serde_json::value::RawValue;
+
+use crate::connections::{ConnectionHandle, Connections, OutboundFrame, Push};
+use crate::directory::{User, UserDirectory};
+use crate::metrics::Metrics;
+use crate::plugin::{
+    CallError, DispatchError, Event, HostServices, Origin, PluginDelivery, PluginRegistry,
+    Recipient, RefusalCode,
+};
+use crate::protocol::{ErrorBody, ErrorCode, new_id, push_frame, rfc3339};
+use crate::store::{NotificationLog, NotificationRecord, Source, StoreError};
+
+/// An event entering the router, with what the log needs about its sender.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The event handed to plugins.
+    pub event: Event,
+    /// Which intake it came through.
+    pub source: Source,
+    /// The sending user id or service name.
+    pub from: String,
+    /// The sending connection (client events), never pushed to.
+    pub sender_connection: Option<Arc<str>>,
+}
+
+/// What routing produced.
+#[derive(Debug)]
+pub struct Routed {
+    /// The reply data for the sender (`null` when the plugins gave none),
+    /// with the delivered count filled in when asked for.
+    pub reply: Box<RawValue>,
+    /// Distinct users the deliveries addressed, online or not.
+    pub recipients: usize,
+}
+
+/// Why an event was not routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// No plugin subscribes to the event.
+    #[error("no handler for `{0}`")]
+    UnknownEvent(String),
+    /// A plugin refused the event.
+    #[error("{message}")]
+    Refused {
+        /// The refusal's code.
+        code: RefusalCode,
+        /// The plugin's reason.
+        message: String,
+    },
+    /// A plugin malfunctioned.
+    #[error("plugin `{plugin}` {error}")]
+    PluginFailed {
+        /// `name@version`.
+        plugin: Arc<str>,
+        /// What went wrong.
+        error: CallError,
+    },
+    /// The deliveries were made but could not be logged.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl RouteError {
+    /// The protocol error to report to the sender.
+    pub fn to_error_body(&self) -> ErrorBody {
+        let code = match self {
+            Self::UnknownEvent(_) => ErrorCode::UnknownEvent,
+            Self::Refused { code, .. } => match code {
+                RefusalCode::BadRequest => ErrorCode::BadRequest,
+                RefusalCode::Forbidden => ErrorCode::Forbidden,
+                RefusalCode::NotFound => ErrorCode::NotFound,
+                RefusalCode::Internal => ErrorCode::Internal,
+            },
+            Self::PluginFailed { .. } => ErrorCode::PluginFailed,
+            Self::Store(_) => ErrorCode::Unavailable,
+        };
+        ErrorBody::new(code, self.to_string())
+    }
+}
+
+/// Answers plugins' `get-user` and `connection-count`.
+pub struct PluginServices {
+    /// The user directory.
+    pub directory: Arc<dyn UserDirectory>,
+    /// This node's connections.
+    pub connections: Arc<Connections>,
+}
+
+impl HostServices for PluginServices {
+    fn get_user(&self, id: &str) -> Option<User> {
+        self.directory.get_user(id)
+    }
+
+    fn connection_count(&self, user_id: &str) -> u32 {
+        u32::try_from(self.connections.count_of_user(user_id)).unwrap_or(u32::MAX)
+    }
+}
+
+/// Routes events through the current plugins to connections and the log.
+pub struct Router {
+    plugins: Arc<PluginRegistry>,
+    connections: Arc<Connections>,
+    log: Arc<dyn NotificationLog>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    /// A router over these parts.
+    pub fn new(
+        plugins: Arc<PluginRegistry>,
+        connections: Arc<Connections>,
+        log: Arc<dyn NotificationLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            plugins,
+            connections,
+            log,
+            metrics,
+        }
+    }
+
+    /// Whether some plugin subscribes to `event`.
+    pub fn handles(&self, event: &str) -> bool {
+        !self.plugins.snapshot().handlers(event).is_empty()
+    }
+
+    /// Decides, delivers and logs one event. Returns once the deliveries are
+    /// queued on their connections and the log records are durable.
+    pub async fn route(&self, inbound: &Inbound) -> Result<Routed, RouteError> {
+        let plugins = self.plugins.snapshot();
+        let started = Instant::now();
+        let decision = plugins.dispatch(&inbound.event);
+        self.metrics.observe_dispatch(started.elapsed());
+        let decision = decision.map_err(|err| match err {
+            DispatchError::NoHandler(name) => RouteError::UnknownEvent(name),
+            DispatchError::Plugin { plugin, error } => match error {
+                CallError::Refused { code, message } => RouteError::Refused { code, message },
+                error => {
+                    tracing::warn!(%plugin, event = %inbound.event.name, kind = error.kind(), "plugin failed: {error}");
+                    RouteError::PluginFailed { plugin, error }
+                }
+            },
+        })?;
+
+        let created_at = rfc3339(SystemTime::now());
+        let mut records = Vec::new();
+        let mut addressed = HashSet::new();
+        let mut delivered_to_users = 0u32;
+        for PluginDelivery { plugin, delivery } in &decision.deliveries {
+            let delivery_id = new_id();
+            let frame: OutboundFrame =
+                push_frame(&delivery.event, &delivery.data, &delivery_id).into();
+            let reached = self.push(inbound, &delivery.to, frame);
+            for (user, connections) in reached {
+                addressed.insert(user.clone());
+                delivered_to_users += connections;
+                records.push(NotificationRecord {
+                    id: NotificationRecord::record_id(&delivery_id, &user),
+                    event_id: inbound.event.id.clone(),
+                    event: delivery.event.clone(),
+                    trigger: inbound.event.name.clone(),
+                    source: source_name(inbound.source).to_owned(),
+                    from: inbound.from.clone(),
+                    to: user,
+                    plugin: plugin.to_string(),
+                    data: delivery.data.clone(),
+                    connections,
+                    created_at: created_at.clone(),
+                });
+            }
+        }
+        self.log.append(records).await?;
+
+        let reply = match decision.reply {
+            None => RawValue::from_string("null".to_owned()).expect("null is JSON"),
+            Some(reply) => match reply.delivered_field {
+                None => reply.data,
+                Some(field) => with_count(&reply.data, &field, delivered_to_users),
+            },
+        };
+        Ok(Routed {
+            reply,
+            recipients: addressed.len(),
+        })
+    }
+
+    /// Pushes one frame to every connection the recipients name, each
+    /// connection once. Returns, per addressed user, how many of its
+    /// connections received the frame; `sender-others` copies are pushed but
+    /// not logged (the addressed users' records are the audit).
+    fn push(
+        &self,
+        inbound: &Inbound,
+        recipients: &[Recipient],
+        frame: OutboundFrame,
+    ) -> Vec<(String, u32)> {
+        let mut targets: HashMap<Arc<str>, Arc<ConnectionHandle>> = HashMap::new();
+        let mut users: Vec<(String, Vec<Arc<str>>)> = Vec::new();
+        let mut seen_users = HashSet::new();
+        for recipient in recipients {
+            match recipient {
+                Recipient::User(user) => {
+                    if !seen_users.insert(user.clone()) {
+                        continue;
+                    }
+                    let connections = self.connections.of_user(user);
+                    let ids = connections.iter().map(|c| Arc::clone(&c.id)).collect();
+                    for connection in connections {
+                        targets.insert(Arc::clone(&connection.id), connection);
+                    }
+                    users.push((user.clone(), ids));
+                }
+                Recipient::Connection(id) => {
+                    if let Some(connection) = self.connections.get(id) {
+                        let user = connection.user_id.to_string();
+                        if seen_users.insert(user.clone()) {
+                            users.push((user, vec![Arc::clone(&connection.id)]));
+                        }
+                        targets.insert(Arc::clone(&connection.id), connection);
+                    }
+                }
+                Recipient::SenderOthers => {
+                    if let Origin::Client(client) = &inbound.event.origin {
+                        for connection in self.connections.of_user(&client.user_id) {
+                            if Some(&connection.id) != inbound.sender_connection.as_ref() {
+                                targets.insert(Arc::clone(&connection.id), connection);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(sender) = &inbound.sender_connection {
+            targets.remove(sender);
+        }
+
+        let mut queued = HashSet::new();
+        for (id, connection) in &targets {
+            if connection.push(frame.clone()) == Push::Queued {
+                queued.insert(Arc::clone(id));
+            }
+        }
+        self.metrics.add_deliveries(queued.len());
+        users
+            .into_iter()
+            .map(|(user, ids)| {
+                let reached = ids.iter().filter(|id| queued.contains(*id)).count();
+                (user, u32::try_from(reached).unwrap_or(u32::MAX))
+            })
+            .collect()
+    }
+}
+
+fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::Client => "client",
+        Source::Broker => "broker",
+        Source::Api => "api",
+    }
+}
+
+/// The reply object with `field` set to `count` (validated to be an object
+/// when the plugin's outcome was checked).
+fn with_count(data: &RawValue, field: &str, count: u32) -> Box<RawValue> {
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(data.get()).unwrap_or_default();
+    object.insert(field.to_owned(), count.into());
+    serde_json::value::to_raw_value(&object).expect("a JSON object serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivered_count_is_added_to_the_reply() {
+        let data = RawValue::from_string(r#"{"messageId":"m1"}"#.into()).unwrap();
+        let counted: serde_json::Value =
+            serde_json::from_str(with_count(&data, "delivered", 2).get()).unwrap();
+        assert_eq!(
+            counted,
+            serde_json::json!({"messageId": "m1", "delivered": 2})
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! Persistence behind traits (PROTOCOL.md §7): connection records and the
+//! notification log. The embedded default keeps connection records in
+//! memory and the log on disk (redb); MongoDB implements the same traits.
+
+mod embedded_log;
+mod memory_connections;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+pub use embedded_log::EmbeddedLog;
+pub use memory_connections::MemoryConnections;
+
+/// Where an event came from, as recorded in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A WebSocket client.
+    Client,
+    /// RabbitMQ.
+    Broker,
+    /// The HTTP publish API.
+    Api,
+}
+
+/// One live connection (`userConnections`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRecord {
+    /// The connection id.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// The user.
+    pub user_id: String,
+    /// The user's role.
+    pub role: String,
+    /// The node holding the connection.
+    pub instance_id: String,
+    /// RFC 3339 connect time.
+    pub connected_at: String,
+    /// RFC 3339 time of the last frame seen.
+    pub last_seen_at: String,
+    /// Details from `setConnection` (a JSON object).
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// The peer address.
+    pub remote_addr: Option<String>,
+    /// The `User-Agent` header.
+    pub user_agent: Option<String>,
+}
+
+/// One delivery to one user (`notificationLogs`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationRecord {
+    /// `<delivery id>:<user id>`: deterministic, so a retried write is
+    /// idempotent.
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// The event that caused the delivery.
+    pub event_id: String,
+    /// The pushed event name (e.g. `message`).
+    pub event: String,
+    /// The incoming event name (e.g. `sendMessage`).
+    pub trigger: String,
+    /// `client`, `broker` or `api`.
+    pub source: String,
+    /// The sending user id or service.
+    pub from: String,
+    /// The receiving user.
+    pub to: String,
+    /// `name@version` of the deciding plugin.
+    pub plugin: String,
+    /// The pushed data.
+    pub data: Box<RawValue>,
+    /// How many connections the delivery reached.
+    pub connections: u32,
+    /// RFC 3339 time of the delivery.
+    pub created_at: String,
+}
+
+impl NotificationRecord {
+    /// The deterministic record id of a delivery to a user.
+    pub fn record_id(delivery_id: &str, user_id: &str) -> String {
+        format!("{delivery_id}:{user_id}")
+    }
+}
+
+/// A store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backing store cannot be reached or written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Live connection records.
+#[async_trait]
+pub trait ConnectionStore: Send + Sync {
+    /// Records a new connection.
+    async fn insert(&self, record: ConnectionRecord) -> Result<(), StoreError>;
+    /// Replaces a connection's details.
+    async fn set_details(
+        &self,
+        id: &str,
+        details: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError>;
+    /// Refreshes `lastSeenAt`.
+    async fn touch(&self, id: &str, at: SystemTime) -> Result<(), StoreError>;
+    /// Removes a connection's record.
+    async fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// A connection's record.
+    async fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError>;
+}
+
+/// The audit log of deliveries.
+#[async_trait]
+pub trait NotificationLog: Send + Sync {
+    /// Writes records; when it returns `Ok` they are durable.
+    async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError>;
+    /// Deliveries to a user, newest first.
+    async fn for_user(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<NotificationRecord>, StoreError>;
+    /// Deliveries caused by an event.
+    async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError>;
+}
