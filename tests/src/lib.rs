@@ -73,3 +73,6 @@ pub fn host_binary() -> PathBuf {
         })
         .clone()
 }
+
+pub mod client;
+pub mod server;

@@ -1,0 +1,257 @@
+//! A real WebSocket client (tokio-tungstenite) and a minimal HTTP/1.1
+//! client, with timeouts so a test never hangs.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::server::Server;
+
+/// How long a test waits for an expected frame.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connected WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection attempt ended.
+#[derive(Debug)]
+pub enum Refused {
+    /// The server answered the upgrade with an HTTP status and JSON body.
+    Http(u16, Value),
+    /// Something else went wrong.
+    Other(String),
+}
+
+impl Client {
+    /// Connects with `Authorization: Bearer <token>`; returns the client
+    /// and its `connected` frame.
+    pub async fn connect(server: &Server, token: &str) -> (Client, Value) {
+        Self::try_connect(server, &[("authorization", format!("Bearer {token}"))], "")
+            .await
+            .unwrap_or_else(|err| panic!("connect failed: {err:?}"))
+    }
+
+    /// Connects with the given headers and query string.
+    pub async fn try_connect(
+        server: &Server,
+        headers: &[(&str, String)],
+        query: &str,
+    ) -> Result<(Client, Value), Refused> {
+        let url = format!("{}{}", server.ws_url(), query);
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap();
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value).unwrap());
+        }
+        let (ws, _) = match tokio_tungstenite::connect_async(request).await {
+            Ok(connected) => connected,
+            Err(WsError::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response.body().clone().unwrap_or_default();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                return Err(Refused::Http(status, body));
+            }
+            Err(err) => return Err(Refused::Other(err.to_string())),
+        };
+        let mut client = Client { ws };
+        let connected = client.recv().await;
+        Ok((client, connected))
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send(&mut self, frame: &Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends a JSON value; `false` when the connection is gone.
+    pub async fn try_send(&mut self, frame: &Value) -> bool {
+        self.ws.send(Message::text(frame.to_string())).await.is_ok()
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::binary(bytes)).await.expect("send");
+    }
+
+    /// The next text frame as JSON; panics on timeout or close.
+    pub async fn recv(&mut self) -> Value {
+        match tokio::time::timeout(FRAME_TIMEOUT, self.next_text()).await {
+            Ok(Some(text)) => serde_json::from_str(&text).expect("frames are JSON"),
+            Ok(None) => panic!("the connection closed while a frame was expected"),
+            Err(_) => panic!("no frame within {FRAME_TIMEOUT:?}"),
+        }
+    }
+
+    /// The next text frame within `wait`, if any.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        match tokio::time::timeout(wait, self.next_text()).await {
+            Ok(Some(text)) => Some(serde_json::from_str(&text).expect("frames are JSON")),
+            _ => None,
+        }
+    }
+
+    async fn next_text(&mut self) -> Option<String> {
+        while let Some(message) = self.ws.next().await {
+            match message.ok()? {
+                Message::Text(text) => return Some(text.to_string()),
+                Message::Close(_) => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Reads until the server closes; returns the close code and reason
+    /// and the text frames seen before it.
+    pub async fn closed(&mut self, wait: Duration) -> (u16, String, Vec<Value>) {
+        let mut frames = Vec::new();
+        let result = tokio::time::timeout(wait, async {
+            while let Some(message) = self.ws.next().await {
+                match message {
+                    Ok(Message::Text(text)) => frames.push(serde_json::from_str(&text).unwrap()),
+                    Ok(Message::Close(Some(frame))) => {
+                        return (u16::from(frame.code), frame.reason.to_string());
+                    }
+                    Ok(Message::Close(None)) => {
+                        return (u16::from(CloseCode::Status), String::new());
+                    }
+                    Ok(_) => {}
+                    Err(err) => return (0, format!("error: {err}")),
+                }
+            }
+            (0, "stream ended without a close frame".to_owned())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the server did not close within {wait:?}"));
+        (result.0, result.1, frames)
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Response {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|err| panic!("body is not JSON ({err}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`.
+pub async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Response {
+    let exchange = async {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            server.addr,
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The server may answer (413) before reading a large body.
+        let _ = stream.write_all(body).await;
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw).await;
+        raw
+    };
+    let raw = tokio::time::timeout(FRAME_TIMEOUT, exchange)
+        .await
+        .expect("HTTP answer in time");
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `POST /api/events` with a bearer token and a JSON body.
+pub async fn publish(server: &Server, token: &str, body: &Value) -> Response {
+    http(
+        server,
+        "POST",
+        "/api/events",
+        &[
+            ("authorization", format!("Bearer {token}")),
+            ("content-type", "application/json".to_owned()),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+}

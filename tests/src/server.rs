@@ -1,0 +1,191 @@
+//! The real `sockets-host` binary, started on a free port with its own data
+//! and plugins folders, and stopped (SIGTERM) or killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{host_binary, plugin_wasm, workspace_root};
+
+/// The HS256 secret every test server uses.
+pub const SECRET: &str = "test-secret-please-change";
+
+/// How a test server is started.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Plugin crates whose components go into the plugins folder.
+    pub plugins: Vec<&'static str>,
+    /// Extra environment (`SOCKETS_*`).
+    pub env: Vec<(String, String)>,
+    /// Reuse a data folder (restart tests); a fresh one otherwise.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            plugins: vec!["chat", "payments", "reviews"],
+            env: Vec::new(),
+            data_dir: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Adds an environment variable.
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+}
+
+/// A running server.
+pub struct Server {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data folder (kept after stop for inspection).
+    pub data_dir: PathBuf,
+    /// Its plugins folder.
+    pub plugins_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+/// A fresh, unique folder under `target/`.
+pub fn scratch_dir(label: &str) -> PathBuf {
+    let dir = workspace_root()
+        .join("target/test-scratch")
+        .join(format!("{label}-{}", sockets_host::protocol::new_id()));
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+impl Server {
+    /// Starts the default server (chat, payments, reviews).
+    pub async fn start() -> Server {
+        Self::start_with(ServerConfig::default()).await
+    }
+
+    /// Starts a server and waits until it listens; panics (with its log) if
+    /// it does not come up.
+    pub async fn start_with(config: ServerConfig) -> Server {
+        let root = scratch_dir("server");
+        let data_dir = config.data_dir.clone().unwrap_or_else(|| root.join("data"));
+        let plugins_dir = root.join("plugins");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        for plugin in &config.plugins {
+            let file = format!("{}.wasm", plugin.replace('-', "_"));
+            std::fs::copy(plugin_wasm(plugin), plugins_dir.join(file)).unwrap();
+        }
+        let stderr_log = root.join("stderr.log");
+        let mut command = Command::new(host_binary());
+        command
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SOCKETS_LISTEN", "127.0.0.1:0")
+            .env("SOCKETS_JWT_SECRET", SECRET)
+            .env("SOCKETS_DATA_DIR", &data_dir)
+            .env("SOCKETS_PLUGINS_DIR", &plugins_dir)
+            .env("SOCKETS_LOG", "info,sockets_host=debug")
+            .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("sockets-host starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("sockets-host listening on http://") {
+                    return Some(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "sockets-host did not start; its log:\n{}",
+                std::fs::read_to_string(&stderr_log).unwrap_or_default()
+            )
+        });
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server {
+            child,
+            addr,
+            data_dir,
+            plugins_dir,
+            stderr_log,
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// `ws://…/ws`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it
+    /// exited successfully.
+    pub async fn stop(mut self) -> bool {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the server stops within 30 s after SIGTERM")
+            .expect("wait works");
+        exit.success()
+    }
+}
+
+/// An HS256 token for `sub`/`role` valid for an hour.
+pub fn token(sub: &str, role: &str) -> String {
+    token_with(json!({"sub": sub, "role": role, "exp": now() + 3600}))
+}
+
+/// An HS256 token with exactly these claims, signed with [`SECRET`].
+pub fn token_with(claims: Value) -> String {
+    sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        &claims,
+    )
+}
+
+/// A token signed with any algorithm and key.
+pub fn sign(alg: Algorithm, key: &EncodingKey, claims: &Value) -> String {
+    jsonwebtoken::encode(&Header::new(alg), claims, key).expect("token encodes")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A test fixture file.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}

@@ -1,0 +1,167 @@
+//! PROTOCOL.md §2–§3: frames, error codes, and the built-in events.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sockets_tests::client::Client;
+use sockets_tests::server::{Server, now, token, token_with};
+
+async fn student(server: &Server) -> Client {
+    Client::connect(server, &token("s_1", "student")).await.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_frames_get_bad_request_and_the_connection_stays_open() {
+    let server = Server::start().await;
+    let mut client = student(&server).await;
+
+    let error_event = |frame: &serde_json::Value| {
+        assert_eq!(frame["event"], "error", "{frame}");
+        assert_eq!(frame["data"]["code"], "bad_request", "{frame}");
+        assert!(
+            frame.get("id").is_none() && frame.get("ack").is_none(),
+            "{frame}"
+        );
+    };
+    for text in [
+        "not json",
+        "[1,2]",
+        "\"string\"",
+        r#"{"event":"sendMessage","ack":-1}"#,
+        r#"{"event":"sendMessage","ack":5.0}"#,
+        r#"{"event":"sendMessage","ack":"5"}"#,
+        r#"{"data":{}}"#,
+        r#"{"event":"has space"}"#,
+    ] {
+        client.send_text(text).await;
+        error_event(&client.recv().await);
+    }
+    client.send_binary(vec![1, 2, 3]).await;
+    error_event(&client.recv().await);
+
+    // With a readable ack, errors come back as the reply.
+    for frame in [
+        json!({"ack": 11}),
+        json!({"event": 5, "ack": 11}),
+        json!({"event": "x".repeat(65), "ack": 11}),
+    ] {
+        client.send(&frame).await;
+        let reply = client.recv().await;
+        assert_eq!(
+            reply,
+            json!({"ack": 11, "ok": false, "error": {"code": "bad_request", "message": reply["error"]["message"]}})
+        );
+    }
+
+    // Still open and working.
+    client
+        .send(&json!({"event": "setConnection", "data": {}, "ack": 12}))
+        .await;
+    assert_eq!(client.recv().await["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_nobody_handles_is_unknown_event() {
+    let server = Server::start().await;
+    let mut client = student(&server).await;
+    client
+        .send(&json!({"event": "doesNotExist", "data": 1, "ack": 1}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(
+        (reply["ack"].as_u64(), reply["ok"].as_bool()),
+        (Some(1), Some(false)),
+        "{reply}"
+    );
+    assert_eq!(reply["error"]["code"], "unknown_event");
+    client.send(&json!({"event": "doesNotExist"})).await;
+    let error = client.recv().await;
+    assert_eq!(
+        (error["event"].as_str(), error["data"]["code"].as_str()),
+        (Some("error"), Some("unknown_event"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_null_ack_counts_as_absent_and_success_without_ack_is_silent() {
+    let server = Server::start().await;
+    let mut client = student(&server).await;
+    client
+        .send(&json!({"event": "setConnection", "data": {"device": "ios"}, "ack": null}))
+        .await;
+    assert_eq!(client.try_recv(Duration::from_millis(500)).await, None);
+    client.send(&json!({"event": "setConnection", "data": {"device": "web"}, "ack": 18446744073709551615u64})).await;
+    let reply = client.recv().await;
+    assert_eq!(reply["ack"].as_u64(), Some(u64::MAX));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn set_connection_stores_details_up_to_4096_bytes() {
+    let server = Server::start().await;
+    let (mut client, connected) = Client::connect(&server, &token("s_1", "student")).await;
+    client.send(&json!({"event": "setConnection", "data": {"device": "ios", "appVersion": "3.2.1"}, "ack": 1})).await;
+    assert_eq!(
+        client.recv().await,
+        json!({"ack": 1, "ok": true, "data": {"connectionId": connected["data"]["connectionId"]}})
+    );
+
+    for data in [json!([1]), json!("ios"), json!(null)] {
+        client
+            .send(&json!({"event": "setConnection", "data": data, "ack": 2}))
+            .await;
+        assert_eq!(
+            client.recv().await["error"]["code"],
+            "bad_request",
+            "data {data}"
+        );
+    }
+
+    // {"k":"…"} is 8 bytes plus the value; é is two bytes in UTF-8.
+    let exactly = json!({"k": "é".repeat(2044)});
+    assert_eq!(exactly.to_string().len(), 4096);
+    client
+        .send(&json!({"event": "setConnection", "data": exactly, "ack": 3}))
+        .await;
+    assert_eq!(client.recv().await["ok"], true);
+    let over = json!({"k": format!("{}x", "é".repeat(2044))});
+    client
+        .send(&json!({"event": "setConnection", "data": over, "ack": 4}))
+        .await;
+    assert_eq!(client.recv().await["error"]["code"], "too_large");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_token_accepts_only_a_valid_token_of_the_same_user() {
+    let server = Server::start().await;
+    let mut client = student(&server).await;
+    let exp = now() + 7200;
+    client
+        .send(&json!({"event": "refreshToken", "data": {"token": token_with(json!({"sub": "s_1", "role": "student", "exp": exp}))}, "ack": 1}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let expires_at = reply["data"]["expiresAt"].as_str().unwrap();
+    assert!(
+        expires_at.ends_with('Z') && expires_at.contains('T'),
+        "{expires_at}"
+    );
+
+    for (data, code) in [
+        (json!({}), "bad_request"),
+        (json!({"token": 5}), "bad_request"),
+        (json!({"token": ""}), "bad_request"),
+        (json!("token"), "bad_request"),
+        (json!({"token": "garbage"}), "unauthorized"),
+        (json!({"token": token("c_1", "consultant")}), "unauthorized"),
+        (
+            json!({"token": token_with(json!({"sub": "s_1", "exp": now() - 600}))}),
+            "unauthorized",
+        ),
+    ] {
+        client
+            .send(&json!({"event": "refreshToken", "data": data, "ack": 2}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["error"]["code"], code, "data {data}: {reply}");
+    }
+}

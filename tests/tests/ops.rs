@@ -1,0 +1,139 @@
+//! PROTOCOL.md §8 health, readiness and metrics; §6 graceful shutdown; §9
+//! the `token` subcommand.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sockets_tests::client::{Client, http};
+use sockets_tests::server::{Server, ServerConfig, token};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() {
+    let server = Server::start().await;
+    let health = http(&server, "GET", "/healthz", &[], b"").await;
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let ready = http(&server, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.json()["checks"]["plugins"]["loaded"], 3);
+
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "hi"}, "ack": 1}))
+        .await;
+    student.recv().await;
+    consultant.recv().await;
+
+    let metrics = http(&server, "GET", "/metrics", &[], b"").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body;
+    for line in [
+        "sockets_connections 2",
+        "sockets_frames_in_total 1",
+        "sockets_deliveries_total 1",
+        "sockets_plugin_calls_total{plugin=\"chat@0.1.0\"} 1",
+        "sockets_plugin_dispatch_seconds_count 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_plugins_the_server_is_alive_but_not_ready() {
+    let server = Server::start_with(ServerConfig {
+        plugins: vec![],
+        ..ServerConfig::default()
+    })
+    .await;
+    assert_eq!(http(&server, "GET", "/healthz", &[], b"").await.status, 200);
+    let ready = http(&server, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["status"], "degraded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
+    let server = Server::start().await;
+    let mut a = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut b = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+    let closing = async {
+        let (first, second) = tokio::join!(
+            a.closed(Duration::from_secs(15)),
+            b.closed(Duration::from_secs(15))
+        );
+        (first.0, second.0, first.1)
+    };
+    let (stopped, (code_a, code_b, reason)) = tokio::join!(server.stop(), closing);
+    assert_eq!((code_a, code_b), (1001, 1001));
+    assert_eq!(reason, "server shutting down");
+    assert!(stopped, "exit status 0 after SIGTERM");
+}
+
+#[test]
+fn the_token_command_mints_a_token_the_server_accepts() {
+    let data_dir = sockets_tests::server::scratch_dir("token").join("data");
+    let output = std::process::Command::new(sockets_tests::host_binary())
+        .args(["token", "--sub", "s_1", "--role", "student", "--ttl", "15m"])
+        .env("SOCKETS_JWT_SECRET", sockets_tests::server::SECRET)
+        .env("SOCKETS_DATA_DIR", &data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let minted = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let server = Server::start().await;
+        let (_client, connected) = Client::connect(&server, &minted).await;
+        assert_eq!(connected["data"]["role"], "student");
+    });
+
+    let bad_ttl = std::process::Command::new(sockets_tests::host_binary())
+        .args(["token", "--sub", "s_1", "--ttl", "10years"])
+        .env("SOCKETS_JWT_SECRET", "x")
+        .output()
+        .unwrap();
+    assert!(!bad_ttl.status.success());
+}
+
+#[test]
+fn dev_mode_keeps_one_secret_in_the_data_folder() {
+    let data_dir = sockets_tests::server::scratch_dir("dev").join("data");
+    let mint = || {
+        let output = std::process::Command::new(sockets_tests::host_binary())
+            .args(["token", "--sub", "s_1"])
+            .env_remove("SOCKETS_JWT_SECRET")
+            .env("SOCKETS_DATA_DIR", &data_dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let (first, second) = (mint(), mint());
+    assert!(!first.trim().is_empty());
+    let secret = std::fs::read_to_string(data_dir.join("dev-jwt-secret")).unwrap();
+    assert!(secret.len() >= 32);
+    // Both tokens are signed with the one stored secret.
+    let verify = |token: &str| {
+        jsonwebtoken::decode::<serde_json::Value>(
+            token.trim(),
+            &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+        )
+        .is_ok()
+    };
+    assert!(verify(&first) && verify(&second));
+}
