@@ -48,6 +48,9 @@ impl Host for ComponentHost {
     }
 
     fn config(&self) -> String {
-        imports::config()
+        // The configuration is fixed for an instance's life (a change loads
+        // new instances), so one import call per instance is enough.
+        static CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        CONFIG.get_or_init(imports::config).clone()
     }
 }

@@ -65,6 +65,18 @@ fn plugin_call(c: &mut Criterion) {
         b.iter(|| warm.handle(black_box(&event)).unwrap())
     });
 
+    // The same call shape with (almost) no plugin logic: the cost of the
+    // component boundary and the host's outcome checks.
+    let echo_wasm = std::fs::read(plugin_wasm("misbehaving")).expect("misbehaving plugin built");
+    let echo = runtime.load("misbehaving", &echo_wasm, "{}").unwrap();
+    let echo_event = Event {
+        name: "ok".to_owned(),
+        ..event.clone()
+    };
+    group.bench_function("component_warm_echo", |b| {
+        b.iter(|| echo.handle(black_box(&echo_event)).unwrap())
+    });
+
     let no_pool = PluginLimits {
         max_idle_instances: 0,
         ..PluginLimits::default()

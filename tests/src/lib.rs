@@ -8,6 +8,15 @@ use std::sync::OnceLock;
 /// Every plugin crate the tests load, built for `wasm32-wasip2`.
 pub const TEST_PLUGINS: [&str; 5] = ["chat", "payments", "reviews", "misbehaving", "wrong-world"];
 
+/// Plugins are built like `scripts/build-plugins.sh` builds them: whole-program
+/// optimised, since guest code runs on every event.
+pub const PLUGIN_PROFILE: [&str; 4] = [
+    "--config",
+    "profile.release.lto=true",
+    "--config",
+    "profile.release.codegen-units=1",
+];
+
 /// The repository root.
 pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

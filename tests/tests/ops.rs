@@ -137,3 +137,25 @@ fn dev_mode_keeps_one_secret_in_the_data_folder() {
     };
     assert!(verify(&first) && verify(&second));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_demo_runs_against_a_server() {
+    let server = Server::start().await;
+    let output =
+        tokio::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(sockets_tests::workspace_root())
+            .args(["run", "-q", "-p", "sockets-tests", "--example", "demo"])
+            .env("SOCKETS_URL", server.addr.to_string())
+            .env("SOCKETS_JWT_SECRET", sockets_tests::server::SECRET)
+            .output()
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(r#""event":"paymentProcessed""#), "{stdout}");
+    assert!(stdout.contains(r#""text":"15:00 works.""#), "{stdout}");
+}
