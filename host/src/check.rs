@@ -55,6 +55,7 @@ pub fn run(args: &CheckArgs, out: &mut impl Write) -> anyhow::Result<bool> {
     let runtime = PluginRuntime::new(
         PluginLimits::default(),
         Arc::new(OfflineServices { directory }),
+        None,
     )?;
     let wasm = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;

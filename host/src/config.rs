@@ -170,6 +170,8 @@ pub struct Limits {
     pub max_details_bytes: usize,
     /// Largest HTTP request body, bytes.
     pub max_body_bytes: usize,
+    /// Largest plugin upload on the admin API, bytes.
+    pub max_plugin_bytes: usize,
 }
 
 impl Default for Limits {
@@ -183,6 +185,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_details_bytes: 4096,
             max_body_bytes: 1 << 20,
+            max_plugin_bytes: 16 << 20,
         }
     }
 }
@@ -214,11 +217,29 @@ pub struct Config {
     pub log: String,
     /// Per-plugin JSON configuration, by plugin name.
     pub plugin_configs: BTreeMap<String, String>,
+    /// The config file, watched for plugin configuration changes.
+    pub config_file: Option<PathBuf>,
 }
 
 /// The plugins folder a newcomer gets: what `scripts/build-plugins.sh` builds.
 pub fn default_plugins_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/wasm32-wasip2/release")
+}
+
+/// The `[plugins.NAME]` tables as JSON text, by plugin name.
+pub fn plugin_configs(settings: &Settings) -> Result<BTreeMap<String, String>, ConfigError> {
+    settings
+        .plugins
+        .iter()
+        .map(|(name, value)| {
+            serde_json::to_string(value)
+                .map(|json| (name.clone(), json))
+                .map_err(|err| ConfigError::Invalid {
+                    setting: "plugins",
+                    why: format!("[plugins.{name}]: {err}"),
+                })
+        })
+        .collect()
 }
 
 fn comma_list(text: &str) -> Vec<String> {
@@ -249,18 +270,7 @@ impl Config {
                 why: "empty".into(),
             });
         }
-        let plugin_configs = settings
-            .plugins
-            .iter()
-            .map(|(name, value)| {
-                serde_json::to_string(value)
-                    .map(|json| (name.clone(), json))
-                    .map_err(|err| ConfigError::Invalid {
-                        setting: "plugins",
-                        why: format!("[plugins.{name}]: {err}"),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let plugin_configs = plugin_configs(&settings)?;
         let seconds = |value: Option<u64>, default: u64, setting: &'static str| {
             let value = value.unwrap_or(default);
             if value == 0 {
@@ -302,6 +312,7 @@ impl Config {
             limits,
             log: settings.log.unwrap_or_else(|| "info".to_owned()),
             plugin_configs,
+            config_file: None,
         })
     }
 }

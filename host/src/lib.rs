@@ -10,6 +10,7 @@ pub mod config;
 pub mod connections;
 pub mod directory;
 pub mod gateway;
+pub mod hotswap;
 pub mod intake;
 pub mod metrics;
 pub mod plugin;

@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<ExitCode> {
     };
     let settings = cli.settings.clone().or(file);
     let mut config = Config::from_settings(settings)?;
+    config.config_file = cli.config.clone();
 
     let filter = EnvFilter::try_new(&config.log).context("invalid SOCKETS_LOG filter")?;
     tracing_subscriber::fmt()

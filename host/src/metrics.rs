@@ -77,7 +77,12 @@ impl Metrics {
 
     /// Renders every metric; `live_connections` and `plugins` are read at
     /// scrape time.
-    pub fn render(&self, live_connections: usize, plugins: &PluginSet) -> String {
+    pub fn render(
+        &self,
+        live_connections: usize,
+        plugins: &PluginSet,
+        load_failures: u64,
+    ) -> String {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -127,6 +132,12 @@ impl Metrics {
             "counter",
             "Pushes queued to connections.",
             read(&self.deliveries),
+        );
+        metric(
+            "sockets_plugin_load_failures_total",
+            "counter",
+            "Plugin versions that failed to load (the previous version kept serving).",
+            load_failures,
         );
 
         let _ = writeln!(
@@ -209,7 +220,7 @@ mod tests {
         let metrics = Metrics::default();
         metrics.observe_dispatch(Duration::from_micros(3));
         metrics.observe_dispatch(Duration::from_millis(2));
-        let text = metrics.render(0, &PluginSet::default());
+        let text = metrics.render(0, &PluginSet::default(), 0);
         assert!(
             text.contains("sockets_plugin_dispatch_seconds_bucket{le=\"0.000005\"} 1\n"),
             "{text}"

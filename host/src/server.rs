@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
 use crate::gateway::{AppState, app};
+use crate::hotswap::{self, PluginManager};
 use crate::intake::Idempotency;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
@@ -94,9 +95,18 @@ pub async fn run(
             directory,
             connections: Arc::clone(&connections),
         }),
+        Some(&config.data_dir.join("plugin-cache")),
     )?);
     let plugins = Arc::new(PluginRegistry::new());
-    load_plugins(&runtime, &plugins, &config).await;
+    let manager = Arc::new(PluginManager::new(
+        runtime,
+        Arc::clone(&plugins),
+        config.plugins_dir.clone(),
+        config.plugin_configs.clone(),
+    ));
+    manager.load_all().await;
+    let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
+        .context("watching the plugins folder")?;
 
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
@@ -112,6 +122,7 @@ pub async fn run(
         connection_store: Arc::new(MemoryConnections::new()),
         router,
         plugins,
+        manager,
         metrics,
         idempotency: Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION)),
         shutdown: stopped,
@@ -134,53 +145,4 @@ pub async fn run(
     }
     tracing::info!(open = connections.len(), "stopped");
     Ok(())
-}
-
-/// Loads every `*.wasm` in the plugins folder; a plugin that fails to load
-/// is reported and skipped, the others serve.
-async fn load_plugins(runtime: &Arc<PluginRuntime>, plugins: &PluginRegistry, config: &Config) {
-    let entries = match std::fs::read_dir(&config.plugins_dir) {
-        Ok(entries) => entries,
-        Err(err) => {
-            tracing::warn!(dir = %config.plugins_dir.display(), "no plugins loaded: {err}");
-            return;
-        }
-    };
-    let mut files: Vec<_> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
-        .collect();
-    files.sort();
-    for path in files {
-        let Some(name) = path
-            .file_stem()
-            .and_then(|stem| stem.to_str())
-            .map(str::to_owned)
-        else {
-            continue;
-        };
-        let wasm = match std::fs::read(&path) {
-            Ok(wasm) => wasm,
-            Err(err) => {
-                tracing::error!(plugin = %name, "cannot read {}: {err}", path.display());
-                continue;
-            }
-        };
-        let plugin_config = config
-            .plugin_configs
-            .get(&name)
-            .cloned()
-            .unwrap_or_else(|| "{}".to_owned());
-        match runtime
-            .load_blocking(name.clone(), wasm, plugin_config)
-            .await
-        {
-            Ok(plugin) => {
-                tracing::info!(plugin = %plugin.label(), subscriptions = ?plugin.subscriptions(), "plugin loaded");
-                plugins.install(plugin);
-            }
-            Err(err) => tracing::error!(plugin = %name, "plugin not loaded: {err}"),
-        }
-    }
 }

@@ -59,7 +59,7 @@ fn plugin_call(c: &mut Criterion) {
         b.iter(|| chat::Chat::handle(black_box(&native_event), &native_host).unwrap())
     });
 
-    let runtime = PluginRuntime::new(PluginLimits::default(), Arc::new(Directory)).unwrap();
+    let runtime = PluginRuntime::new(PluginLimits::default(), Arc::new(Directory), None).unwrap();
     let warm = runtime.load("chat", &wasm, "{}").unwrap();
     group.bench_function("component_warm", |b| {
         b.iter(|| warm.handle(black_box(&event)).unwrap())
@@ -81,7 +81,7 @@ fn plugin_call(c: &mut Criterion) {
         max_idle_instances: 0,
         ..PluginLimits::default()
     };
-    let runtime = PluginRuntime::new(no_pool, Arc::new(Directory)).unwrap();
+    let runtime = PluginRuntime::new(no_pool, Arc::new(Directory), None).unwrap();
     let fresh = runtime.load("chat", &wasm, "{}").unwrap();
     group.bench_function("component_fresh_instance", |b| {
         b.iter(|| fresh.handle(black_box(&event)).unwrap())

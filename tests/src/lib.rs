@@ -6,7 +6,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Every plugin crate the tests load, built for `wasm32-wasip2`.
-pub const TEST_PLUGINS: [&str; 5] = ["chat", "payments", "reviews", "misbehaving", "wrong-world"];
+pub const TEST_PLUGINS: [&str; 6] = [
+    "chat",
+    "payments",
+    "reviews",
+    "misbehaving",
+    "wrong-world",
+    "chat-v2",
+];
 
 /// Plugins are built like `scripts/build-plugins.sh` builds them: whole-program
 /// optimised, since guest code runs on every event.

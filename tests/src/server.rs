@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub env: Vec<(String, String)>,
     /// Reuse a data folder (restart tests); a fresh one otherwise.
     pub data_dir: Option<PathBuf>,
+    /// Extra command-line arguments (e.g. `--config FILE`).
+    pub args: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -33,6 +35,7 @@ impl Default for ServerConfig {
             plugins: vec!["chat", "payments", "reviews"],
             env: Vec::new(),
             data_dir: None,
+            args: Vec::new(),
         }
     }
 }
@@ -87,6 +90,7 @@ impl Server {
         let mut command = Command::new(host_binary());
         command
             .arg("serve")
+            .args(&config.args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SOCKETS_LISTEN", "127.0.0.1:0")

@@ -54,7 +54,7 @@ impl HostServices for Services {
 }
 
 fn runtime() -> PluginRuntime {
-    PluginRuntime::new(PluginLimits::default(), Arc::new(Services::new())).unwrap()
+    PluginRuntime::new(PluginLimits::default(), Arc::new(Services::new()), None).unwrap()
 }
 
 fn load(runtime: &PluginRuntime, crate_name: &str) -> LoadedPlugin {

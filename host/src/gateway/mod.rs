@@ -1,6 +1,7 @@
 //! The HTTP surface: routes, the WebSocket upgrade, the per-connection loop,
 //! the publish API and the operational endpoints.
 
+mod admin;
 mod connection;
 pub mod error;
 mod ops;
@@ -12,12 +13,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::hotswap::PluginManager;
 use crate::intake::Idempotency;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub router: Arc<EventRouter>,
     /// The loaded plugins.
     pub plugins: Arc<PluginRegistry>,
+    /// Plugin operations (admin API).
+    pub manager: Arc<PluginManager>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Seen idempotency keys of published events.
@@ -52,14 +56,24 @@ pub struct AppState {
 /// The routes, testable without a socket.
 pub fn app(state: AppState) -> Router {
     let max_body = state.config.limits.max_body_bytes;
-    Router::new()
+    let max_plugin = state.config.limits.max_plugin_bytes;
+    let admin = Router::new()
+        .route("/admin/plugins", get(admin::list))
+        .route(
+            "/admin/plugins/{name}",
+            put(admin::upload).delete(admin::delete),
+        )
+        .route("/admin/plugins/{name}/rollback", post(admin::rollback))
+        .layer(DefaultBodyLimit::max(max_plugin));
+    let api = Router::new()
         .route("/ws", get(upgrade::upgrade))
         .route("/api/events", post(publish::publish))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .layer(DefaultBodyLimit::max(max_body));
+    api.merge(admin)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -38,9 +38,11 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state
-        .metrics
-        .render(state.connections.len(), &state.plugins.snapshot());
+    let body = state.metrics.render(
+        state.connections.len(),
+        &state.plugins.snapshot(),
+        state.manager.failed_loads(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -149,7 +149,12 @@ impl PluginRegistry {
     /// Installs `plugin` under its name, replacing (and returning) the
     /// version that served before.
     pub fn install(&self, plugin: LoadedPlugin) -> Option<Arc<LoadedPlugin>> {
-        let plugin = Arc::new(plugin);
+        self.install_shared(Arc::new(plugin))
+    }
+
+    /// [`PluginRegistry::install`] for a version that is already shared
+    /// (a rollback reinstalls a kept version).
+    pub fn install_shared(&self, plugin: Arc<LoadedPlugin>) -> Option<Arc<LoadedPlugin>> {
         let name = plugin.name().to_owned();
         let previous = self.current.rcu(|set| {
             let mut plugins = set.plugins.clone();

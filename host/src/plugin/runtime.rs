@@ -1,6 +1,7 @@
 //! The wasmtime engine shared by all plugins: configuration, the epoch
 //! ticker that enforces call deadlines, and loading (compile + validate).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{Cache, CacheConfig, Config, Engine};
 
 use super::error::LoadError;
 use super::instance::{HostServices, PluginContext, State};
@@ -61,6 +62,7 @@ pub struct PluginRuntime {
     linker: Arc<Linker<State>>,
     limits: PluginLimits,
     services: Arc<dyn HostServices>,
+    cache: Option<Cache>,
     _ticker: EpochTicker,
 }
 
@@ -74,9 +76,26 @@ impl std::fmt::Debug for PluginRuntime {
 
 impl PluginRuntime {
     /// Creates the engine. `services` answers the plugins' `get-user` and
-    /// `connection-count`.
-    pub fn new(limits: PluginLimits, services: Arc<dyn HostServices>) -> anyhow::Result<Self> {
+    /// `connection-count`; compiled artifacts are cached in `cache_dir`
+    /// when given.
+    pub fn new(
+        limits: PluginLimits,
+        services: Arc<dyn HostServices>,
+        cache_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let mut config = Config::new();
+        let cache = match cache_dir {
+            // Keyed by the wasm bytes and every compilation setting; an entry
+            // that does not load (corrupt, other wasmtime) is a miss and is
+            // rebuilt.
+            Some(dir) => {
+                let mut settings = CacheConfig::new();
+                settings.with_directory(dir);
+                Some(Cache::new(settings)?)
+            }
+            None => None,
+        };
+        config.cache(cache.clone());
         config
             .epoch_interruption(true)
             // Sync calls only: component-model concurrency costs every call
@@ -100,8 +119,16 @@ impl PluginRuntime {
             linker: Arc::new(linker),
             limits,
             services,
+            cache,
             _ticker: ticker,
         })
+    }
+
+    /// Compilations served from, and missing in, the artifact cache.
+    pub fn cache_stats(&self) -> (usize, usize) {
+        self.cache
+            .as_ref()
+            .map_or((0, 0), |cache| (cache.cache_hits(), cache.cache_misses()))
     }
 
     /// The limits applied to every plugin.

@@ -119,6 +119,7 @@ impl Plugin for Chat {
     }
 }
 
+#[cfg(feature = "component")]
 sockets_sdk::export_plugin!(Chat);
 
 #[cfg(test)]
