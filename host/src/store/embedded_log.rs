@@ -32,7 +32,9 @@ struct Append {
 /// The embedded notification log.
 pub struct EmbeddedLog {
     db: Arc<Database>,
-    appends: mpsc::Sender<Append>,
+    /// `None` only while dropping.
+    appends: Option<mpsc::Sender<Append>>,
+    writer: Option<thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -60,11 +62,15 @@ impl EmbeddedLog {
         let db = Arc::new(db);
         let (appends, queue) = mpsc::channel();
         let writer_db = Arc::clone(&db);
-        thread::Builder::new()
+        let writer = thread::Builder::new()
             .name("notification-log".into())
             .spawn(move || write_loop(&writer_db, &queue))
             .map_err(unavailable)?;
-        Ok(Self { db, appends })
+        Ok(Self {
+            db,
+            appends: Some(appends),
+            writer: Some(writer),
+        })
     }
 
     async fn read<R: Send + 'static>(
@@ -75,6 +81,17 @@ impl EmbeddedLog {
         tokio::task::spawn_blocking(move || read(&db))
             .await
             .map_err(unavailable)?
+    }
+}
+
+impl Drop for EmbeddedLog {
+    /// Finishes pending appends and releases the database file, so that it
+    /// can be opened again at once (a restart in the same process).
+    fn drop(&mut self) {
+        drop(self.appends.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -165,6 +182,8 @@ impl NotificationLog for EmbeddedLog {
         }
         let (done, committed) = oneshot::channel();
         self.appends
+            .as_ref()
+            .ok_or_else(|| unavailable("the log is closing"))?
             .send(Append { records, done })
             .map_err(|_| unavailable("the log writer stopped"))?;
         committed
