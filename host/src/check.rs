@@ -65,7 +65,7 @@ pub fn run(args: &CheckArgs, out: &mut impl Write) -> anyhow::Result<bool> {
         .and_then(|stem| stem.to_str())
         .context("the plugin file name is not UTF-8")?;
     let plugin = runtime
-        .load(name, &wasm, &args.config)
+        .load(name, &wasm, args.plugin_config.as_deref().unwrap_or("{}"))
         .with_context(|| format!("cannot load {}", args.file.display()))?;
 
     let mut outcome = None;

@@ -74,9 +74,10 @@ pub struct CheckArgs {
     /// The sending user's role.
     #[arg(long, default_value = "user", requires = "user")]
     pub role: String,
-    /// The plugin's configuration (JSON).
-    #[arg(long, default_value = "{}")]
-    pub config: String,
+    /// The plugin's configuration (JSON); defaults to its `[plugins.NAME]`
+    /// table in the config file, else `{}`.
+    #[arg(long = "plugin-config")]
+    pub plugin_config: Option<String>,
     /// The user directory (JSON users file); defaults to `SOCKETS_USERS_FILE`
     /// or the demo file.
     #[arg(long)]

@@ -41,6 +41,14 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Plugin(PluginCommand::Check(mut args)) => {
             args.users = args.users.or_else(|| Some(config.users_file.clone()));
+            if args.plugin_config.is_none() {
+                let name = args
+                    .file
+                    .file_stem()
+                    .and_then(|stem| stem.to_str())
+                    .unwrap_or_default();
+                args.plugin_config = config.plugin_configs.get(name).cloned();
+            }
             let handled = sockets_host::check::run(&args, &mut std::io::stdout().lock())?;
             Ok(if handled {
                 ExitCode::SUCCESS
