@@ -24,7 +24,7 @@ use crate::protocol::rfc3339;
 const KEPT_VERSIONS: usize = 3;
 /// Quiet time after the last change to a file before it is loaded, so that
 /// a copy in progress is not read half-written.
-const DEBOUNCE: Duration = Duration::from_millis(150);
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Why an operation on a plugin failed.
 #[derive(Debug, thiserror::Error)]

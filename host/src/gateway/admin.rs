@@ -5,37 +5,17 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, require_role};
 use crate::hotswap::OperationError;
 
 const ADMIN_ROLE: &str = "admin";
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing token"))?
-        .to_str()
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the Authorization header must be `Bearer <token>`",
-            )
-        })?;
-    let claims = state
-        .auth
-        .verify_bearer(header)
-        .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, err.to_string()))?;
-    if claims.role != ADMIN_ROLE {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "the admin API needs a token with role `admin`",
-        ));
-    }
-    Ok(())
+    require_role(&state.auth, headers, ADMIN_ROLE).map(drop)
 }
 
 fn operation_error(err: OperationError) -> ApiError {

@@ -3,9 +3,10 @@
 //! status (PROTOCOL.md §5).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::{AuthError, Authenticator, Claims};
 use crate::protocol::{ErrorBody, ErrorCode};
 
 /// An HTTP error response.
@@ -38,6 +39,48 @@ impl ApiError {
             _ => ErrorCode::Internal,
         }
     }
+
+    /// The HTTP form of a protocol error: the status that fixes its code
+    /// (`plugin_failed` has no status of its own and is a `500`).
+    pub fn from_body(error: ErrorBody) -> Self {
+        let status = match error.code {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::UnknownEvent => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::PluginFailed | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, error.message)
+    }
+}
+
+/// Verifies the `Authorization: Bearer` token of an HTTP request and that
+/// it carries `role`: `401` without a valid token, `403` with another role.
+pub fn require_role(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+    role: &str,
+) -> Result<Claims, ApiError> {
+    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, message);
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized(AuthError::Missing.to_string()))?
+        .to_str()
+        .map_err(|_| unauthorized(AuthError::NotBearer.to_string()))?;
+    let claims = auth
+        .verify_bearer(header)
+        .map_err(|err| unauthorized(err.to_string()))?;
+    if claims.role != role {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this API needs a token with role `{role}`"),
+        ));
+    }
+    Ok(claims)
 }
 
 impl IntoResponse for ApiError {

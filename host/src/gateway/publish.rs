@@ -8,13 +8,13 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, require_role};
 use crate::intake::Accepted;
-use crate::plugin::{Event, Origin, RefusalCode};
+use crate::plugin::{Event, Origin};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
 use crate::router::{Inbound, RouteError};
 use crate::store::Source;
@@ -33,26 +33,7 @@ pub async fn publish(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing token"))?
-        .to_str()
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the Authorization header must be `Bearer <token>`",
-            )
-        })?;
-    let claims = state
-        .auth
-        .verify_bearer(header)
-        .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, err.to_string()))?;
-    if claims.role != SERVICE_ROLE {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "publishing needs a token with role `service`",
-        ));
-    }
+    let claims = require_role(&state.auth, &headers, SERVICE_ROLE)?;
     let body =
         body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let publication = parse(&body)?;
@@ -82,7 +63,7 @@ pub async fn publish(
         .await
         .map_err(|err| {
             tracing::info!(event = %publication.event, "published event rejected: {err}");
-            route_error(&err)
+            ApiError::from_body(err.to_error_body())
         })?;
 
     let mut body = json!({"id": accepted.event_id, "recipients": accepted.recipients});
@@ -111,19 +92,4 @@ fn parse(body: &[u8]) -> Result<Publication, ApiError> {
     };
     let data = fields.remove("data").unwrap_or(Value::Null).to_string();
     Ok(Publication { event, data, key })
-}
-
-fn route_error(err: &RouteError) -> ApiError {
-    let status = match err {
-        RouteError::UnknownEvent(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        RouteError::Refused { code, .. } => match code {
-            RefusalCode::BadRequest => StatusCode::BAD_REQUEST,
-            RefusalCode::Forbidden => StatusCode::FORBIDDEN,
-            RefusalCode::NotFound => StatusCode::NOT_FOUND,
-            RefusalCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        },
-        RouteError::PluginFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        RouteError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    ApiError::new(status, err.to_string())
 }
