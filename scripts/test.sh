@@ -12,6 +12,9 @@ rustup target add wasm32-wasip2
 rustup component add rustfmt clippy
 cargo --version
 
+step "Services the tests need (RabbitMQ)"
+scripts/services.sh
+
 step "Formatting"
 cargo fmt --all --check
 

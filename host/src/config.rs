@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::intake::amqp::AmqpSettings;
+
 /// Settings as given by an operator: every field optional, from flags and
 /// environment (clap) or from the config file (serde).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -53,6 +55,18 @@ pub struct Settings {
     /// RabbitMQ URL.
     #[arg(long, env = "SOCKETS_AMQP_URL", global = true, hide_env_values = true)]
     pub amqp_url: Option<String>,
+    /// Topic exchange of backend events.
+    #[arg(long, env = "SOCKETS_AMQP_EXCHANGE", global = true)]
+    pub amqp_exchange: Option<String>,
+    /// Exchange (and queue) of dead letters.
+    #[arg(long, env = "SOCKETS_AMQP_DEAD_EXCHANGE", global = true)]
+    pub amqp_dead_exchange: Option<String>,
+    /// The intake queue shared by all nodes.
+    #[arg(long, env = "SOCKETS_AMQP_QUEUE", global = true)]
+    pub amqp_queue: Option<String>,
+    /// Unacknowledged broker messages in flight per node.
+    #[arg(long, env = "SOCKETS_AMQP_PREFETCH", global = true)]
+    pub amqp_prefetch: Option<u16>,
     /// MongoDB URL.
     #[arg(long, env = "SOCKETS_MONGO_URL", global = true, hide_env_values = true)]
     pub mongo_url: Option<String>,
@@ -109,6 +123,10 @@ impl Settings {
             data_dir: self.data_dir.or(lower.data_dir),
             users_file: self.users_file.or(lower.users_file),
             amqp_url: self.amqp_url.or(lower.amqp_url),
+            amqp_exchange: self.amqp_exchange.or(lower.amqp_exchange),
+            amqp_dead_exchange: self.amqp_dead_exchange.or(lower.amqp_dead_exchange),
+            amqp_queue: self.amqp_queue.or(lower.amqp_queue),
+            amqp_prefetch: self.amqp_prefetch.or(lower.amqp_prefetch),
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
@@ -203,8 +221,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Users file of the embedded directory.
     pub users_file: PathBuf,
-    /// RabbitMQ URL, when a broker is used.
-    pub amqp_url: Option<String>,
+    /// The RabbitMQ intake, when a broker is used.
+    pub amqp: Option<AmqpSettings>,
     /// MongoDB URL, when MongoDB is used.
     pub mongo_url: Option<String>,
     /// MongoDB database.
@@ -305,7 +323,20 @@ impl Config {
             users_file: settings
                 .users_file
                 .unwrap_or_else(|| crate::directory::demo_users_file().to_owned()),
-            amqp_url: settings.amqp_url,
+            amqp: settings.amqp_url.map(|url| AmqpSettings {
+                url,
+                exchange: settings
+                    .amqp_exchange
+                    .unwrap_or_else(|| "sockets.events".to_owned()),
+                dead_exchange: settings
+                    .amqp_dead_exchange
+                    .unwrap_or_else(|| "sockets.dead".to_owned()),
+                queue: settings
+                    .amqp_queue
+                    .unwrap_or_else(|| "sockets.intake".to_owned()),
+                prefetch: settings.amqp_prefetch.unwrap_or(64),
+                max_attempts: 3,
+            }),
             mongo_url: settings.mongo_url,
             mongo_db: settings.mongo_db.unwrap_or_else(|| "sockets".to_owned()),
             allowed_origins: settings.allowed_origins.as_deref().map(comma_list),

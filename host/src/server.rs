@@ -18,6 +18,7 @@ use crate::directory::FileDirectory;
 use crate::gateway::{AppState, app};
 use crate::hotswap::{self, PluginManager};
 use crate::intake::Idempotency;
+use crate::intake::amqp::{AmqpIntake, BrokerStatus};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
 use crate::router::{PluginServices, Router};
@@ -115,6 +116,19 @@ pub async fn run(
         Arc::clone(&metrics),
     ));
     let (stop, stopped) = watch::channel(false);
+    let idempotency = Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION));
+    let broker = config.amqp.clone().map(|settings| {
+        let status = Arc::new(BrokerStatus::connecting());
+        let intake = AmqpIntake {
+            settings,
+            router: Arc::clone(&router),
+            plugins: Arc::clone(&plugins),
+            idempotency: Arc::clone(&idempotency),
+            status: Arc::clone(&status),
+        };
+        let intake = tokio::spawn(intake.run(stopped.clone()));
+        (status, intake)
+    });
     let state = AppState {
         config: Arc::clone(&config),
         auth,
@@ -124,7 +138,8 @@ pub async fn run(
         plugins,
         manager,
         metrics,
-        idempotency: Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION)),
+        idempotency,
+        broker: broker.as_ref().map(|(status, _)| Arc::clone(status)),
         shutdown: stopped,
         instance_id: crate::protocol::new_id().into(),
     };
@@ -138,6 +153,10 @@ pub async fn run(
         })
         .await?;
 
+    if let Some((_, intake)) = broker {
+        // Stops consuming; unacknowledged messages go back to the queue.
+        let _ = intake.await;
+    }
     // Upgraded connections outlive axum's graceful shutdown: wait for them.
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
     while !connections.is_empty() && tokio::time::Instant::now() < deadline {

@@ -90,5 +90,6 @@ pub fn host_binary() -> PathBuf {
         .clone()
 }
 
+pub mod broker;
 pub mod client;
 pub mod server;

@@ -165,3 +165,30 @@ async fn refresh_token_accepts_only_a_valid_token_of_the_same_user() {
         assert_eq!(reply["error"]["code"], code, "data {data}: {reply}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_misbehaving_plugin_gets_plugin_failed_and_the_connection_and_server_live_on() {
+    let config = sockets_tests::server::ServerConfig {
+        plugins: vec!["misbehaving"],
+        ..Default::default()
+    };
+    let server = Server::start_with(config).await;
+    let mut client = student(&server).await;
+    for (event, ack) in [("panic", 1), ("spin", 2), ("grow", 3), ("notJson", 4)] {
+        client.send(&json!({"event": event, "ack": ack})).await;
+        let reply = client.recv().await;
+        assert_eq!(reply["ack"], ack);
+        assert_eq!(reply["error"]["code"], "plugin_failed", "{event}: {reply}");
+    }
+    client.send(&json!({"event": "refuse", "ack": 5})).await;
+    assert_eq!(client.recv().await["error"]["code"], "forbidden");
+    client
+        .send(&json!({"event": "ok", "data": {"n": 1}, "ack": 6}))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"ack": 6, "ok": true, "data": null})
+    );
+    let health = sockets_tests::client::http(&server, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200);
+}

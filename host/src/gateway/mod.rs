@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::hotswap::PluginManager;
 use crate::intake::Idempotency;
+use crate::intake::amqp::BrokerStatus;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
 use crate::router::Router as EventRouter;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Seen idempotency keys of published events.
     pub idempotency: Arc<Idempotency>,
+    /// The broker intake's health, when a broker is configured.
+    pub broker: Option<Arc<BrokerStatus>>,
     /// Flips to `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// This node's id, stored with its connection records.

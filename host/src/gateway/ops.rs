@@ -14,19 +14,25 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 /// Whether the dependencies are usable; the body says which are degraded.
-/// The embedded store is in-process, so readiness here is about plugins:
-/// with none loaded, no event can be routed.
+/// With no plugin loaded no event can be routed; with the broker down no
+/// backend event comes in.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let plugins = state.plugins.snapshot();
     let loaded = plugins.iter().count();
-    let plugins_check = if loaded > 0 { "ok" } else { "degraded" };
-    let ready = loaded > 0;
+    let status = |ok: bool| if ok { "ok" } else { "degraded" };
+    let mut checks = json!({
+        "store": {"status": "ok", "backend": "embedded"},
+        "plugins": {"status": status(loaded > 0), "loaded": loaded},
+    });
+    let mut ready = loaded > 0;
+    if let Some(broker) = &state.broker {
+        let problem = broker.problem();
+        ready &= problem.is_none();
+        checks["broker"] = json!({"status": status(problem.is_none()), "error": problem});
+    }
     let body = json!({
         "status": if ready { "ready" } else { "degraded" },
-        "checks": {
-            "store": {"status": "ok", "backend": "embedded"},
-            "plugins": {"status": plugins_check, "loaded": loaded},
-        },
+        "checks": checks,
     });
     let status = if ready {
         StatusCode::OK

@@ -1,6 +1,8 @@
-//! Event intake from backend services: the HTTP publish API lives in the
-//! gateway; what every intake shares (idempotency keys) lives here.
+//! Event intake from backend services: the RabbitMQ consumer, and what every
+//! intake shares (idempotency keys). The HTTP publish API is a route of the
+//! gateway.
 
+pub mod amqp;
 mod idempotency;
 
 pub use idempotency::{Accepted, Idempotency};

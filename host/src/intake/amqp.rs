@@ -1,0 +1,403 @@
+//! The RabbitMQ intake (PROTOCOL.md §5): backend events from the
+//! `sockets.events` topic exchange into the router, acknowledged only after
+//! their deliveries were queued and logged; what can never be processed is
+//! dead-lettered with the reason, never dropped and never requeued forever.
+//! The only module that knows lapin.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::watch;
+
+use super::{Accepted, Idempotency};
+use crate::plugin::{Event, Origin, PluginRegistry};
+use crate::protocol::{is_valid_event_name, new_id, rfc3339};
+use crate::router::{Inbound, RouteError, Router};
+use crate::store::Source;
+
+/// The header that carries why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-sockets-reason";
+
+/// Where and how to consume.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// The broker URL.
+    pub url: String,
+    /// Topic exchange events are published to.
+    pub exchange: String,
+    /// Exchange dead letters go to (with a queue of the same name bound to
+    /// everything, so they are kept).
+    pub dead_exchange: String,
+    /// The durable intake queue all nodes share.
+    pub queue: String,
+    /// Unacknowledged messages in flight per node.
+    pub prefetch: u16,
+    /// Attempts for an event whose plugin malfunctions before it is
+    /// dead-lettered.
+    pub max_attempts: u32,
+}
+
+/// The broker connection's state, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct BrokerStatus {
+    /// `None` while connected and consuming; the last error otherwise.
+    problem: Mutex<Option<String>>,
+}
+
+impl BrokerStatus {
+    /// A status that starts degraded (not connected yet).
+    pub fn connecting() -> Self {
+        Self {
+            problem: Mutex::new(Some("not connected yet".to_owned())),
+        }
+    }
+
+    fn set(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+    }
+
+    /// `None` when healthy, else what is wrong.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What the intake needs from the rest of the host.
+pub struct AmqpIntake {
+    /// Where and how.
+    pub settings: AmqpSettings,
+    /// Event routing.
+    pub router: Arc<Router>,
+    /// The loaded plugins (their subscriptions decide the bindings).
+    pub plugins: Arc<PluginRegistry>,
+    /// Shared with the HTTP API: one idempotency namespace.
+    pub idempotency: Arc<Idempotency>,
+    /// Reported by `/readyz`.
+    pub status: Arc<BrokerStatus>,
+}
+
+/// Backoff bounds for reconnecting.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often bindings are brought in step with the plugins' subscriptions.
+const BINDINGS_EVERY: Duration = Duration::from_millis(500);
+
+impl AmqpIntake {
+    /// Consumes until `shutdown` flips, reconnecting with backoff and jitter
+    /// whenever the broker is unreachable or the connection drops.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let session = self.session(&mut shutdown);
+            match session.await {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!("broker unavailable, retrying in {backoff:?}: {err}");
+                    self.status.set(Some(err.to_string()));
+                }
+            }
+            let jitter =
+                Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 250));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection: declare, bind, consume. `Ok` only on shutdown.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> lapin::Result<()> {
+        let settings = &self.settings;
+        let connection = Connection::connect(
+            &settings.url,
+            ConnectionProperties::default().with_connection_name("sockets-host".into()),
+        )
+        .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        declare(&channel, settings).await?;
+        let mut bound = BTreeSet::new();
+        self.sync_bindings(&channel, &mut bound).await?;
+
+        let mut consumer = channel
+            .basic_consume(
+                settings.queue.as_str().into(),
+                format!("sockets-host-{}", new_id()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.status.set(None);
+        tracing::info!(queue = %settings.queue, exchange = %settings.exchange, "consuming broker events");
+
+        let mut bindings = tokio::time::interval(BINDINGS_EVERY);
+        loop {
+            tokio::select! {
+                _ = stopped(shutdown) => break,
+                _ = bindings.tick() => self.sync_bindings(&channel, &mut bound).await?,
+                delivery = consumer.next() => match delivery {
+                    Some(delivery) => self.process(&channel, delivery?).await?,
+                    None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                        lapin::ConnectionState::Closed,
+                    ))),
+                },
+            }
+        }
+        let _ = connection.close(200, "shutting down".into()).await;
+        Ok(())
+    }
+
+    /// Binds the queue to every event some plugin subscribes to, and unbinds
+    /// the ones no plugin takes any more.
+    async fn sync_bindings(
+        &self,
+        channel: &Channel,
+        bound: &mut BTreeSet<String>,
+    ) -> lapin::Result<()> {
+        let wanted: BTreeSet<String> = self
+            .plugins
+            .snapshot()
+            .events()
+            .map(str::to_owned)
+            .collect();
+        let settings = &self.settings;
+        for event in wanted.difference(bound) {
+            channel
+                .queue_bind(
+                    settings.queue.as_str().into(),
+                    settings.exchange.as_str().into(),
+                    event.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for event in bound.difference(&wanted) {
+            channel
+                .queue_unbind(
+                    settings.queue.as_str().into(),
+                    settings.exchange.as_str().into(),
+                    event.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        *bound = wanted;
+        Ok(())
+    }
+
+    /// Routes one message, then acks, retries or dead-letters it.
+    async fn process(&self, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
+        let properties = &delivery.properties;
+        let name = properties
+            .kind()
+            .as_ref()
+            .map(ShortString::as_str)
+            .unwrap_or(delivery.routing_key.as_str())
+            .to_owned();
+        let key = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
+        let from = properties
+            .app_id()
+            .as_ref()
+            .map_or_else(|| "broker".to_owned(), |app| app.as_str().to_owned());
+
+        let data = match std::str::from_utf8(&delivery.data)
+            .ok()
+            .filter(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
+        {
+            Some(text) => text.to_owned(),
+            None => {
+                return self
+                    .dead_letter(channel, &delivery, &name, "the body is not JSON")
+                    .await;
+            }
+        };
+        if !is_valid_event_name(&name) {
+            return self
+                .dead_letter(channel, &delivery, &name, "invalid event name")
+                .await;
+        }
+
+        let routed = self
+            .idempotency
+            .run(key.as_deref(), || async {
+                let event_id = key.clone().unwrap_or_else(new_id);
+                let inbound = Inbound {
+                    event: Event {
+                        id: event_id.clone(),
+                        name: name.clone(),
+                        origin: Origin::Broker,
+                        data: data.clone(),
+                        received_at: rfc3339(SystemTime::now()),
+                    },
+                    source: Source::Broker,
+                    from: from.clone(),
+                    sender_connection: None,
+                };
+                let routed = self.router.route(&inbound).await?;
+                Ok::<_, RouteError>(Accepted {
+                    event_id,
+                    recipients: routed.recipients,
+                })
+            })
+            .await;
+
+        match routed {
+            Ok(_) => delivery.ack(BasicAckOptions::default()).await.map(drop),
+            Err(err @ (RouteError::UnknownEvent(_) | RouteError::Refused { .. })) => {
+                tracing::info!(event = %name, "broker event rejected: {err}");
+                self.dead_letter(channel, &delivery, &name, &err.to_string())
+                    .await
+            }
+            Err(err @ RouteError::PluginFailed { .. }) => {
+                let attempts = delivery_count(&delivery) + 1;
+                if attempts >= self.settings.max_attempts {
+                    let reason = format!("failed {attempts} times: {err}");
+                    self.dead_letter(channel, &delivery, &name, &reason).await
+                } else {
+                    tracing::warn!(event = %name, attempts, "broker event failed, will retry: {err}");
+                    requeue(&delivery).await
+                }
+            }
+            Err(err @ RouteError::Store(_)) => {
+                // Not the message's fault: keep it, slow down, try again.
+                tracing::warn!(event = %name, "broker event not logged, will retry: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                requeue(&delivery).await
+            }
+        }
+    }
+
+    /// Publishes the message to the dead-letter exchange with the reason,
+    /// waits for the broker's confirmation, then acks the original.
+    async fn dead_letter(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        name: &str,
+        reason: &str,
+    ) -> lapin::Result<()> {
+        tracing::warn!(event = %name, "dead-lettering broker event: {reason}");
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        let properties = delivery.properties.clone().with_headers(headers);
+        channel
+            .basic_publish(
+                self.settings.dead_exchange.as_str().into(),
+                delivery.routing_key.clone(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await?;
+        delivery.ack(BasicAckOptions::default()).await.map(drop)
+    }
+}
+
+async fn requeue(delivery: &Delivery) -> lapin::Result<()> {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    delivery.nack(options).await.map(drop)
+}
+
+/// Earlier deliveries of this message: quorum queues count them in
+/// `x-delivery-count`; a classic queue only says `redelivered`.
+fn delivery_count(delivery: &Delivery) -> u32 {
+    let counted = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-delivery-count").cloned())
+        .and_then(|value| match value {
+            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => Some(n),
+            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(n)),
+            _ => None,
+        });
+    counted.unwrap_or(u32::from(delivery.redelivered))
+}
+
+/// Declares the exchanges, the intake queue (quorum, so it survives a
+/// broker node and counts redeliveries) and the dead-letter queue.
+async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            settings.dead_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(settings.queue.as_str().into(), queue, quorum)
+        .await?;
+    channel
+        .queue_declare(
+            settings.dead_exchange.as_str().into(),
+            queue,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            settings.dead_exchange.as_str().into(),
+            settings.dead_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Resolves once the server shuts down (without holding the watch's lock).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,145 @@
+//! The real RabbitMQ the test command starts: its URL, and a publisher and
+//! dead-letter reader for the tests, each test on its own exchanges and
+//! queues so tests run side by side.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::server::ServerConfig;
+
+/// The broker URL: `SOCKETS_TEST_AMQP_URL`, else the local RabbitMQ that
+/// `scripts/test.sh` starts.
+pub fn amqp_url() -> String {
+    std::env::var("SOCKETS_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Names of one test's exchanges and queue.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// Events exchange.
+    pub exchange: String,
+    /// Dead-letter exchange and queue.
+    pub dead: String,
+    /// Intake queue.
+    pub queue: String,
+}
+
+impl Names {
+    /// Fresh names.
+    pub fn unique() -> Self {
+        let id = sockets_host::protocol::new_id();
+        Self {
+            exchange: format!("test.events.{id}"),
+            dead: format!("test.dead.{id}"),
+            queue: format!("test.intake.{id}"),
+        }
+    }
+
+    /// A server configuration that consumes from these.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig::default()
+            .env("SOCKETS_AMQP_URL", amqp_url())
+            .env("SOCKETS_AMQP_EXCHANGE", &self.exchange)
+            .env("SOCKETS_AMQP_DEAD_EXCHANGE", &self.dead)
+            .env("SOCKETS_AMQP_QUEUE", &self.queue)
+    }
+}
+
+/// A publishing connection with publisher confirms.
+pub struct Publisher {
+    _connection: Connection,
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Connects; panics loudly when the broker is not there (tests never
+    /// skip).
+    pub async fn connect() -> Publisher {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|err| panic!("RabbitMQ is not reachable at {}: {err}", amqp_url()));
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Publisher {
+            _connection: connection,
+            channel,
+        }
+    }
+
+    /// Publishes and waits for the broker's confirmation.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
+        let confirmation = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_content_type("application/json".into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            confirmation.is_ack(),
+            "the broker refused the message: {confirmation:?}"
+        );
+    }
+
+    /// Waits up to 10 s for the next dead letter in `queue`; returns its
+    /// routing key, body and reason header.
+    pub async fn dead_letter(&self, queue: &str) -> (String, Vec<u8>, String) {
+        for _ in 0..200 {
+            let message = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+            if let Some(message) = message {
+                let delivery = message.delivery;
+                let reason = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|headers| {
+                        headers
+                            .inner()
+                            .get(sockets_host::intake::amqp::REASON_HEADER)
+                            .cloned()
+                    })
+                    .map(|value| match value {
+                        AMQPValue::LongString(text) => text.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                return (delivery.routing_key.to_string(), delivery.data, reason);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no dead letter in {queue} within 10 s");
+    }
+}
+
+/// Properties with a `message_id`.
+pub fn with_message_id(id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(id.into())
+}
+
+/// Empty headers (for readability at call sites).
+pub fn no_headers() -> FieldTable {
+    FieldTable::default()
+}

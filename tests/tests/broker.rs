@@ -1,0 +1,233 @@
+//! PROTOCOL.md §5 over a real RabbitMQ: events from the `sockets.events`
+//! exchange reach the right clients; what cannot be processed is
+//! dead-lettered with the reason; a repeated `message_id` is delivered once.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use serde_json::{Value, json};
+use sockets_tests::broker::{Names, Publisher, with_message_id};
+use sockets_tests::client::{Client, http};
+use sockets_tests::server::{Server, ServerConfig, token};
+
+/// Starts a server consuming from fresh names and waits until it consumes.
+async fn server_with_broker() -> (Server, Names) {
+    let names = Names::unique();
+    let server = Server::start_with(names.server_config()).await;
+    for _ in 0..200 {
+        let ready = http(&server, "GET", "/readyz", &[], b"").await;
+        if ready.status == 200 {
+            return (server, names);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the server never consumed from RabbitMQ; its log:\n{}",
+        server.log()
+    );
+}
+
+fn payment() -> Value {
+    json!({"paymentId":"p_1","studentId":"s_1","consultantId":"c_1","amount":4900,"currency":"USD","status":"succeeded"})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_events_reach_the_right_clients_with_the_protocol_frames() {
+    let (server, names) = server_with_broker().await;
+    let publisher = Publisher::connect().await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            payment().to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let push = student.recv().await;
+    assert_eq!(push["event"], "paymentProcessed");
+    assert_eq!(
+        push["data"],
+        json!({"paymentId":"p_1","amount":4900,"currency":"USD","status":"succeeded","consultantId":"c_1"})
+    );
+    assert!(push["id"].is_string());
+
+    let review = json!({"reviewId":"r_1","consultantId":"c_1","studentId":"s_1","rating":5,"comment":"Great session"});
+    publisher
+        .publish(
+            &names.exchange,
+            "REVIEW_ADDED",
+            review.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let push = consultant.recv().await;
+    assert_eq!(push["event"], "reviewAdded");
+    assert_eq!(
+        push["data"],
+        json!({"reviewId":"r_1","studentId":"s_1","rating":5,"comment":"Great session"})
+    );
+    assert_eq!(
+        student.try_recv(Duration::from_millis(300)).await,
+        None,
+        "only the addressed user receives it"
+    );
+
+    // The AMQP `type` property names the event instead of the routing key.
+    let typed = BasicProperties::default().with_type("REVIEW_ADDED".into());
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            review.to_string().as_bytes(),
+            typed,
+        )
+        .await;
+    assert_eq!(consultant.recv().await["event"], "reviewAdded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_dead_lettered_with_the_reason_and_consumption_continues() {
+    let (server, names) = server_with_broker().await;
+    let publisher = Publisher::connect().await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            b"{not json",
+            BasicProperties::default(),
+        )
+        .await;
+    let (key, body, reason) = publisher.dead_letter(&names.dead).await;
+    assert_eq!(
+        (key.as_str(), body.as_slice()),
+        ("PAYMENT_PROCESSED", &b"{not json"[..])
+    );
+    assert!(reason.contains("not JSON"), "{reason}");
+
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            br#"{"paymentId":"p_1"}"#,
+            BasicProperties::default(),
+        )
+        .await;
+    let (_, _, reason) = publisher.dead_letter(&names.dead).await;
+    assert!(reason.contains("studentId"), "{reason}");
+
+    // A plugin that does not take the event: here a type nobody handles.
+    let unknown = BasicProperties::default().with_type("NOBODY_HANDLES".into());
+    publisher
+        .publish(&names.exchange, "PAYMENT_PROCESSED", b"{}", unknown)
+        .await;
+    let (_, _, reason) = publisher.dead_letter(&names.dead).await;
+    assert!(reason.contains("no handler"), "{reason}");
+
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            payment().to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    assert_eq!(
+        student.recv().await["event"],
+        "paymentProcessed",
+        "consumption continues"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_message_id_twice_is_delivered_once_and_shares_the_http_namespace() {
+    let (server, names) = server_with_broker().await;
+    let publisher = Publisher::connect().await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    for _ in 0..2 {
+        publisher
+            .publish(
+                &names.exchange,
+                "PAYMENT_PROCESSED",
+                payment().to_string().as_bytes(),
+                with_message_id("pay-42"),
+            )
+            .await;
+    }
+    assert_eq!(student.recv().await["event"], "paymentProcessed");
+    assert_eq!(
+        student.try_recv(Duration::from_millis(700)).await,
+        None,
+        "no second delivery"
+    );
+
+    let again = sockets_tests::client::publish(
+        &server,
+        &token("billing", "service"),
+        &json!({"event": "PAYMENT_PROCESSED", "data": payment(), "id": "pay-42"}),
+    )
+    .await;
+    assert_eq!(again.json()["duplicate"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_broker_degrades_readiness_but_not_the_service() {
+    let config =
+        ServerConfig::default().env("SOCKETS_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+    let server = Server::start_with(config).await;
+    let ready = http(&server, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["checks"]["broker"]["status"], "degraded");
+    let (mut student, _) = Client::connect(&server, &token("s_1", "student")).await;
+    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+    student
+        .send(
+            &json!({"event": "sendMessage", "data": {"to": "c_1", "text": "still here"}, "ack": 1}),
+        )
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    assert_eq!(consultant.recv().await["data"]["text"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_plugin_keeps_failing_is_retried_then_dead_lettered() {
+    let names = Names::unique();
+    let config = ServerConfig {
+        plugins: vec!["misbehaving", "payments"],
+        ..names.server_config()
+    };
+    let server = Server::start_with(config).await;
+    for _ in 0..200 {
+        if http(&server, "GET", "/readyz", &[], b"").await.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let publisher = Publisher::connect().await;
+    publisher
+        .publish(&names.exchange, "panic", b"{}", BasicProperties::default())
+        .await;
+    let (key, _, reason) = publisher.dead_letter(&names.dead).await;
+    assert_eq!(key, "panic");
+    assert!(reason.contains("failed 3 times"), "{reason}");
+    assert!(reason.contains("trapped"), "{reason}");
+    // Still consuming afterwards.
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            payment().to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    assert_eq!(student.recv().await["event"], "paymentProcessed");
+}
