@@ -13,11 +13,17 @@ use sockets_tests::server::{Server, ServerConfig, token};
 /// Starts a server consuming from fresh names and waits until it consumes.
 async fn server_with_broker() -> (Server, Names) {
     let names = Names::unique();
-    let server = Server::start_with(names.server_config()).await;
+    let server = consuming(names.server_config()).await;
+    (server, names)
+}
+
+/// Starts a server and waits until it consumes from the broker.
+async fn consuming(config: ServerConfig) -> Server {
+    let server = Server::start_with(config).await;
     for _ in 0..200 {
         let ready = http(&server, "GET", "/readyz", &[], b"").await;
         if ready.status == 200 {
-            return (server, names);
+            return server;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -204,13 +210,7 @@ async fn an_event_whose_plugin_keeps_failing_is_retried_then_dead_lettered() {
         plugins: vec!["misbehaving", "payments"],
         ..names.server_config()
     };
-    let server = Server::start_with(config).await;
-    for _ in 0..200 {
-        if http(&server, "GET", "/readyz", &[], b"").await.status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = consuming(config).await;
     let publisher = Publisher::connect().await;
     publisher
         .publish(&names.exchange, "panic", b"{}", BasicProperties::default())
