@@ -100,7 +100,7 @@ impl AmqpIntake {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let session = self.session(&mut shutdown);
+            let session = self.session(&mut shutdown, &mut backoff);
             match session.await {
                 Ok(()) => return,
                 Err(err) => {
@@ -119,7 +119,11 @@ impl AmqpIntake {
     }
 
     /// One connection: declare, bind, consume. `Ok` only on shutdown.
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> lapin::Result<()> {
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> lapin::Result<()> {
         let settings = &self.settings;
         let connection = Connection::connect(
             &settings.url,
@@ -146,6 +150,8 @@ impl AmqpIntake {
             )
             .await?;
         self.status.set(None);
+        // Connected: the next outage starts again from the shortest wait.
+        *backoff = BACKOFF_MIN;
         tracing::info!(queue = %settings.queue, exchange = %settings.exchange, "consuming broker events");
 
         let mut bindings = tokio::time::interval(BINDINGS_EVERY);
