@@ -244,6 +244,7 @@ impl PluginManager {
         config: String,
     ) -> Result<Arc<LoadedPlugin>, LoadError> {
         let wasm = Arc::new(wasm);
+        let started = std::time::Instant::now();
         let loaded = self
             .runtime
             .load_blocking(name.to_owned(), wasm.as_ref().clone(), config)
@@ -269,7 +270,7 @@ impl PluginManager {
                 loaded_at: SystemTime::now(),
             },
         );
-        tracing::info!(plugin = %plugin.label(), sha256 = plugin.content_hash(), subscriptions = ?plugin.subscriptions(), "plugin serving");
+        tracing::info!(plugin = %plugin.label(), sha256 = plugin.content_hash(), subscriptions = ?plugin.subscriptions(), load_ms = started.elapsed().as_millis(), "plugin serving");
         Ok(plugin)
     }
 

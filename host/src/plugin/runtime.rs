@@ -101,6 +101,9 @@ impl PluginRuntime {
             // Sync calls only: component-model concurrency costs every call
             // (~350 ns measured) and no plugin needs it.
             .concurrency_support(false)
+            // Compile on one thread: a hot swap then leaves the other cores
+            // to the traffic it must not disturb.
+            .parallel_compilation(false)
             .max_wasm_stack(1 << 20);
         let engine = Engine::new(&config)?;
 
