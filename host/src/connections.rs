@@ -160,12 +160,6 @@ impl Connections {
         maps.by_id.get(id).cloned()
     }
 
-    /// All connections (for shutdown).
-    pub fn all(&self) -> Vec<Arc<ConnectionHandle>> {
-        let maps = self.maps.read().unwrap_or_else(PoisonError::into_inner);
-        maps.by_id.values().cloned().collect()
-    }
-
     /// How many connections are live.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)

@@ -84,16 +84,6 @@ impl FileDirectory {
     pub fn get(&self, id: &str) -> Option<&User> {
         self.users.get(id)
     }
-
-    /// How many users the directory holds.
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
-    /// Whether the directory is empty.
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
 }
 
 impl UserDirectory for FileDirectory {

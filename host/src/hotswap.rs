@@ -206,7 +206,7 @@ impl PluginManager {
                 if self.is_current(name, &wasm, &config) {
                     return;
                 }
-                if let Err(err) = self.load_and_swap(name, wasm, config).await {
+                if let Err(err) = self.load_and_swap(name, Arc::new(wasm), config).await {
                     tracing::error!(
                         plugin = name,
                         "{} not loaded, previous version keeps serving: {err}",
@@ -240,14 +240,13 @@ impl PluginManager {
     async fn load_and_swap(
         &self,
         name: &str,
-        wasm: Vec<u8>,
+        wasm: Arc<Vec<u8>>,
         config: String,
     ) -> Result<Arc<LoadedPlugin>, LoadError> {
-        let wasm = Arc::new(wasm);
         let started = std::time::Instant::now();
         let loaded = self
             .runtime
-            .load_blocking(name.to_owned(), wasm.as_ref().clone(), config)
+            .load_blocking(name.to_owned(), Arc::clone(&wasm), config)
             .await;
         let plugin = match loaded {
             Ok(plugin) => Arc::new(plugin),
@@ -307,8 +306,9 @@ impl PluginManager {
         }
         let _guard = self.operation.lock().await;
         let config = self.config_of(name);
+        let wasm = Arc::new(wasm);
         if !self.is_current(name, &wasm, &config) {
-            self.load_and_swap(name, wasm.clone(), config).await?;
+            self.load_and_swap(name, Arc::clone(&wasm), config).await?;
         }
         write_atomically(&self.path_of(name), &wasm).await?;
         Ok(self.report(name).expect("just installed"))
@@ -350,8 +350,7 @@ impl PluginManager {
                 },
             );
         } else {
-            self.load_and_swap(name, wasm.as_ref().clone(), config)
-                .await?;
+            self.load_and_swap(name, Arc::clone(&wasm), config).await?;
         }
         write_atomically(&self.path_of(name), &wasm).await?;
         tracing::info!(plugin = name, "rolled back");

@@ -127,11 +127,6 @@ impl Router {
         }
     }
 
-    /// Whether some plugin subscribes to `event`.
-    pub fn handles(&self, event: &str) -> bool {
-        !self.plugins.snapshot().handlers(event).is_empty()
-    }
-
     /// Decides, delivers and logs one event. Returns once the deliveries are
     /// queued on their connections and the log records are durable.
     pub async fn route(&self, inbound: &Inbound) -> Result<Routed, RouteError> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::server::ServerConfig;
@@ -137,9 +137,4 @@ impl Publisher {
 /// Properties with a `message_id`.
 pub fn with_message_id(id: &str) -> BasicProperties {
     BasicProperties::default().with_message_id(id.into())
-}
-
-/// Empty headers (for readability at call sites).
-pub fn no_headers() -> FieldTable {
-    FieldTable::default()
 }

@@ -134,11 +134,6 @@ impl PluginRuntime {
             .map_or((0, 0), |cache| (cache.cache_hits(), cache.cache_misses()))
     }
 
-    /// The limits applied to every plugin.
-    pub fn limits(&self) -> &PluginLimits {
-        &self.limits
-    }
-
     /// Compiles and validates a plugin: it is instantiated, and its `info`
     /// and `subscriptions` are read, before anything may route to it.
     /// Blocking (compilation takes tens of milliseconds); async callers use
@@ -171,7 +166,7 @@ impl PluginRuntime {
     pub async fn load_blocking(
         self: &Arc<Self>,
         name: String,
-        wasm: Vec<u8>,
+        wasm: Arc<Vec<u8>>,
         config: String,
     ) -> Result<LoadedPlugin, LoadError> {
         let runtime = Arc::clone(self);
