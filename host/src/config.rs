@@ -67,6 +67,9 @@ pub struct Settings {
     /// Unacknowledged broker messages in flight per node.
     #[arg(long, env = "SOCKETS_AMQP_PREFETCH", global = true)]
     pub amqp_prefetch: Option<u16>,
+    /// Direct exchange that carries deliveries between nodes.
+    #[arg(long, env = "SOCKETS_AMQP_NODES_EXCHANGE", global = true)]
+    pub amqp_nodes_exchange: Option<String>,
     /// MongoDB URL.
     #[arg(long, env = "SOCKETS_MONGO_URL", global = true, hide_env_values = true)]
     pub mongo_url: Option<String>,
@@ -127,6 +130,7 @@ impl Settings {
             amqp_dead_exchange: self.amqp_dead_exchange.or(lower.amqp_dead_exchange),
             amqp_queue: self.amqp_queue.or(lower.amqp_queue),
             amqp_prefetch: self.amqp_prefetch.or(lower.amqp_prefetch),
+            amqp_nodes_exchange: self.amqp_nodes_exchange.or(lower.amqp_nodes_exchange),
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
@@ -334,6 +338,9 @@ impl Config {
                 queue: settings
                     .amqp_queue
                     .unwrap_or_else(|| "sockets.intake".to_owned()),
+                nodes_exchange: settings
+                    .amqp_nodes_exchange
+                    .unwrap_or_else(|| "sockets.nodes".to_owned()),
                 prefetch: settings.amqp_prefetch.unwrap_or(64),
                 max_attempts: 3,
             }),

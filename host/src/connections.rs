@@ -154,6 +154,12 @@ impl Connections {
         maps.by_user.get(user_id).map_or(0, Vec::len)
     }
 
+    /// The users with at least one connection.
+    pub fn users(&self) -> Vec<Arc<str>> {
+        let maps = self.maps.read().unwrap_or_else(PoisonError::into_inner);
+        maps.by_user.keys().cloned().collect()
+    }
+
     /// A connection by id.
     pub fn get(&self, id: &str) -> Option<Arc<ConnectionHandle>> {
         let maps = self.maps.read().unwrap_or_else(PoisonError::into_inner);

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod directory;

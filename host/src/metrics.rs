@@ -22,6 +22,9 @@ pub struct Metrics {
     frames_out: AtomicU64,
     frames_rate_limited: AtomicU64,
     deliveries: AtomicU64,
+    cluster_sent: AtomicU64,
+    cluster_received: AtomicU64,
+    cluster_dropped: AtomicU64,
     dispatch_buckets: [AtomicU64; DISPATCH_BUCKETS.len()],
     dispatch_count: AtomicU64,
     dispatch_nanos: AtomicU64,
@@ -60,6 +63,22 @@ impl Metrics {
     /// Pushes queued to connections.
     pub fn add_deliveries(&self, n: usize) {
         add(&self.deliveries, n as u64);
+    }
+
+    /// The broker confirmed a delivery copy for other nodes.
+    pub fn cluster_copy_sent(&self) {
+        add(&self.cluster_sent, 1);
+    }
+
+    /// A delivery copy from another node arrived.
+    pub fn cluster_copy_received(&self) {
+        add(&self.cluster_received, 1);
+    }
+
+    /// A delivery copy for other nodes was dropped: the broker stayed
+    /// unreachable while the outbox was full.
+    pub fn cluster_copy_dropped(&self) {
+        add(&self.cluster_dropped, 1);
     }
 
     /// One event's plugin dispatch took `elapsed`.
@@ -132,6 +151,24 @@ impl Metrics {
             "counter",
             "Pushes queued to connections.",
             read(&self.deliveries),
+        );
+        metric(
+            "sockets_cluster_copies_sent_total",
+            "counter",
+            "Delivery copies for other nodes confirmed by the broker.",
+            read(&self.cluster_sent),
+        );
+        metric(
+            "sockets_cluster_copies_received_total",
+            "counter",
+            "Delivery copies received from other nodes.",
+            read(&self.cluster_received),
+        );
+        metric(
+            "sockets_cluster_copies_dropped_total",
+            "counter",
+            "Delivery copies for other nodes dropped while the broker was unreachable.",
+            read(&self.cluster_dropped),
         );
         metric(
             "sockets_plugin_load_failures_total",

@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use serde_json::value::RawValue;
 
+use crate::cluster::Cluster;
 use crate::connections::{ConnectionHandle, Connections, OutboundFrame, Push};
 use crate::directory::{User, UserDirectory};
 use crate::metrics::Metrics;
@@ -38,6 +39,13 @@ pub struct Routed {
     pub reply: Box<RawValue>,
     /// Distinct users the deliveries addressed, online or not.
     pub recipients: usize,
+}
+
+/// Deliveries pushed whose log records are not written yet.
+#[derive(Debug)]
+pub struct Delivered {
+    records: Vec<NotificationRecord>,
+    routed: Routed,
 }
 
 /// Why an event was not routed.
@@ -109,6 +117,8 @@ pub struct Router {
     connections: Arc<Connections>,
     log: Arc<dyn NotificationLog>,
     metrics: Arc<Metrics>,
+    /// The other nodes, when there are any (a broker is configured).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Router {
@@ -118,18 +128,30 @@ impl Router {
         connections: Arc<Connections>,
         log: Arc<dyn NotificationLog>,
         metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Self {
             plugins,
             connections,
             log,
             metrics,
+            cluster,
         }
     }
 
     /// Decides, delivers and logs one event. Returns once the deliveries are
-    /// queued on their connections and the log records are durable.
+    /// queued on their connections (and, in a cluster, handed to the other
+    /// nodes) and the log records are durable.
     pub async fn route(&self, inbound: &Inbound) -> Result<Routed, RouteError> {
+        let delivered = self.deliver(inbound).await?;
+        self.record(delivered).await
+    }
+
+    /// The first half of [`Router::route`]: asks the plugins, pushes the
+    /// deliveries and forwards them to the other nodes. Callers that must
+    /// keep deliveries in order run this in order and may overlap the
+    /// [`Router::record`] halves, so that log writes are committed together.
+    pub async fn deliver(&self, inbound: &Inbound) -> Result<Delivered, RouteError> {
         let plugins = self.plugins.snapshot();
         let started = Instant::now();
         // Plugin calls are synchronous (bounded by their deadline). WASI's
@@ -157,7 +179,11 @@ impl Router {
             let delivery_id = new_id();
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
-            let reached = self.push(inbound, &delivery.to, frame);
+            let reached = self.push(inbound, &delivery.to, frame.clone());
+            if let Some(cluster) = &self.cluster {
+                let users = remote_users(inbound, &delivery.to);
+                cluster.forward(delivery_id.clone(), frame, users).await;
+            }
             for (user, connections) in reached {
                 addressed.insert(user.clone());
                 delivered_to_users += connections;
@@ -176,7 +202,6 @@ impl Router {
                 });
             }
         }
-        self.log.append(records).await?;
 
         let reply = match decision.reply {
             None => RawValue::from_string("null".to_owned()).expect("null is JSON"),
@@ -185,10 +210,19 @@ impl Router {
                 Some(field) => with_count(&reply.data, &field, delivered_to_users),
             },
         };
-        Ok(Routed {
-            reply,
-            recipients: addressed.len(),
+        Ok(Delivered {
+            records,
+            routed: Routed {
+                reply,
+                recipients: addressed.len(),
+            },
         })
+    }
+
+    /// The second half of [`Router::route`]: makes the log records durable.
+    pub async fn record(&self, delivered: Delivered) -> Result<Routed, RouteError> {
+        self.log.append(delivered.records).await?;
+        Ok(delivered.routed)
     }
 
     /// Pushes one frame to every connection the recipients name, each
@@ -256,6 +290,28 @@ impl Router {
             })
             .collect()
     }
+}
+
+/// The users whose connections on other nodes must get a delivery: the
+/// addressed users, and the sender for `sender-others` (its sending
+/// connection is on this node). Connection-addressed deliveries stay local:
+/// plugins learn connection ids only from events this node received.
+fn remote_users(inbound: &Inbound, recipients: &[Recipient]) -> Vec<String> {
+    let mut users: Vec<String> = Vec::new();
+    for recipient in recipients {
+        let user = match recipient {
+            Recipient::User(user) => user.as_str(),
+            Recipient::SenderOthers => match &inbound.event.origin {
+                Origin::Client(client) => client.user_id.as_str(),
+                Origin::Broker | Origin::Api(_) => continue,
+            },
+            Recipient::Connection(_) => continue,
+        };
+        if !users.iter().any(|seen| seen == user) {
+            users.push(user.to_owned());
+        }
+    }
+    users
 }
 
 fn source_name(source: Source) -> &'static str {

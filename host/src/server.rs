@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
@@ -109,13 +110,24 @@ pub async fn run(
     let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
         .context("watching the plugins folder")?;
 
+    let (stop, stopped) = watch::channel(false);
+    let instance_id: Arc<str> = crate::protocol::new_id().into();
+    let cluster = config.amqp.clone().map(|settings| {
+        Cluster::start(
+            settings,
+            Arc::clone(&instance_id),
+            Arc::clone(&connections),
+            Arc::clone(&metrics),
+            stopped.clone(),
+        )
+    });
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),
         log,
         Arc::clone(&metrics),
+        cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
     ));
-    let (stop, stopped) = watch::channel(false);
     let idempotency = Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION));
     let broker = config.amqp.clone().map(|settings| {
         let status = Arc::new(BrokerStatus::connecting());
@@ -140,8 +152,9 @@ pub async fn run(
         metrics,
         idempotency,
         broker: broker.as_ref().map(|(status, _)| Arc::clone(status)),
+        cluster: cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
         shutdown: stopped,
-        instance_id: crate::protocol::new_id().into(),
+        instance_id,
     };
 
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -161,6 +174,9 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
     while !connections.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some((_, link)) = cluster {
+        let _ = link.await;
     }
     tracing::info!(open = connections.len(), "stopped");
     Ok(())

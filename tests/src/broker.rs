@@ -8,7 +8,8 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions}
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::server::ServerConfig;
+use crate::client::http;
+use crate::server::{Server, ServerConfig};
 
 /// The broker URL: `SOCKETS_TEST_AMQP_URL`, else the local RabbitMQ that
 /// `scripts/test.sh` starts.
@@ -26,6 +27,8 @@ pub struct Names {
     pub dead: String,
     /// Intake queue.
     pub queue: String,
+    /// Exchange between nodes.
+    pub nodes: String,
 }
 
 impl Names {
@@ -36,6 +39,7 @@ impl Names {
             exchange: format!("test.events.{id}"),
             dead: format!("test.dead.{id}"),
             queue: format!("test.intake.{id}"),
+            nodes: format!("test.nodes.{id}"),
         }
     }
 
@@ -46,7 +50,25 @@ impl Names {
             .env("SOCKETS_AMQP_EXCHANGE", &self.exchange)
             .env("SOCKETS_AMQP_DEAD_EXCHANGE", &self.dead)
             .env("SOCKETS_AMQP_QUEUE", &self.queue)
+            .env("SOCKETS_AMQP_NODES_EXCHANGE", &self.nodes)
     }
+}
+
+/// Starts a server and waits until `/readyz` says it consumes from the
+/// broker; panics with its log when it never does.
+pub async fn consuming(config: ServerConfig) -> Server {
+    let server = Server::start_with(config).await;
+    for _ in 0..200 {
+        let ready = http(&server, "GET", "/readyz", &[], b"").await;
+        if ready.status == 200 {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the server never consumed from RabbitMQ; its log:\n{}",
+        server.log()
+    );
 }
 
 /// A publishing connection with publisher confirms.

@@ -143,6 +143,16 @@ impl Server {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// Kills the process with SIGKILL (no shutdown of any kind) and waits
+    /// until it is gone.
+    pub async fn kill(mut self) {
+        self.child.start_kill().expect("the server can be killed");
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("a killed server exits")
+            .expect("wait works");
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns whether it
     /// exited successfully.
     pub async fn stop(mut self) -> bool {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use serde_json::{Value, json};
-use sockets_tests::broker::{Names, Publisher, with_message_id};
+use sockets_tests::broker::{Names, Publisher, consuming, with_message_id};
 use sockets_tests::client::{Client, http};
 use sockets_tests::server::{Server, ServerConfig, token};
 
@@ -15,22 +15,6 @@ async fn server_with_broker() -> (Server, Names) {
     let names = Names::unique();
     let server = consuming(names.server_config()).await;
     (server, names)
-}
-
-/// Starts a server and waits until it consumes from the broker.
-async fn consuming(config: ServerConfig) -> Server {
-    let server = Server::start_with(config).await;
-    for _ in 0..200 {
-        let ready = http(&server, "GET", "/readyz", &[], b"").await;
-        if ready.status == 200 {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "the server never consumed from RabbitMQ; its log:\n{}",
-        server.log()
-    );
 }
 
 fn payment() -> Value {

@@ -81,6 +81,11 @@ pub async fn run(socket: WebSocket, state: AppState, session: Session) {
         json!({"connectionId": &*id, "userId": session.claims.sub, "role": session.claims.role});
     handle.push(event_frame("connected", &connected).into());
     state.connections.register(Arc::clone(&handle));
+    if let Some(cluster) = &state.cluster {
+        // The writer starts after this: the client sees `connected` only
+        // once deliveries from other nodes reach this one.
+        cluster.join(&handle.user_id).await;
+    }
     state.metrics.connection_opened();
     tracing::info!(connection = %id, user = %session.claims.sub, role = %session.claims.role, "connected");
 
@@ -107,6 +112,9 @@ pub async fn run(socket: WebSocket, state: AppState, session: Session) {
     });
     handle.request_close(close.code, close.reason);
     state.connections.unregister(&handle);
+    if let Some(cluster) = &state.cluster {
+        cluster.leave(&handle.user_id).await;
+    }
     let _ = writer.await;
 
     if let Err(err) = state.connection_store.remove(&id).await {

@@ -17,6 +17,7 @@ use axum::routing::{get, post, put};
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::hotswap::PluginManager;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub idempotency: Arc<Idempotency>,
     /// The broker intake's health, when a broker is configured.
     pub broker: Option<Arc<BrokerStatus>>,
+    /// The link to the other nodes, when a broker is configured.
+    pub cluster: Option<Arc<Cluster>>,
     /// Flips to `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// This node's id, stored with its connection records.

@@ -30,6 +30,11 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         ready &= problem.is_none();
         checks["broker"] = json!({"status": status(problem.is_none()), "error": problem});
     }
+    if let Some(cluster) = &state.cluster {
+        let problem = cluster.status().problem();
+        ready &= problem.is_none();
+        checks["cluster"] = json!({"status": status(problem.is_none()), "error": problem});
+    }
     let body = json!({
         "status": if ready { "ready" } else { "degraded" },
         "checks": checks,

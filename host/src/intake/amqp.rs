@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -16,7 +17,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, Idempotency};
 use crate::plugin::{Event, Origin, PluginRegistry};
@@ -39,6 +40,9 @@ pub struct AmqpSettings {
     pub dead_exchange: String,
     /// The durable intake queue all nodes share.
     pub queue: String,
+    /// Direct exchange carrying deliveries between nodes; each node's queue
+    /// is named after it (`<exchange>.<instance id>`).
+    pub nodes_exchange: String,
     /// Unacknowledged messages in flight per node.
     pub prefetch: u16,
     /// Attempts for an event whose plugin malfunctions before it is
@@ -61,7 +65,7 @@ impl BrokerStatus {
         }
     }
 
-    fn set(&self, problem: Option<String>) {
+    pub(crate) fn set(&self, problem: Option<String>) {
         *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
     }
 
@@ -155,17 +159,32 @@ impl AmqpIntake {
         tracing::info!(queue = %settings.queue, exchange = %settings.exchange, "consuming broker events");
 
         let mut bindings = tokio::time::interval(BINDINGS_EVERY);
+        // Messages are processed concurrently (up to the prefetch) so that
+        // their log writes commit together, but each waits for its
+        // predecessor's turn before delivering: pushes keep queue order.
+        let mut in_flight = FuturesUnordered::new();
+        let (first_turn, mut turn) = oneshot::channel();
+        let _ = first_turn.send(());
         loop {
             tokio::select! {
                 _ = stopped(shutdown) => break,
                 _ = bindings.tick() => self.sync_bindings(&channel, &mut bound).await?,
+                Some(processed) = in_flight.next(), if !in_flight.is_empty() => processed?,
                 delivery = consumer.next() => match delivery {
-                    Some(delivery) => self.process(&channel, delivery?).await?,
+                    Some(delivery) => {
+                        let (next, next_turn) = oneshot::channel();
+                        let mine = std::mem::replace(&mut turn, next_turn);
+                        in_flight.push(self.process(&channel, delivery?, mine, next));
+                    }
                     None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                         lapin::ConnectionState::Closed,
                     ))),
                 },
             }
+        }
+        // Let what was being processed finish (acks included).
+        while let Some(processed) = in_flight.next().await {
+            processed?;
         }
         let _ = connection.close(200, "shutting down".into()).await;
         Ok(())
@@ -210,8 +229,17 @@ impl AmqpIntake {
         Ok(())
     }
 
-    /// Routes one message, then acks, retries or dead-letters it.
-    async fn process(&self, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
+    /// Routes one message, then acks, retries or dead-letters it. Delivers
+    /// once `turn` resolves (the previous message delivered), and lets the
+    /// next one go by dropping `next` after delivering.
+    async fn process(
+        &self,
+        channel: &Channel,
+        delivery: Delivery,
+        turn: oneshot::Receiver<()>,
+        next: oneshot::Sender<()>,
+    ) -> lapin::Result<()> {
+        let _ = turn.await;
         let properties = &delivery.properties;
         let name = properties
             .kind()
@@ -247,25 +275,30 @@ impl AmqpIntake {
 
         let routed = self
             .idempotency
-            .run(key.as_deref(), || async {
+            .run(key.as_deref(), || {
                 let event_id = key.clone().unwrap_or_else(new_id);
-                let inbound = Inbound {
-                    event: Event {
-                        id: event_id.clone(),
-                        name: name.clone(),
-                        origin: Origin::Broker,
-                        data: data.clone(),
-                        received_at: rfc3339(SystemTime::now()),
-                    },
-                    source: Source::Broker,
-                    from: from.clone(),
-                    sender_connection: None,
-                };
-                let routed = self.router.route(&inbound).await?;
-                Ok::<_, RouteError>(Accepted {
-                    event_id,
-                    recipients: routed.recipients,
-                })
+                let name = name.clone();
+                async move {
+                    let inbound = Inbound {
+                        event: Event {
+                            id: event_id.clone(),
+                            name,
+                            origin: Origin::Broker,
+                            data: data.clone(),
+                            received_at: rfc3339(SystemTime::now()),
+                        },
+                        source: Source::Broker,
+                        from: from.clone(),
+                        sender_connection: None,
+                    };
+                    let delivered = self.router.deliver(&inbound).await;
+                    drop(next);
+                    let routed = self.router.record(delivered?).await?;
+                    Ok::<_, RouteError>(Accepted {
+                        event_id,
+                        recipients: routed.recipients,
+                    })
+                }
             })
             .await;
 
@@ -404,6 +437,6 @@ async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()
 }
 
 /// Resolves once the server shuts down (without holding the watch's lock).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -1,0 +1,483 @@
+//! Delivery across nodes (DESIGN.md "Horizontal scaling"). Every node owns
+//! a queue on the nodes exchange (direct), bound to the ids of the users
+//! connected to it. A delivery is published once, routed by its users (the
+//! routing key plus RabbitMQ's `CC` header), so the broker hands one copy to
+//! each node that holds at least one of them and none to the others. The
+//! receiving node pushes the frame to its connections of those users; the
+//! node that made the delivery ignores its own copy (it pushed locally).
+//!
+//! Copies go through an in-memory outbox: the router does not wait for the
+//! broker, unconfirmed copies are published again after a reconnect, and
+//! receivers drop a delivery id they have already pushed.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::connections::{Connections, OutboundFrame, Push};
+use crate::intake::amqp::{AmqpSettings, BrokerStatus, stopped};
+use crate::metrics::Metrics;
+
+/// A node queue nobody consumes from is deleted after this long: a node
+/// that died leaves no queue and no bindings behind for longer.
+const NODE_QUEUE_EXPIRES_MS: i64 = 30_000;
+/// Copies waiting for the broker (while it is unreachable) beyond this are
+/// dropped, oldest first, and counted.
+const OUTBOX_LIMIT: usize = 65_536;
+/// Delivery ids remembered to drop a copy published twice.
+const SEEN_IDS: usize = 8_192;
+/// How long a new connection waits for its user's binding.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest routing key AMQP allows, in bytes.
+const MAX_ROUTING_KEY: usize = 255;
+
+/// A delivery for the other nodes.
+#[derive(Debug, Clone)]
+struct Copy {
+    delivery_id: String,
+    frame: OutboundFrame,
+    users: Vec<String>,
+}
+
+enum Command {
+    /// Bind or unbind the user as its local connections say; answer when
+    /// done.
+    Sync {
+        user: Arc<str>,
+        done: Option<oneshot::Sender<()>>,
+    },
+    Forward(Copy),
+}
+
+/// This node's handle on the cluster.
+pub struct Cluster {
+    instance_id: Arc<str>,
+    commands: mpsc::Sender<Command>,
+    status: Arc<BrokerStatus>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts the link to the broker; it runs until `shutdown` flips.
+    pub fn start(
+        settings: AmqpSettings,
+        instance_id: Arc<str>,
+        connections: Arc<Connections>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (commands, inbox) = mpsc::channel(4096);
+        let status = Arc::new(BrokerStatus::connecting());
+        let link = Link {
+            queue: format!("{}.{instance_id}", settings.nodes_exchange),
+            settings,
+            instance_id: Arc::clone(&instance_id),
+            connections,
+            metrics,
+            status: Arc::clone(&status),
+            outbox: VecDeque::new(),
+            seen: Seen::default(),
+        };
+        let task = tokio::spawn(link.run(inbox, shutdown));
+        let cluster = Arc::new(Self {
+            instance_id,
+            commands,
+            status,
+        });
+        (cluster, task)
+    }
+
+    /// The link's health, for `/readyz`.
+    pub fn status(&self) -> &BrokerStatus {
+        &self.status
+    }
+
+    /// Called after a connection of `user` was registered: routes the
+    /// user's deliveries to this node, and waits (bounded) until the broker
+    /// does, so that a client told `connected` misses nothing from other
+    /// nodes. Does not wait while the broker is unreachable.
+    pub async fn join(&self, user: &str) {
+        let (done, bound) = oneshot::channel();
+        let command = Command::Sync {
+            user: user.into(),
+            done: Some(done),
+        };
+        if self.commands.send(command).await.is_ok() {
+            let _ = tokio::time::timeout(JOIN_TIMEOUT, bound).await;
+        }
+    }
+
+    /// Called after a connection of `user` was unregistered: stops routing
+    /// the user here once it has no connection left.
+    pub async fn leave(&self, user: &str) {
+        let command = Command::Sync {
+            user: user.into(),
+            done: None,
+        };
+        let _ = self.commands.send(command).await;
+    }
+
+    /// Hands a delivery to the nodes holding any of `users` (this node's
+    /// own copy is ignored when it comes back).
+    pub async fn forward(&self, delivery_id: String, frame: OutboundFrame, users: Vec<String>) {
+        let users: Vec<String> = users
+            .into_iter()
+            .filter(|user| !user.is_empty() && user.len() <= MAX_ROUTING_KEY)
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        let copy = Copy {
+            delivery_id,
+            frame,
+            users,
+        };
+        let _ = self.commands.send(Command::Forward(copy)).await;
+    }
+}
+
+/// Recently pushed delivery ids (bounded).
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl Seen {
+    /// Remembers `id`; false if it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return false;
+        }
+        if self.order.len() == SEEN_IDS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.order.push_back(id.to_owned());
+        self.ids.insert(id.to_owned());
+        true
+    }
+}
+
+/// The task that owns the broker connection of the cluster.
+struct Link {
+    settings: AmqpSettings,
+    instance_id: Arc<str>,
+    /// This node's queue: `<nodes exchange>.<instance id>`.
+    queue: String,
+    connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
+    status: Arc<BrokerStatus>,
+    /// Copies not yet confirmed by the broker, oldest first.
+    outbox: VecDeque<Copy>,
+    seen: Seen,
+}
+
+impl Link {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match self.session(&mut inbox, &mut shutdown, &mut backoff).await {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!("cluster link down, retrying in {backoff:?}: {err}");
+                    self.status.set(Some(err.to_string()));
+                }
+            }
+            let jitter =
+                Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 250));
+            let retry = tokio::time::sleep(backoff + jitter);
+            tokio::pin!(retry);
+            // Meanwhile: keep copies for later, let joiners go (a reconnect
+            // binds every connected user anyway).
+            loop {
+                tokio::select! {
+                    () = &mut retry => break,
+                    () = stopped(&mut shutdown) => return,
+                    command = inbox.recv() => match command {
+                        Some(Command::Forward(copy)) => self.keep(copy),
+                        Some(Command::Sync { .. }) => {}
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn keep(&mut self, copy: Copy) {
+        if self.outbox.len() >= OUTBOX_LIMIT {
+            self.outbox.pop_front();
+            self.metrics.cluster_copy_dropped();
+        }
+        self.outbox.push_back(copy);
+    }
+
+    /// One broker connection. `Ok` only on shutdown.
+    async fn session(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Command>,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> lapin::Result<()> {
+        let connection = Connection::connect(
+            &self.settings.url,
+            ConnectionProperties::default().with_connection_name("sockets-host cluster".into()),
+        )
+        .await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let channel = connection.create_channel().await?;
+        self.declare(&channel).await?;
+        let mut bound = HashSet::new();
+        for user in self.connections.users() {
+            self.bind(&channel, &user).await?;
+            bound.insert(user);
+        }
+        let mut incoming = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                format!("sockets-host-{}", self.instance_id).into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+
+        // Copies published and waiting for their confirms, in order: the
+        // front of `self.outbox` matches the front of `confirms`.
+        let mut confirms: FuturesOrdered<PublisherConfirm> = FuturesOrdered::new();
+        for copy in &self.outbox {
+            confirms.push_back(self.publish(&publisher, copy).await?);
+        }
+        self.status.set(None);
+        *backoff = BACKOFF_MIN;
+        tracing::info!(queue = %self.queue, exchange = %self.settings.nodes_exchange, "cluster link up");
+
+        loop {
+            tokio::select! {
+                () = stopped(shutdown) => break,
+                command = inbox.recv() => match command {
+                    None => break,
+                    Some(Command::Forward(copy)) => {
+                        confirms.push_back(self.publish(&publisher, &copy).await?);
+                        self.outbox.push_back(copy);
+                    }
+                    Some(Command::Sync { user, done }) => {
+                        let wanted = self.connections.count_of_user(&user) > 0;
+                        if wanted && !bound.contains(&user) {
+                            self.bind(&channel, &user).await?;
+                            bound.insert(user);
+                        } else if !wanted && bound.contains(&user) {
+                            self.unbind(&channel, &user).await?;
+                            bound.remove(&user);
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                    }
+                },
+                Some(confirmed) = confirms.next(), if !confirms.is_empty() => {
+                    let copy = self.outbox.pop_front();
+                    match confirmed? {
+                        Confirmation::Nack(_) => {
+                            // The broker could not take it: try again.
+                            if let Some(copy) = copy {
+                                confirms.push_back(self.publish(&publisher, &copy).await?);
+                                self.outbox.push_back(copy);
+                            }
+                        }
+                        Confirmation::Ack(_) | Confirmation::NotRequested => {
+                            self.metrics.cluster_copy_sent();
+                        }
+                    }
+                }
+                delivery = incoming.next() => match delivery {
+                    Some(delivery) => self.receive(delivery?),
+                    None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                        lapin::ConnectionState::Closed,
+                    ))),
+                },
+            }
+        }
+        let _ = connection.close(200, "shutting down".into()).await;
+        Ok(())
+    }
+
+    /// The nodes exchange and this node's queue. The queue is not exclusive
+    /// so that it (and what was routed to it) survives a short broker
+    /// outage; it expires once unused.
+    async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                self.settings.nodes_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(NODE_QUEUE_EXPIRES_MS),
+        );
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn bind(&self, channel: &Channel, user: &str) -> lapin::Result<()> {
+        if user.len() > MAX_ROUTING_KEY {
+            return Ok(());
+        }
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.settings.nodes_exchange.as_str().into(),
+                user.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    async fn unbind(&self, channel: &Channel, user: &str) -> lapin::Result<()> {
+        if user.len() > MAX_ROUTING_KEY {
+            return Ok(());
+        }
+        channel
+            .queue_unbind(
+                self.queue.as_str().into(),
+                self.settings.nodes_exchange.as_str().into(),
+                user.into(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    async fn publish(&self, channel: &Channel, copy: &Copy) -> lapin::Result<PublisherConfirm> {
+        let (first, others) = copy.users.split_first().expect("forward skips no users");
+        let mut headers = FieldTable::default();
+        if !others.is_empty() {
+            let cc: Vec<AMQPValue> = others
+                .iter()
+                .map(|user| AMQPValue::LongString(user.as_str().into()))
+                .collect();
+            headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(cc)));
+        }
+        let properties = BasicProperties::default()
+            .with_message_id(copy.delivery_id.as_str().into())
+            .with_app_id(self.instance_id.as_ref().into())
+            .with_headers(headers);
+        channel
+            .basic_publish(
+                self.settings.nodes_exchange.as_str().into(),
+                first.as_str().into(),
+                BasicPublishOptions::default(),
+                copy.frame.as_bytes(),
+                properties,
+            )
+            .await
+    }
+
+    /// Pushes a copy from another node to this node's connections of its
+    /// users, each connection once.
+    fn receive(&mut self, delivery: lapin::message::Delivery) {
+        let properties = &delivery.properties;
+        if properties.app_id().as_ref().map(ShortString::as_str) == Some(&*self.instance_id) {
+            return;
+        }
+        let Some(id) = properties.message_id().as_ref().map(ShortString::as_str) else {
+            return;
+        };
+        if !self.seen.insert(id) {
+            return;
+        }
+        let Ok(frame) = OutboundFrame::try_from(delivery.data) else {
+            tracing::warn!("dropping a cluster copy that is not UTF-8");
+            return;
+        };
+        let mut users = vec![delivery.routing_key.to_string()];
+        if let Some(AMQPValue::FieldArray(cc)) = properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get("CC"))
+        {
+            users.extend(cc.as_slice().iter().filter_map(|value| match value {
+                AMQPValue::LongString(user) => {
+                    Some(String::from_utf8_lossy(user.as_bytes()).into_owned())
+                }
+                _ => None,
+            }));
+        }
+        users.sort_unstable();
+        users.dedup();
+        let mut queued = 0;
+        for user in &users {
+            for connection in self.connections.of_user(user) {
+                if connection.push(frame.clone()) == Push::Queued {
+                    queued += 1;
+                }
+            }
+        }
+        self.metrics.cluster_copy_received();
+        self.metrics.add_deliveries(queued);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_ids_are_bounded_and_drop_repeats() {
+        let mut seen = Seen::default();
+        assert!(seen.insert("a"));
+        assert!(!seen.insert("a"));
+        for n in 0..SEEN_IDS {
+            seen.insert(&n.to_string());
+        }
+        assert_eq!(seen.ids.len(), SEEN_IDS);
+        assert!(seen.insert("a"), "the oldest id was forgotten");
+    }
+}

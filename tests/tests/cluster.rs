@@ -1,0 +1,168 @@
+//! Several `sockets-host` processes behind one RabbitMQ (issue #5, DESIGN.md
+//! "Horizontal scaling"): a delivery reaches every connection of its users
+//! on whichever node they are, exactly once per connection, and a node
+//! killed with SIGKILL leaves no routing behind that loses or duplicates
+//! later deliveries.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use serde_json::{Value, json};
+use sockets_tests::broker::{Names, Publisher, consuming, with_message_id};
+use sockets_tests::client::{Client, publish};
+use sockets_tests::server::{Server, token};
+
+/// How long a test waits to be sure that no extra copy arrives.
+const QUIET: Duration = Duration::from_millis(700);
+
+/// Two nodes sharing one broker (and one set of exchanges and queues).
+async fn two_nodes() -> (Server, Server, Names) {
+    let names = Names::unique();
+    let a = consuming(names.server_config()).await;
+    let b = consuming(names.server_config()).await;
+    (a, b, names)
+}
+
+async fn connect(server: &Server, sub: &str, role: &str) -> Client {
+    Client::connect(server, &token(sub, role)).await.0
+}
+
+/// Asserts that nothing more arrives on any of `clients`.
+async fn assert_quiet(clients: &mut [&mut Client]) {
+    for client in clients {
+        if let Some(extra) = client.try_recv(QUIET).await {
+            panic!("unexpected extra frame: {extra}");
+        }
+    }
+}
+
+fn payment(student: &str, n: u64) -> Value {
+    json!({"paymentId": format!("p_{n}"), "studentId": student, "consultantId": "c_1",
+           "amount": 4900, "currency": "USD", "status": "succeeded"})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_sent_on_one_node_reaches_the_recipient_on_the_other_once() {
+    let (a, b, _names) = two_nodes().await;
+    let mut student = connect(&a, "s_1", "student").await;
+    let mut students_laptop = connect(&b, "s_1", "student").await;
+    let mut consultant = connect(&b, "c_1", "consultant").await;
+
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "across"}, "ack": 1}))
+        .await;
+    let reply = student.recv().await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let message_id = reply["data"]["messageId"].clone();
+
+    let push = consultant.recv().await;
+    assert_eq!(push["event"], "message");
+    assert_eq!(push["data"]["messageId"], message_id);
+    assert_eq!(push["data"]["from"], "s_1");
+    assert_eq!(push["data"]["text"], "across");
+    // The sender's other device, on the other node, gets its copy too.
+    let copy = students_laptop.recv().await;
+    assert_eq!(copy["event"], "message");
+    assert_eq!(copy["id"], push["id"], "one delivery, one id");
+
+    assert_quiet(&mut [&mut consultant, &mut students_laptop, &mut student]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipient_on_both_nodes_gets_each_delivery_once_per_connection() {
+    let (a, b, names) = two_nodes().await;
+    let mut on_a = connect(&a, "s_7", "student").await;
+    let mut on_b = connect(&b, "s_7", "student").await;
+    let mut also_on_b = connect(&b, "s_7", "student").await;
+
+    // Through the HTTP API of node A.
+    let service = token("billing", "service");
+    let response = publish(
+        &a,
+        &service,
+        &json!({"event": "PAYMENT_PROCESSED", "data": payment("s_7", 1)}),
+    )
+    .await;
+    assert_eq!(response.status, 202, "{}", response.body);
+    let mut ids = HashSet::new();
+    for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+        let push = client.recv().await;
+        assert_eq!(push["event"], "paymentProcessed");
+        assert_eq!(push["data"]["paymentId"], "p_1");
+        ids.insert(push["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1, "every copy carries the delivery's id");
+
+    // Through RabbitMQ: whichever node takes it from the shared intake.
+    let publisher = Publisher::connect().await;
+    for n in 2..=11 {
+        publisher
+            .publish(
+                &names.exchange,
+                "PAYMENT_PROCESSED",
+                payment("s_7", n).to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    // The two nodes share the intake, so copies from both interleave: each
+    // connection gets every payment once, in no promised order.
+    let expected: HashSet<String> = (2..=11).map(|n| format!("p_{n}")).collect();
+    for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+        let mut payments = HashSet::new();
+        for _ in 2..=11 {
+            let push = client.recv().await;
+            let payment = push["data"]["paymentId"].as_str().unwrap().to_owned();
+            assert!(payments.insert(payment), "duplicate: {push}");
+        }
+        assert_eq!(payments, expected);
+    }
+    assert_quiet(&mut [&mut on_a, &mut on_b, &mut also_on_b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_node_leaves_no_routing_that_loses_or_duplicates() {
+    let (a, b, names) = two_nodes().await;
+    let mut consultant = connect(&a, "c_1", "consultant").await;
+    let student_on_b = connect(&b, "s_1", "student").await;
+    drop(student_on_b);
+    let b_with_user = connect(&b, "s_2", "student").await;
+
+    b.kill().await;
+    drop(b_with_user);
+    // Its users reconnect to the surviving node.
+    let mut student = connect(&a, "s_2", "student").await;
+
+    let publisher = Publisher::connect().await;
+    for n in 0..50 {
+        publisher
+            .publish(
+                &names.exchange,
+                "PAYMENT_PROCESSED",
+                payment("s_2", n).to_string().as_bytes(),
+                with_message_id(&format!("kill-{n}")),
+            )
+            .await;
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..50 {
+        let push = student.recv().await;
+        assert_eq!(push["event"], "paymentProcessed");
+        assert!(
+            seen.insert(push["data"]["paymentId"].as_str().unwrap().to_owned()),
+            "duplicate: {push}"
+        );
+    }
+    assert_eq!(seen.len(), 50);
+
+    // Client events keep flowing on the survivor too.
+    student
+        .send(
+            &json!({"event": "sendMessage", "data": {"to": "c_1", "text": "still here"}, "ack": 9}),
+        )
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    assert_eq!(consultant.recv().await["data"]["text"], "still here");
+    assert_quiet(&mut [&mut student, &mut consultant]).await;
+}
