@@ -70,6 +70,11 @@ pub struct Settings {
     /// Direct exchange that carries deliveries between nodes.
     #[arg(long, env = "SOCKETS_AMQP_NODES_EXCHANGE", global = true)]
     pub amqp_nodes_exchange: Option<String>,
+    /// Deliver across nodes (default true); `false` for a single node that
+    /// only takes its intake from the broker, saving one broker message per
+    /// delivery.
+    #[arg(long, env = "SOCKETS_AMQP_CLUSTER", global = true)]
+    pub amqp_cluster: Option<bool>,
     /// MongoDB URL.
     #[arg(long, env = "SOCKETS_MONGO_URL", global = true, hide_env_values = true)]
     pub mongo_url: Option<String>,
@@ -131,6 +136,7 @@ impl Settings {
             amqp_queue: self.amqp_queue.or(lower.amqp_queue),
             amqp_prefetch: self.amqp_prefetch.or(lower.amqp_prefetch),
             amqp_nodes_exchange: self.amqp_nodes_exchange.or(lower.amqp_nodes_exchange),
+            amqp_cluster: self.amqp_cluster.or(lower.amqp_cluster),
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
@@ -341,6 +347,7 @@ impl Config {
                 nodes_exchange: settings
                     .amqp_nodes_exchange
                     .unwrap_or_else(|| "sockets.nodes".to_owned()),
+                cluster: settings.amqp_cluster.unwrap_or(true),
                 prefetch: settings.amqp_prefetch.unwrap_or(64),
                 max_attempts: 3,
             }),

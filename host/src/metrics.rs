@@ -65,9 +65,9 @@ impl Metrics {
         add(&self.deliveries, n as u64);
     }
 
-    /// The broker confirmed a delivery copy for other nodes.
-    pub fn cluster_copy_sent(&self) {
-        add(&self.cluster_sent, 1);
+    /// The broker confirmed delivery copies for other nodes.
+    pub fn cluster_copies_sent(&self, n: usize) {
+        add(&self.cluster_sent, n as u64);
     }
 
     /// A delivery copy from another node arrived.
@@ -77,8 +77,8 @@ impl Metrics {
 
     /// A delivery copy for other nodes was dropped: the broker stayed
     /// unreachable while the outbox was full.
-    pub fn cluster_copy_dropped(&self) {
-        add(&self.cluster_dropped, 1);
+    pub fn cluster_copies_dropped(&self, n: usize) {
+        add(&self.cluster_dropped, n as u64);
     }
 
     /// One event's plugin dispatch took `elapsed`.

@@ -112,15 +112,19 @@ pub async fn run(
 
     let (stop, stopped) = watch::channel(false);
     let instance_id: Arc<str> = crate::protocol::new_id().into();
-    let cluster = config.amqp.clone().map(|settings| {
-        Cluster::start(
-            settings,
-            Arc::clone(&instance_id),
-            Arc::clone(&connections),
-            Arc::clone(&metrics),
-            stopped.clone(),
-        )
-    });
+    let cluster = config
+        .amqp
+        .clone()
+        .filter(|amqp| amqp.cluster)
+        .map(|settings| {
+            Cluster::start(
+                settings,
+                Arc::clone(&instance_id),
+                Arc::clone(&connections),
+                Arc::clone(&metrics),
+                stopped.clone(),
+            )
+        });
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),

@@ -73,19 +73,27 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     file
 }
 
-/// The `sockets-host` binary, built from this checkout (debug profile, the
-/// workspace's own target directory: cargo releases its lock while tests run).
+/// The `sockets-host` binary, built from this checkout in the workspace's
+/// own target directory (cargo releases its lock while tests run): the
+/// debug profile, or release when `SOCKETS_TEST_HOST_PROFILE=release`
+/// (benchmarks).
 pub fn host_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            let release = std::env::var("SOCKETS_TEST_HOST_PROFILE").as_deref() == Ok("release");
             let mut command = cargo();
             command.args(["build", "-p", "sockets-host", "--bin", "sockets-host"]);
+            if release {
+                command.arg("--release");
+            }
             run(command, "sockets-host");
             let target_dir = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| workspace_root().join("target"));
-            target_dir.join("debug/sockets-host")
+            target_dir
+                .join(if release { "release" } else { "debug" })
+                .join("sockets-host")
         })
         .clone()
 }

@@ -43,6 +43,8 @@ pub struct AmqpSettings {
     /// Direct exchange carrying deliveries between nodes; each node's queue
     /// is named after it (`<exchange>.<instance id>`).
     pub nodes_exchange: String,
+    /// Whether deliveries cross nodes (off: this node is the only one).
+    pub cluster: bool,
     /// Unacknowledged messages in flight per node.
     pub prefetch: u16,
     /// Attempts for an event whose plugin malfunctions before it is

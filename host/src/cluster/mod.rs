@@ -7,8 +7,11 @@
 //! node that made the delivery ignores its own copy (it pushed locally).
 //!
 //! Copies go through an in-memory outbox: the router does not wait for the
-//! broker, unconfirmed copies are published again after a reconnect, and
-//! receivers drop a delivery id they have already pushed.
+//! broker; whatever is waiting when the link publishes goes out as one
+//! message (see [`batch`]); unconfirmed batches are published again after a
+//! reconnect, and receivers drop a delivery id they have already pushed.
+
+mod batch;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -30,13 +33,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::connections::{Connections, OutboundFrame, Push};
 use crate::intake::amqp::{AmqpSettings, BrokerStatus, stopped};
 use crate::metrics::Metrics;
+use batch::Copy;
 
+/// Most copies published in one message.
+const MAX_BATCH: usize = 256;
 /// A node queue nobody consumes from is deleted after this long: a node
 /// that died leaves no queue and no bindings behind for longer.
 const NODE_QUEUE_EXPIRES_MS: i64 = 30_000;
-/// Copies waiting for the broker (while it is unreachable) beyond this are
-/// dropped, oldest first, and counted.
-const OUTBOX_LIMIT: usize = 65_536;
+/// Batches waiting for the broker (while it is unreachable) beyond this are
+/// dropped, oldest first, and their copies counted.
+const OUTBOX_LIMIT: usize = 1_024;
 /// Delivery ids remembered to drop a copy published twice.
 const SEEN_IDS: usize = 8_192;
 /// How long a new connection waits for its user's binding.
@@ -45,14 +51,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The longest routing key AMQP allows, in bytes.
 const MAX_ROUTING_KEY: usize = 255;
-
-/// A delivery for the other nodes.
-#[derive(Debug, Clone)]
-struct Copy {
-    delivery_id: String,
-    frame: OutboundFrame,
-    users: Vec<String>,
-}
 
 enum Command {
     /// Bind or unbind the user as its local connections say; answer when
@@ -191,8 +189,8 @@ struct Link {
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
     status: Arc<BrokerStatus>,
-    /// Copies not yet confirmed by the broker, oldest first.
-    outbox: VecDeque<Copy>,
+    /// Batches not yet confirmed by the broker, oldest first.
+    outbox: VecDeque<Vec<Copy>>,
     seen: Seen,
 }
 
@@ -232,12 +230,19 @@ impl Link {
         }
     }
 
+    /// Keeps a copy for when the broker is back.
     fn keep(&mut self, copy: Copy) {
-        if self.outbox.len() >= OUTBOX_LIMIT {
-            self.outbox.pop_front();
-            self.metrics.cluster_copy_dropped();
+        match self.outbox.back_mut() {
+            Some(batch) if batch.len() < MAX_BATCH => batch.push(copy),
+            _ => {
+                if self.outbox.len() >= OUTBOX_LIMIT
+                    && let Some(dropped) = self.outbox.pop_front()
+                {
+                    self.metrics.cluster_copies_dropped(dropped.len());
+                }
+                self.outbox.push_back(vec![copy]);
+            }
         }
-        self.outbox.push_back(copy);
     }
 
     /// One broker connection. `Ok` only on shutdown.
@@ -279,8 +284,8 @@ impl Link {
         // Copies published and waiting for their confirms, in order: the
         // front of `self.outbox` matches the front of `confirms`.
         let mut confirms: FuturesOrdered<PublisherConfirm> = FuturesOrdered::new();
-        for copy in &self.outbox {
-            confirms.push_back(self.publish(&publisher, copy).await?);
+        for batch in &self.outbox {
+            confirms.push_back(self.publish(&publisher, batch).await?);
         }
         self.status.set(None);
         *backoff = BACKOFF_MIN;
@@ -292,35 +297,34 @@ impl Link {
                 command = inbox.recv() => match command {
                     None => break,
                     Some(Command::Forward(copy)) => {
-                        confirms.push_back(self.publish(&publisher, &copy).await?);
-                        self.outbox.push_back(copy);
+                        // Everything already waiting goes out with it.
+                        let mut batch = vec![copy];
+                        while batch.len() < MAX_BATCH {
+                            match inbox.try_recv() {
+                                Ok(Command::Forward(copy)) => batch.push(copy),
+                                Ok(Command::Sync { user, done }) => {
+                                    self.sync(&channel, &mut bound, user, done).await?;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        confirms.push_back(self.publish(&publisher, &batch).await?);
+                        self.outbox.push_back(batch);
                     }
                     Some(Command::Sync { user, done }) => {
-                        let wanted = self.connections.count_of_user(&user) > 0;
-                        if wanted && !bound.contains(&user) {
-                            self.bind(&channel, &user).await?;
-                            bound.insert(user);
-                        } else if !wanted && bound.contains(&user) {
-                            self.unbind(&channel, &user).await?;
-                            bound.remove(&user);
-                        }
-                        if let Some(done) = done {
-                            let _ = done.send(());
-                        }
+                        self.sync(&channel, &mut bound, user, done).await?;
                     }
                 },
                 Some(confirmed) = confirms.next(), if !confirms.is_empty() => {
-                    let copy = self.outbox.pop_front();
+                    let batch = self.outbox.pop_front().unwrap_or_default();
                     match confirmed? {
                         Confirmation::Nack(_) => {
                             // The broker could not take it: try again.
-                            if let Some(copy) = copy {
-                                confirms.push_back(self.publish(&publisher, &copy).await?);
-                                self.outbox.push_back(copy);
-                            }
+                            confirms.push_back(self.publish(&publisher, &batch).await?);
+                            self.outbox.push_back(batch);
                         }
                         Confirmation::Ack(_) | Confirmation::NotRequested => {
-                            self.metrics.cluster_copy_sent();
+                            self.metrics.cluster_copies_sent(batch.len());
                         }
                     }
                 }
@@ -366,6 +370,29 @@ impl Link {
         Ok(())
     }
 
+    /// Binds or unbinds `user` as this node's connections say; answers
+    /// `done` once the broker has.
+    async fn sync(
+        &self,
+        channel: &Channel,
+        bound: &mut HashSet<Arc<str>>,
+        user: Arc<str>,
+        done: Option<oneshot::Sender<()>>,
+    ) -> lapin::Result<()> {
+        let wanted = self.connections.count_of_user(&user) > 0;
+        if wanted && !bound.contains(&user) {
+            self.bind(channel, &user).await?;
+            bound.insert(user);
+        } else if !wanted && bound.contains(&user) {
+            self.unbind(channel, &user).await?;
+            bound.remove(&user);
+        }
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        Ok(())
+    }
+
     async fn bind(&self, channel: &Channel, user: &str) -> lapin::Result<()> {
         if user.len() > MAX_ROUTING_KEY {
             return Ok(());
@@ -395,72 +422,74 @@ impl Link {
             .await
     }
 
-    async fn publish(&self, channel: &Channel, copy: &Copy) -> lapin::Result<PublisherConfirm> {
-        let (first, others) = copy.users.split_first().expect("forward skips no users");
+    /// Publishes a batch addressed to the union of its users: each node
+    /// holding at least one of them gets it once.
+    async fn publish(&self, channel: &Channel, batch: &[Copy]) -> lapin::Result<PublisherConfirm> {
+        let mut users: Vec<&str> = batch
+            .iter()
+            .flat_map(|copy| copy.users.iter().map(String::as_str))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let (first, others) = users.split_first().expect("forward skips no users");
         let mut headers = FieldTable::default();
         if !others.is_empty() {
             let cc: Vec<AMQPValue> = others
                 .iter()
-                .map(|user| AMQPValue::LongString(user.as_str().into()))
+                .map(|user| AMQPValue::LongString((*user).into()))
                 .collect();
             headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(cc)));
         }
         let properties = BasicProperties::default()
-            .with_message_id(copy.delivery_id.as_str().into())
             .with_app_id(self.instance_id.as_ref().into())
             .with_headers(headers);
         channel
             .basic_publish(
                 self.settings.nodes_exchange.as_str().into(),
-                first.as_str().into(),
+                (*first).into(),
                 BasicPublishOptions::default(),
-                copy.frame.as_bytes(),
+                &batch::encode(batch),
                 properties,
             )
             .await
     }
 
-    /// Pushes a copy from another node to this node's connections of its
-    /// users, each connection once.
+    /// Pushes the copies of another node's batch to this node's connections
+    /// of their users, each connection once per delivery.
     fn receive(&mut self, delivery: lapin::message::Delivery) {
-        let properties = &delivery.properties;
-        if properties.app_id().as_ref().map(ShortString::as_str) == Some(&*self.instance_id) {
-            return;
-        }
-        let Some(id) = properties.message_id().as_ref().map(ShortString::as_str) else {
-            return;
-        };
-        if !self.seen.insert(id) {
-            return;
-        }
-        let Ok(frame) = OutboundFrame::try_from(delivery.data) else {
-            tracing::warn!("dropping a cluster copy that is not UTF-8");
-            return;
-        };
-        let mut users = vec![delivery.routing_key.to_string()];
-        if let Some(AMQPValue::FieldArray(cc)) = properties
-            .headers()
+        let own = delivery
+            .properties
+            .app_id()
             .as_ref()
-            .and_then(|headers| headers.inner().get("CC"))
-        {
-            users.extend(cc.as_slice().iter().filter_map(|value| match value {
-                AMQPValue::LongString(user) => {
-                    Some(String::from_utf8_lossy(user.as_bytes()).into_owned())
-                }
-                _ => None,
-            }));
+            .map(ShortString::as_str)
+            == Some(&*self.instance_id);
+        if own {
+            return;
         }
-        users.sort_unstable();
-        users.dedup();
+        let copies = match batch::decode(&delivery.data) {
+            Ok(copies) => copies,
+            Err(err) => {
+                tracing::warn!("dropping a cluster message: {err}");
+                return;
+            }
+        };
         let mut queued = 0;
-        for user in &users {
-            for connection in self.connections.of_user(user) {
-                if connection.push(frame.clone()) == Push::Queued {
-                    queued += 1;
+        for copy in copies {
+            if !self.seen.insert(&copy.delivery_id) {
+                continue;
+            }
+            let mut users = copy.users;
+            users.sort_unstable();
+            users.dedup();
+            for user in &users {
+                for connection in self.connections.of_user(user) {
+                    if connection.push(copy.frame.clone()) == Push::Queued {
+                        queued += 1;
+                    }
                 }
             }
+            self.metrics.cluster_copy_received();
         }
-        self.metrics.cluster_copy_received();
         self.metrics.add_deliveries(queued);
     }
 }
