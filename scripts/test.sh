@@ -12,7 +12,7 @@ rustup target add wasm32-wasip2
 rustup component add rustfmt clippy
 cargo --version
 
-step "Services the tests need (RabbitMQ)"
+step "Services the tests need (RabbitMQ, FerretDB)"
 scripts/services.sh
 
 step "Formatting"

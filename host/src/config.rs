@@ -81,6 +81,10 @@ pub struct Settings {
     /// MongoDB database name.
     #[arg(long, env = "SOCKETS_MONGO_DB", global = true)]
     pub mongo_db: Option<String>,
+    /// Seconds without renewal after which a node counts as dead and its
+    /// connection records are removed (MongoDB only).
+    #[arg(long, env = "SOCKETS_NODE_LEASE", global = true)]
+    pub node_lease: Option<u64>,
     /// Comma-separated Origin allow-list.
     #[arg(long, env = "SOCKETS_ALLOWED_ORIGINS", global = true)]
     pub allowed_origins: Option<String>,
@@ -139,6 +143,7 @@ impl Settings {
             amqp_cluster: self.amqp_cluster.or(lower.amqp_cluster),
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
+            node_lease: self.node_lease.or(lower.node_lease),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             rate_limit: self.rate_limit.or(lower.rate_limit),
             ping_interval: self.ping_interval.or(lower.ping_interval),
@@ -237,6 +242,8 @@ pub struct Config {
     pub mongo_url: Option<String>,
     /// MongoDB database.
     pub mongo_db: String,
+    /// A node's lease in the store (MongoDB only).
+    pub node_lease: Duration,
     /// Allowed `Origin`s; `None` allows any.
     pub allowed_origins: Option<Vec<String>>,
     /// Per-connection limits.
@@ -353,6 +360,7 @@ impl Config {
             }),
             mongo_url: settings.mongo_url,
             mongo_db: settings.mongo_db.unwrap_or_else(|| "sockets".to_owned()),
+            node_lease: Duration::from_secs(settings.node_lease.unwrap_or(30).max(1)),
             allowed_origins: settings.allowed_origins.as_deref().map(comma_list),
             limits,
             log: settings.log.unwrap_or_else(|| "info".to_owned()),

@@ -11,6 +11,7 @@ pub mod config;
 pub mod connections;
 pub mod directory;
 pub mod gateway;
+pub mod health;
 pub mod hotswap;
 pub mod intake;
 pub mod metrics;

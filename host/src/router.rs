@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::value::RawValue;
 
@@ -16,7 +16,10 @@ use crate::plugin::{
     Recipient, RefusalCode,
 };
 use crate::protocol::{ErrorBody, ErrorCode, new_id, push_frame, rfc3339};
-use crate::store::{NotificationLog, NotificationRecord, Source, StoreError};
+use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
+
+/// How long a client or HTTP publisher waits for its log records.
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
 
 /// An event entering the router, with what the log needs about its sender.
 #[derive(Debug, Clone)]
@@ -46,6 +49,7 @@ pub struct Routed {
 pub struct Delivered {
     records: Vec<NotificationRecord>,
     routed: Routed,
+    source: Source,
 }
 
 /// Why an event was not routed.
@@ -97,8 +101,8 @@ impl RouteError {
 pub struct PluginServices {
     /// The user directory.
     pub directory: Arc<dyn UserDirectory>,
-    /// This node's connections.
-    pub connections: Arc<Connections>,
+    /// Connections per user (the cluster's when the store knows them).
+    pub presence: Arc<dyn Presence>,
 }
 
 impl HostServices for PluginServices {
@@ -107,7 +111,7 @@ impl HostServices for PluginServices {
     }
 
     fn connection_count(&self, user_id: &str) -> u32 {
-        u32::try_from(self.connections.count_of_user(user_id)).unwrap_or(u32::MAX)
+        u32::try_from(self.presence.count_of_user(user_id)).unwrap_or(u32::MAX)
     }
 }
 
@@ -216,12 +220,26 @@ impl Router {
                 reply,
                 recipients: addressed.len(),
             },
+            source: inbound.source,
         })
     }
 
     /// The second half of [`Router::route`]: makes the log records durable.
+    /// A broker message waits as long as the log needs (its ack is the
+    /// backpressure); a client or HTTP publisher waits at most
+    /// [`LOG_WAIT`], then hears `unavailable` while its records stay queued
+    /// for the log.
     pub async fn record(&self, delivered: Delivered) -> Result<Routed, RouteError> {
-        self.log.append(delivered.records).await?;
+        let append = self.log.append(delivered.records);
+        if delivered.source == Source::Broker {
+            append.await?;
+        } else {
+            tokio::time::timeout(LOG_WAIT, append).await.map_err(|_| {
+                StoreError::Unavailable(
+                    "the notification log is not confirmed yet; the records stay queued".to_owned(),
+                )
+            })??;
+        }
         Ok(delivered.routed)
     }
 

@@ -16,14 +16,17 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
+use crate::directory::UserDirectory;
 use crate::gateway::{AppState, app};
+use crate::health::Health;
 use crate::hotswap::{self, PluginManager};
 use crate::intake::Idempotency;
-use crate::intake::amqp::{AmqpIntake, BrokerStatus};
+use crate::intake::amqp::AmqpIntake;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
 use crate::router::{PluginServices, Router};
-use crate::store::{EmbeddedLog, MemoryConnections};
+use crate::store::mongo::{Maintenance, Mongo, MongoConnections, MongoDirectory, MongoLog};
+use crate::store::{ConnectionStore, EmbeddedLog, MemoryConnections, NotificationLog, Presence};
 
 /// How long idempotency keys are remembered (PROTOCOL: at least 10 minutes).
 const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(15 * 60);
@@ -87,15 +90,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let auth = Arc::new(Authenticator::new(&config.jwt).context("JWT configuration")?);
-    let directory = Arc::new(FileDirectory::load(&config.users_file)?);
     let connections = Arc::new(Connections::new());
     let metrics = Arc::new(Metrics::default());
-    let log = Arc::new(EmbeddedLog::open(&config.data_dir).context("notification log")?);
+    let (stop, stopped) = watch::channel(false);
+    let instance_id: Arc<str> = crate::protocol::new_id().into();
+    let store = match &config.mongo_url {
+        Some(url) => Store::mongo(url, &config, &instance_id, stopped.clone()).await?,
+        None => Store::embedded(&config, &connections)?,
+    };
     let runtime = Arc::new(PluginRuntime::new(
         PluginLimits::default(),
         Arc::new(PluginServices {
-            directory,
-            connections: Arc::clone(&connections),
+            directory: store.directory,
+            presence: store.presence,
         }),
         Some(&config.data_dir.join("plugin-cache")),
     )?);
@@ -110,8 +117,6 @@ pub async fn run(
     let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
         .context("watching the plugins folder")?;
 
-    let (stop, stopped) = watch::channel(false);
-    let instance_id: Arc<str> = crate::protocol::new_id().into();
     let cluster = config
         .amqp
         .clone()
@@ -128,13 +133,13 @@ pub async fn run(
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),
-        log,
+        store.log,
         Arc::clone(&metrics),
         cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
     ));
     let idempotency = Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION));
     let broker = config.amqp.clone().map(|settings| {
-        let status = Arc::new(BrokerStatus::connecting());
+        let status = Arc::new(Health::connecting());
         let intake = AmqpIntake {
             settings,
             router: Arc::clone(&router),
@@ -149,7 +154,8 @@ pub async fn run(
         config: Arc::clone(&config),
         auth,
         connections: Arc::clone(&connections),
-        connection_store: Arc::new(MemoryConnections::new()),
+        connection_store: store.connections,
+        store_health: store.health,
         router,
         plugins,
         manager,
@@ -182,6 +188,63 @@ pub async fn run(
     if let Some((_, link)) = cluster {
         let _ = link.await;
     }
+    if let Some(maintenance) = store.maintenance {
+        // Removes this node's lease and records.
+        let _ = maintenance.await;
+    }
     tracing::info!(open = connections.len(), "stopped");
     Ok(())
+}
+
+/// The persistence a server runs on: the embedded default or MongoDB.
+struct Store {
+    log: Arc<dyn NotificationLog>,
+    connections: Arc<dyn ConnectionStore>,
+    directory: Arc<dyn UserDirectory>,
+    presence: Arc<dyn Presence>,
+    /// `None` for the embedded store (always usable).
+    health: Option<Arc<Health>>,
+    maintenance: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Store {
+    /// The log on disk, connection records in memory, the users file.
+    fn embedded(config: &Config, connections: &Arc<Connections>) -> anyhow::Result<Self> {
+        Ok(Self {
+            log: Arc::new(EmbeddedLog::open(&config.data_dir).context("notification log")?),
+            connections: Arc::new(MemoryConnections::new()),
+            directory: Arc::new(FileDirectory::load(&config.users_file)?),
+            presence: Arc::clone(connections) as Arc<dyn Presence>,
+            health: None,
+            maintenance: None,
+        })
+    }
+
+    /// MongoDB for all four, with the node's maintenance task. Starts even
+    /// when the database is down: `/readyz` says so and writes are retried.
+    async fn mongo(
+        url: &str,
+        config: &Config,
+        instance_id: &Arc<str>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let mongo = Mongo::connect(url, &config.mongo_db)
+            .await
+            .context("MongoDB configuration")?;
+        let connections = MongoConnections::start(&mongo, Arc::clone(instance_id));
+        let maintenance = Maintenance {
+            mongo: mongo.clone(),
+            instance_id: Arc::clone(instance_id),
+            lease: config.node_lease,
+            connections: Arc::clone(&connections),
+        };
+        Ok(Self {
+            log: Arc::new(MongoLog::start(&mongo)),
+            directory: Arc::new(MongoDirectory::new(&mongo)),
+            presence: Arc::clone(&connections) as Arc<dyn Presence>,
+            connections,
+            health: Some(mongo.health()),
+            maintenance: Some(tokio::spawn(maintenance.run(shutdown))),
+        })
+    }
 }

@@ -87,6 +87,16 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
+    /// Closes the connection normally (1000) and waits for the server's
+    /// close frame.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        let _ = tokio::time::timeout(FRAME_TIMEOUT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+
     /// Sends a binary frame.
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
         self.ws.send(Message::binary(bytes)).await.expect("send");

@@ -6,13 +6,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Every plugin crate the tests load, built for `wasm32-wasip2`.
-pub const TEST_PLUGINS: [&str; 6] = [
+pub const TEST_PLUGINS: [&str; 7] = [
     "chat",
     "payments",
     "reviews",
     "misbehaving",
     "wrong-world",
     "chat-v2",
+    "presence",
 ];
 
 /// Plugins are built like `scripts/build-plugins.sh` builds them: whole-program
@@ -34,6 +35,22 @@ pub fn workspace_root() -> &'static Path {
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
+    // Cargo describes the test binary to it in these variables; a nested
+    // build must not see them: some build scripts (ring's) rerun when
+    // `CARGO_MANIFEST_DIR` changes, which would rebuild half the
+    // dependencies on every alternation with the outer `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_CRATE_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || name == "CARGO_PRIMARY_PACKAGE"
+            || name == "CARGO_TARGET_TMPDIR"
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
     command
 }
 
@@ -100,4 +117,5 @@ pub fn host_binary() -> PathBuf {
 
 pub mod broker;
 pub mod client;
+pub mod mongo;
 pub mod server;

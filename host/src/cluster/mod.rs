@@ -31,7 +31,8 @@ use lapin::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::connections::{Connections, OutboundFrame, Push};
-use crate::intake::amqp::{AmqpSettings, BrokerStatus, stopped};
+use crate::health::Health;
+use crate::intake::amqp::{AmqpSettings, stopped};
 use crate::metrics::Metrics;
 use batch::Copy;
 
@@ -66,7 +67,7 @@ enum Command {
 pub struct Cluster {
     instance_id: Arc<str>,
     commands: mpsc::Sender<Command>,
-    status: Arc<BrokerStatus>,
+    status: Arc<Health>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -87,7 +88,7 @@ impl Cluster {
         shutdown: watch::Receiver<bool>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (commands, inbox) = mpsc::channel(4096);
-        let status = Arc::new(BrokerStatus::connecting());
+        let status = Arc::new(Health::connecting());
         let link = Link {
             queue: format!("{}.{instance_id}", settings.nodes_exchange),
             settings,
@@ -108,7 +109,7 @@ impl Cluster {
     }
 
     /// The link's health, for `/readyz`.
-    pub fn status(&self) -> &BrokerStatus {
+    pub fn status(&self) -> &Health {
         &self.status
     }
 
@@ -188,7 +189,7 @@ struct Link {
     queue: String,
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
-    status: Arc<BrokerStatus>,
+    status: Arc<Health>,
     /// Batches not yet confirmed by the broker, oldest first.
     outbox: VecDeque<Vec<Copy>>,
     seen: Seen,

@@ -20,9 +20,9 @@ use crate::auth::Authenticator;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::Connections;
+use crate::health::Health;
 use crate::hotswap::PluginManager;
 use crate::intake::Idempotency;
-use crate::intake::amqp::BrokerStatus;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
 use crate::router::Router as EventRouter;
@@ -39,6 +39,8 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// Connection records.
     pub connection_store: Arc<dyn ConnectionStore>,
+    /// The database's health, when the store is MongoDB.
+    pub store_health: Option<Arc<Health>>,
     /// Event routing.
     pub router: Arc<EventRouter>,
     /// The loaded plugins.
@@ -50,7 +52,7 @@ pub struct AppState {
     /// Seen idempotency keys of published events.
     pub idempotency: Arc<Idempotency>,
     /// The broker intake's health, when a broker is configured.
-    pub broker: Option<Arc<BrokerStatus>>,
+    pub broker: Option<Arc<Health>>,
     /// The link to the other nodes, when a broker is configured.
     pub cluster: Option<Arc<Cluster>>,
     /// Flips to `true` when the server shuts down.

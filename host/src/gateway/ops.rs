@@ -25,6 +25,12 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "plugins": {"status": status(loaded > 0), "loaded": loaded},
     });
     let mut ready = loaded > 0;
+    if let Some(store) = &state.store_health {
+        let problem = store.problem();
+        ready &= problem.is_none();
+        checks["store"] =
+            json!({"status": status(problem.is_none()), "backend": "mongodb", "error": problem});
+    }
     if let Some(broker) = &state.broker {
         let problem = broker.problem();
         ready &= problem.is_none();

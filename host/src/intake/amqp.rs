@@ -5,7 +5,7 @@
 //! The only module that knows lapin.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -20,6 +20,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, Idempotency};
+use crate::health::Health;
 use crate::plugin::{Event, Origin, PluginRegistry};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
 use crate::router::{Inbound, RouteError, Router};
@@ -52,34 +53,6 @@ pub struct AmqpSettings {
     pub max_attempts: u32,
 }
 
-/// The broker connection's state, for `/readyz`.
-#[derive(Debug, Default)]
-pub struct BrokerStatus {
-    /// `None` while connected and consuming; the last error otherwise.
-    problem: Mutex<Option<String>>,
-}
-
-impl BrokerStatus {
-    /// A status that starts degraded (not connected yet).
-    pub fn connecting() -> Self {
-        Self {
-            problem: Mutex::new(Some("not connected yet".to_owned())),
-        }
-    }
-
-    pub(crate) fn set(&self, problem: Option<String>) {
-        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
-    }
-
-    /// `None` when healthy, else what is wrong.
-    pub fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
 /// What the intake needs from the rest of the host.
 pub struct AmqpIntake {
     /// Where and how.
@@ -91,7 +64,7 @@ pub struct AmqpIntake {
     /// Shared with the HTTP API: one idempotency namespace.
     pub idempotency: Arc<Idempotency>,
     /// Reported by `/readyz`.
-    pub status: Arc<BrokerStatus>,
+    pub status: Arc<Health>,
 }
 
 /// Backoff bounds for reconnecting.

@@ -1,9 +1,11 @@
-//! Persistence behind traits (PROTOCOL.md §7): connection records and the
-//! notification log. The embedded default keeps connection records in
-//! memory and the log on disk (redb); MongoDB implements the same traits.
+//! Persistence behind traits (PROTOCOL.md §7): connection records, the
+//! notification log and presence. The embedded default keeps connection
+//! records in memory and the log on disk (redb); MongoDB implements the same
+//! traits for a cluster.
 
 mod embedded_log;
 mod memory_connections;
+pub mod mongo;
 
 use std::time::SystemTime;
 
@@ -128,4 +130,18 @@ pub trait NotificationLog: Send + Sync {
     ) -> Result<Vec<NotificationRecord>, StoreError>;
     /// Deliveries caused by an event.
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError>;
+}
+
+/// How many connections a user has, as far as this store knows: this
+/// node's for the embedded default, the cluster's with MongoDB. Answers
+/// synchronously: plugins ask mid-`handle`.
+pub trait Presence: Send + Sync {
+    /// The user's live connections.
+    fn count_of_user(&self, user_id: &str) -> usize;
+}
+
+impl Presence for crate::connections::Connections {
+    fn count_of_user(&self, user_id: &str) -> usize {
+        crate::connections::Connections::count_of_user(self, user_id)
+    }
 }

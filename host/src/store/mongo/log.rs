@@ -1,0 +1,177 @@
+//! `notificationLogs` in MongoDB: appends are queued to one writer that
+//! inserts whatever waits in one unordered `insertMany`, and retries with
+//! backoff until the database takes it. Record ids are deterministic, so a
+//! retried batch that was partly written only meets duplicate-key errors,
+//! which count as written.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
+use mongodb::error::ErrorKind;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Mongo, NOTIFICATION_LOGS, documents};
+use crate::store::{NotificationLog, NotificationRecord, StoreError};
+
+/// Appends waiting for the writer beyond this are refused (`unavailable`)
+/// rather than held in memory without bound.
+const QUEUED_APPENDS: usize = 8_192;
+/// Most records inserted in one command.
+const MAX_BATCH: usize = 1_000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// MongoDB's duplicate key error.
+const DUPLICATE_KEY: i32 = 11_000;
+
+struct Append {
+    records: Vec<NotificationRecord>,
+    written: oneshot::Sender<()>,
+}
+
+/// The notification log in MongoDB.
+pub struct MongoLog {
+    collection: Collection<Document>,
+    appends: mpsc::Sender<Append>,
+}
+
+impl std::fmt::Debug for MongoLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoLog").finish_non_exhaustive()
+    }
+}
+
+impl MongoLog {
+    /// Starts the writer (on the current tokio runtime).
+    pub fn start(mongo: &Mongo) -> Self {
+        let collection = mongo.db.collection::<Document>(NOTIFICATION_LOGS);
+        let (appends, queue) = mpsc::channel(QUEUED_APPENDS);
+        tokio::spawn(write_loop(mongo.clone(), collection.clone(), queue));
+        Self {
+            collection,
+            appends,
+        }
+    }
+
+    async fn find(
+        &self,
+        filter: Document,
+        limit: Option<i64>,
+    ) -> Result<Vec<NotificationRecord>, StoreError> {
+        let mut find = self
+            .collection
+            .find(filter)
+            .sort(doc! {"createdAt": -1, "_id": -1});
+        if let Some(limit) = limit {
+            find = find.limit(limit);
+        }
+        let documents: Vec<Document> = find
+            .await
+            .map_err(|err| super::unavailable(&err))?
+            .try_collect()
+            .await
+            .map_err(|err| super::unavailable(&err))?;
+        Ok(documents
+            .iter()
+            .filter_map(documents::notification_record)
+            .collect())
+    }
+}
+
+#[async_trait]
+impl NotificationLog for MongoLog {
+    async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (written, done) = oneshot::channel();
+        self.appends
+            .try_send(Append { records, written })
+            .map_err(|_| {
+                StoreError::Unavailable("too many notification log writes waiting".to_owned())
+            })?;
+        done.await
+            .map_err(|_| StoreError::Unavailable("the notification log stopped".to_owned()))
+    }
+
+    async fn for_user(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<NotificationRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.find(doc! {"to": user_id}, Some(limit)).await
+    }
+
+    async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError> {
+        self.find(doc! {"eventId": event_id}, None).await
+    }
+}
+
+/// Writes what waits, together, until it is written; then answers.
+async fn write_loop(
+    mongo: Mongo,
+    collection: Collection<Document>,
+    mut queue: mpsc::Receiver<Append>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        let mut records = batch[0].records.len();
+        while records < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(append) => {
+                    records += append.records.len();
+                    batch.push(append);
+                }
+                Err(_) => break,
+            }
+        }
+        let documents: Vec<Document> = batch
+            .iter()
+            .flat_map(|append| &append.records)
+            .map(documents::notification)
+            .collect();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let result = collection
+                .insert_many(documents.iter())
+                .ordered(false)
+                .await;
+            let result = match result {
+                Err(err) if only_duplicates(&err) => Ok(()),
+                other => other.map(drop),
+            };
+            match mongo.observe(result) {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::warn!(
+                        records = documents.len(),
+                        "notification log write failed, retrying in {backoff:?}: {err}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        for append in batch {
+            let _ = append.written.send(());
+        }
+    }
+}
+
+/// Whether an `insertMany` failed only because some records were there
+/// already (a retried batch).
+fn only_duplicates(err: &mongodb::error::Error) -> bool {
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure
+                    .write_errors
+                    .as_ref()
+                    .is_some_and(|errors| errors.iter().all(|error| error.code == DUPLICATE_KEY))
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,96 @@
+//! MongoDB persistence (PROTOCOL.md §7), enabled by `SOCKETS_MONGO_URL`:
+//! `userConnections` (this node's records mirrored in memory and written
+//! behind), `notificationLogs` (batched, idempotent, retried until written),
+//! the read-only `users` directory (cached) and presence across nodes. A
+//! maintenance task keeps the indexes, this node's lease in `instances`,
+//! and removes the records of nodes whose lease ran out. The only module
+//! that knows the `mongodb` crate.
+
+mod connections;
+mod documents;
+mod log;
+mod maintenance;
+mod users;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+
+pub use connections::MongoConnections;
+pub use log::MongoLog;
+pub use maintenance::Maintenance;
+pub use users::MongoDirectory;
+
+use super::StoreError;
+use crate::health::Health;
+
+/// Collection names (PROTOCOL.md §7 fixes the first three).
+const USER_CONNECTIONS: &str = "userConnections";
+const NOTIFICATION_LOGS: &str = "notificationLogs";
+const USERS: &str = "users";
+/// One document per live node: its lease.
+const INSTANCES: &str = "instances";
+
+/// How long an operation waits for a usable server before failing: short,
+/// so that a database outage degrades the service instead of stalling it.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A handle on the database, shared by the collections' implementations.
+#[derive(Clone)]
+pub struct Mongo {
+    db: Database,
+    health: Arc<Health>,
+}
+
+impl std::fmt::Debug for Mongo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mongo")
+            .field("db", &self.db.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mongo {
+    /// Parses the URL and prepares the client. Does not wait for the server:
+    /// the service starts while the database is down (`/readyz` says so).
+    pub async fn connect(url: &str, database: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(url)
+            .await
+            .map_err(|err| StoreError::Unavailable(format!("invalid MongoDB URL: {err}")))?;
+        options.app_name = Some("sockets-host".to_owned());
+        options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+        options.connect_timeout = Some(SERVER_SELECTION_TIMEOUT);
+        let client = Client::with_options(options)
+            .map_err(|err| StoreError::Unavailable(format!("MongoDB client: {err}")))?;
+        Ok(Self {
+            db: client.database(database),
+            health: Arc::new(Health::connecting()),
+        })
+    }
+
+    /// The database's health, for `/readyz`.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Records the outcome of an operation in the health.
+    fn observe<T>(&self, result: mongodb::error::Result<T>) -> Result<T, StoreError> {
+        match result {
+            Ok(value) => {
+                self.health.set(None);
+                Ok(value)
+            }
+            Err(err) => {
+                let problem = unavailable(&err);
+                self.health.set(Some(problem.to_string()));
+                Err(problem)
+            }
+        }
+    }
+}
+
+fn unavailable(err: &mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(format!("MongoDB: {err}"))
+}

@@ -1,0 +1,101 @@
+//! The `users` directory in MongoDB (read-only), behind the plugins'
+//! synchronous `get-user`: answers from a cache with expiry, and looks a
+//! missing user up with a short timeout (plugin calls have a 50 ms
+//! deadline); a stale entry is better than none while the database is away.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
+
+use super::{Mongo, USERS};
+use crate::directory::{User, UserDirectory};
+
+/// How long a found user is trusted.
+const FOUND_TTL: Duration = Duration::from_secs(60);
+/// How long "no such user" is trusted (a user may be created meanwhile).
+const MISSING_TTL: Duration = Duration::from_secs(5);
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(20);
+/// Cached entries beyond this are dropped (expired ones first).
+const MAX_ENTRIES: usize = 100_000;
+
+/// The user directory in MongoDB.
+pub struct MongoDirectory {
+    collection: Collection<Document>,
+    cache: Mutex<HashMap<String, (Option<User>, Instant)>>,
+}
+
+impl std::fmt::Debug for MongoDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoDirectory").finish_non_exhaustive()
+    }
+}
+
+impl MongoDirectory {
+    /// A directory over the `users` collection.
+    pub fn new(mongo: &Mongo) -> Self {
+        Self {
+            collection: mongo.db.collection(USERS),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lookup(&self, id: &str) -> Option<Option<User>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        tokio::task::block_in_place(|| {
+            runtime.block_on(async {
+                let found = tokio::time::timeout(
+                    LOOKUP_TIMEOUT,
+                    self.collection.find_one(doc! {"_id": id}),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                Some(found.and_then(|document| user(&document)))
+            })
+        })
+    }
+}
+
+fn user(document: &Document) -> Option<User> {
+    Some(User {
+        id: document.get_str("_id").ok()?.to_owned(),
+        role: document.get_str("role").unwrap_or("user").to_owned(),
+        name: document.get_str("name").ok().map(str::to_owned),
+    })
+}
+
+impl UserDirectory for MongoDirectory {
+    fn get_user(&self, id: &str) -> Option<User> {
+        let now = Instant::now();
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.get(id).cloned()
+        };
+        if let Some((user, expires)) = &cached
+            && *expires > now
+        {
+            return user.clone();
+        }
+        let Some(found) = self.lookup(id) else {
+            // The database did not answer in time: keep what we knew.
+            return cached.and_then(|(user, _)| user);
+        };
+        let ttl = if found.is_some() {
+            FOUND_TTL
+        } else {
+            MISSING_TTL
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_ENTRIES {
+            cache.retain(|_, (_, expires)| *expires > now);
+            if cache.len() >= MAX_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(id.to_owned(), (found.clone(), now + ttl));
+        found
+    }
+}

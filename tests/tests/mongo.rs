@@ -1,0 +1,427 @@
+//! MongoDB persistence (issue #6, PROTOCOL.md §7) against a real
+//! MongoDB-protocol server: FerretDB, started by the test command (or the
+//! server at `SOCKETS_TEST_MONGO_URL`); the outage tests run FerretDB
+//! processes of their own, which they stop and start.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use mongodb::bson::{Document, doc};
+use serde_json::json;
+use sockets_tests::broker::{Names, Publisher, consuming};
+use sockets_tests::client::{Client, http, publish};
+use sockets_tests::mongo::{FerretDb, TestDb, eventually};
+use sockets_tests::server::{Server, ServerConfig, token};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn with_presence() -> ServerConfig {
+    ServerConfig {
+        plugins: vec!["chat", "payments", "reviews", "presence"],
+        ..ServerConfig::default()
+    }
+}
+
+async fn ready(server: &Server) {
+    eventually(WAIT, "the server is ready", || async {
+        (http(server, "GET", "/readyz", &[], b"").await.status == 200).then_some(())
+    })
+    .await;
+}
+
+async fn connection_records(db: &TestDb, user: &str) -> Vec<Document> {
+    db.find("userConnections", doc! {"userId": user}).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_records_follow_the_connection() {
+    let db = TestDb::unique().await;
+    let server = Server::start_with(db.server_config(ServerConfig::default())).await;
+    let (mut client, connected) = Client::connect(&server, &token("s_1", "student")).await;
+    let id = connected["data"]["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let record = eventually(WAIT, "the connection is recorded", || async {
+        connection_records(&db, "s_1").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(record.get_str("_id").unwrap(), id);
+    assert_eq!(record.get_str("role").unwrap(), "student");
+    assert!(!record.get_str("instanceId").unwrap().is_empty());
+    assert!(record.get_datetime("connectedAt").is_ok());
+    assert!(record.get_datetime("lastSeenAt").is_ok());
+    assert_eq!(record.get_document("details").unwrap(), &doc! {});
+    assert!(
+        record
+            .get_str("remoteAddr")
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+
+    client
+        .send(&json!({"event": "setConnection", "data": {"device": "ios", "appVersion": "3.2.1"}, "ack": 1}))
+        .await;
+    assert_eq!(client.recv().await["data"]["connectionId"], id.as_str());
+    eventually(WAIT, "the details are stored", || async {
+        let record = connection_records(&db, "s_1").await.into_iter().next()?;
+        (record.get_document("details").ok()? == &doc! {"device": "ios", "appVersion": "3.2.1"})
+            .then_some(())
+    })
+    .await;
+
+    client.close().await;
+    eventually(WAIT, "the record is removed on disconnect", || async {
+        connection_records(&db, "s_1")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let server = Server::start_with(db.server_config(ServerConfig::default())).await;
+    ready(&server).await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "logged"}, "ack": 1}))
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    let push = consultant.recv().await;
+    let delivery_id = push["id"].as_str().unwrap().to_owned();
+
+    // The ack came after the write: the record is there at once.
+    let records = db.find("notificationLogs", doc! {"to": "c_1"}).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record.get_str("_id").unwrap(), format!("{delivery_id}:c_1"));
+    assert_eq!(record.get_str("event").unwrap(), "message");
+    assert_eq!(record.get_str("trigger").unwrap(), "sendMessage");
+    assert_eq!(record.get_str("source").unwrap(), "client");
+    assert_eq!(record.get_str("from").unwrap(), "s_1");
+    assert!(record.get_str("plugin").unwrap().starts_with("chat@"));
+    assert!(!record.get_str("eventId").unwrap().is_empty());
+    assert_eq!(
+        record
+            .get_document("data")
+            .unwrap()
+            .get_str("text")
+            .unwrap(),
+        "logged"
+    );
+    assert_eq!(record.get_i64("connections").unwrap(), 1);
+    assert!(record.get_datetime("createdAt").is_ok());
+
+    // A repeated HTTP id is logged once.
+    let service = token("billing", "service");
+    let body = json!({"id": "pay-once", "event": "PAYMENT_PROCESSED",
+        "data": {"paymentId": "p_1", "studentId": "s_1", "amount": 1}});
+    for _ in 0..2 {
+        assert_eq!(publish(&server, &service, &body).await.status, 202);
+    }
+    let payments = db
+        .find("notificationLogs", doc! {"eventId": "pay-once"})
+        .await;
+    assert_eq!(payments.len(), 1);
+
+    let indexes: Vec<Document> = eventually(WAIT, "the indexes exist", || async {
+        use futures_util::TryStreamExt;
+        let indexes: Vec<Document> = db
+            .db
+            .collection::<Document>("notificationLogs")
+            .list_indexes()
+            .await
+            .ok()?
+            .try_collect::<Vec<_>>()
+            .await
+            .ok()?
+            .into_iter()
+            .map(|index| index.keys)
+            .collect();
+        (indexes.len() >= 3).then_some(indexes)
+    })
+    .await;
+    assert!(
+        indexes.contains(&doc! {"to": 1, "createdAt": -1}),
+        "{indexes:?}"
+    );
+    assert!(indexes.contains(&doc! {"eventId": 1}), "{indexes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_users_collection_is_the_directory() {
+    let db = TestDb::unique().await;
+    db.db
+        .collection::<Document>("users")
+        .insert_many([
+            doc! {"_id": "mongo_consultant", "role": "consultant", "name": "Mona"},
+            doc! {"_id": "mongo_student", "role": "student", "name": "Stu"},
+        ])
+        .await
+        .unwrap();
+    let server = Server::start_with(db.server_config(with_presence())).await;
+    let mut student = Client::connect(&server, &token("mongo_student", "student"))
+        .await
+        .0;
+    let mut consultant = Client::connect(&server, &token("mongo_consultant", "consultant"))
+        .await
+        .0;
+
+    student
+        .send(&json!({"event": "whoIs", "data": {"user": "mongo_consultant"}, "ack": 1}))
+        .await;
+    let reply = student.recv().await;
+    assert_eq!(
+        reply["data"]["user"],
+        json!({"id": "mongo_consultant", "role": "consultant", "name": "Mona"})
+    );
+
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "mongo_consultant", "text": "hi"}, "ack": 2}))
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    assert_eq!(consultant.recv().await["data"]["text"], "hi");
+
+    // The demo file's users are not the directory any more.
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "hi"}, "ack": 3}))
+        .await;
+    let reply = student.recv().await;
+    assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presence_counts_connections_on_every_node() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let names = Names::unique();
+    let a = consuming(db.server_config(ServerConfig {
+        plugins: with_presence().plugins,
+        ..names.server_config()
+    }))
+    .await;
+    let b = consuming(db.server_config(ServerConfig {
+        plugins: with_presence().plugins,
+        ..names.server_config()
+    }))
+    .await;
+    let mut asker = Client::connect(&a, &token("s_1", "student")).await.0;
+    let _on_a = Client::connect(&a, &token("c_1", "consultant")).await.0;
+    let _on_b = Client::connect(&b, &token("c_1", "consultant")).await.0;
+    let _also_on_b = Client::connect(&b, &token("c_1", "consultant")).await.0;
+
+    // Records are written behind: ask until node A sees all three.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for ack in 1.. {
+        asker
+            .send(&json!({"event": "whoIs", "data": {"user": "c_1"}, "ack": ack}))
+            .await;
+        let reply = asker.recv().await;
+        if reply["data"]["connections"] == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A never counted 3 connections: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_records_are_removed_by_the_survivor() {
+    let db = TestDb::unique().await;
+    let config = || db.server_config(ServerConfig::default().env("SOCKETS_NODE_LEASE", "2"));
+    let survivor = Server::start_with(config()).await;
+    let doomed = Server::start_with(config()).await;
+    let _alive = Client::connect(&survivor, &token("s_1", "student")).await.0;
+    let dead = Client::connect(&doomed, &token("c_1", "consultant"))
+        .await
+        .0;
+    eventually(WAIT, "both connections are recorded", || async {
+        let records = db.find("userConnections", doc! {}).await;
+        (records.len() == 2).then_some(())
+    })
+    .await;
+
+    doomed.kill().await;
+    drop(dead);
+    eventually(WAIT, "the dead node's record is removed", || async {
+        connection_records(&db, "c_1")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        connection_records(&db, "s_1").await.len(),
+        1,
+        "the survivor's record stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_down_at_start_degrades_readiness_until_it_is_up() {
+    let mut ferret = FerretDb::new();
+    let db_name = format!("test_{}", sockets_host::protocol::new_id());
+    let server = Server::start_with(
+        ServerConfig::default()
+            .env("SOCKETS_MONGO_URL", ferret.url())
+            .env("SOCKETS_MONGO_DB", &db_name)
+            .env("SOCKETS_NODE_LEASE", "3"),
+    )
+    .await;
+    let readiness = http(&server, "GET", "/readyz", &[], b"").await;
+    assert_eq!(readiness.status, 503);
+    let body = readiness.json();
+    assert_eq!(body["checks"]["store"]["status"], "degraded", "{body}");
+    assert_eq!(body["checks"]["store"]["backend"], "mongodb");
+    // Clients still connect meanwhile.
+    let (_client, connected) = Client::connect(&server, &token("s_1", "student")).await;
+    assert_eq!(connected["event"], "connected");
+
+    ferret.start().await;
+    ready(&server).await;
+    // The connection made while the database was away is recorded now.
+    let db = TestDb::on(&ferret.url()).await;
+    let db = TestDb {
+        db: db.db.client().database(&db_name),
+        name: db_name,
+    };
+    eventually(
+        WAIT,
+        "the connection is reconciled into the database",
+        || async { (connection_records(&db, "s_1").await.len() == 1).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_restart_mid_stream_loses_and_duplicates_no_log_record() {
+    const EVENTS: usize = 300;
+    let mut ferret = FerretDb::new();
+    ferret.start().await;
+    let db = TestDb::on(&ferret.url()).await;
+    let names = Names::unique();
+    let server = consuming(db.server_config_at(&ferret.url(), names.server_config())).await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let publisher = Publisher::connect().await;
+
+    let payment = |n: usize| {
+        json!({"paymentId": format!("p_{n}"), "studentId": "s_1", "amount": n})
+            .to_string()
+            .into_bytes()
+    };
+    let mut received = HashSet::new();
+    for n in 0..EVENTS {
+        publisher
+            .publish(
+                &names.exchange,
+                "PAYMENT_PROCESSED",
+                &payment(n),
+                BasicProperties::default().with_message_id(format!("restart-{n}").into()),
+            )
+            .await;
+        if n == EVENTS / 3 {
+            ferret.stop().await;
+        }
+        if n == 2 * EVENTS / 3 {
+            ferret.start().await;
+        }
+        while let Some(push) = student.try_recv(Duration::from_millis(1)).await {
+            assert!(
+                received.insert(push["data"]["paymentId"].clone()),
+                "duplicate {push}"
+            );
+        }
+    }
+    while received.len() < EVENTS {
+        let push = student.recv().await;
+        assert!(
+            received.insert(push["data"]["paymentId"].clone()),
+            "duplicate {push}"
+        );
+    }
+
+    let logged = eventually(
+        Duration::from_secs(60),
+        "every delivery is logged",
+        || async {
+            let records = db.find("notificationLogs", doc! {"to": "s_1"}).await;
+            (records.len() >= EVENTS).then_some(records)
+        },
+    )
+    .await;
+    let event_ids: HashSet<&str> = logged
+        .iter()
+        .map(|record| record.get_str("eventId").unwrap())
+        .collect();
+    assert_eq!(logged.len(), EVENTS, "each delivery logged once");
+    assert!(
+        server.log().contains("notification log write failed"),
+        "the outage was not felt: the test proves nothing"
+    );
+    assert_eq!(event_ids.len(), EVENTS);
+    assert!(student.try_recv(Duration::from_millis(500)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_later() {
+    let mut ferret = FerretDb::new();
+    ferret.start().await;
+    let db = TestDb::on(&ferret.url()).await;
+    db.seed_demo_users().await;
+    let server =
+        Server::start_with(db.server_config_at(&ferret.url(), ServerConfig::default())).await;
+    ready(&server).await;
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
+        .await
+        .0;
+    // The directory entry is cached before the outage.
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "before"}, "ack": 1}))
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    consultant.recv().await;
+
+    ferret.stop().await;
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "during"}, "ack": 2}))
+        .await;
+    let push = consultant.recv().await;
+    assert_eq!(
+        push["data"]["text"], "during",
+        "delivery does not wait for the log"
+    );
+    let reply = student.recv().await;
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["error"]["code"], "unavailable");
+
+    ferret.start().await;
+    let id = format!("{}:c_1", push["id"].as_str().unwrap());
+    eventually(
+        Duration::from_secs(30),
+        "the queued record is written",
+        || async {
+            let records = db.find("notificationLogs", doc! {"_id": &id}).await;
+            (records.len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        db.find("notificationLogs", doc! {"to": "c_1"}).await.len(),
+        2,
+        "each delivery logged once"
+    );
+}
