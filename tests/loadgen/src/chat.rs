@@ -1,0 +1,215 @@
+//! `chat`: P student/consultant pairs; each student keeps W `sendMessage`
+//! in flight (a new one per ack) for D seconds, then waits for what is
+//! outstanding. Each message's text carries its pair, sequence and send
+//! time, so the consultant's side measures delivery latency and finds lost
+//! and duplicated messages.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::peer::{self, Incoming, Target};
+use crate::stats::Latencies;
+use crate::{Tokens, source_address};
+
+/// How long the run waits for outstanding acks and pushes after sending.
+const DRAIN: Duration = Duration::from_secs(5);
+
+pub struct Options {
+    pub target: Target,
+    pub server: SocketAddr,
+    pub pairs: usize,
+    pub window: usize,
+    pub duration: Duration,
+}
+
+struct SenderResult {
+    acked: HashSet<u64>,
+    failed: u64,
+    ack_latency: Latencies,
+}
+
+struct ReceiverResult {
+    seen: HashSet<u64>,
+    duplicates: u64,
+    delivery_latency: Latencies,
+}
+
+pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for pair in 0..options.pairs {
+        let source = source_address(pair);
+        let student = peer::connect(
+            options.target,
+            options.server,
+            source,
+            &tokens.mint(&format!("bench_s_{pair}"), "student"),
+        )
+        .await?;
+        let consultant = peer::connect(
+            options.target,
+            options.server,
+            source,
+            &tokens.mint(&format!("bench_c_{pair}"), "consultant"),
+        )
+        .await?;
+        receivers.push(tokio::spawn(receive(
+            options.target,
+            consultant,
+            started,
+            stop.clone(),
+        )));
+        senders.push(tokio::spawn(send(
+            options.target,
+            student,
+            pair,
+            options.window,
+            started,
+            stop.clone(),
+        )));
+    }
+    tokio::time::sleep(options.duration).await;
+    let _ = stop_tx.send(true);
+
+    let mut acked = 0u64;
+    let mut failed = 0u64;
+    let mut lost = 0u64;
+    let mut duplicates = 0u64;
+    let mut delivered = 0u64;
+    let mut ack_latency = Latencies::default();
+    let mut delivery_latency = Latencies::default();
+    for (sender, receiver) in senders.into_iter().zip(receivers) {
+        let sent = sender.await??;
+        let received = receiver.await??;
+        acked += sent.acked.len() as u64;
+        failed += sent.failed;
+        lost += sent.acked.difference(&received.seen).count() as u64;
+        duplicates += received.duplicates;
+        delivered += received.seen.len() as u64;
+        ack_latency.extend(sent.ack_latency);
+        delivery_latency.extend(received.delivery_latency);
+    }
+    let seconds = options.duration.as_secs_f64();
+    Ok(json!({
+        "run": "chat",
+        "target": format!("{:?}", options.target).to_lowercase(),
+        "pairs": options.pairs,
+        "window": options.window,
+        "duration_s": seconds,
+        "acked": acked,
+        "failed": failed,
+        "delivered": delivered,
+        "delivered_per_s": delivered as f64 / seconds,
+        "ack_latency": ack_latency.summary(),
+        "delivery_latency": delivery_latency.summary(),
+        "lost": lost,
+        "duplicated": duplicates,
+    }))
+}
+
+/// `"<seq>:<micros since start>"`
+fn text(seq: u64, started: Instant) -> String {
+    format!("{seq}:{}", started.elapsed().as_micros())
+}
+
+async fn send(
+    target: Target,
+    socket: peer::Socket,
+    pair: usize,
+    window: usize,
+    started: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<SenderResult> {
+    let (mut writer, mut reader) = socket.split();
+    let to = format!("bench_c_{pair}");
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut result = SenderResult {
+        acked: HashSet::new(),
+        failed: 0,
+        ack_latency: Latencies::default(),
+    };
+    let mut next = 1u64;
+    let mut stopping = false;
+    let mut deadline = None;
+    loop {
+        while !stopping && in_flight.len() < window {
+            let data = json!({"to": to, "text": text(next, started)});
+            let frame = peer::event_frame(target, "sendMessage", &data, next);
+            writer.send(Message::text(frame)).await?;
+            in_flight.insert(next, Instant::now());
+            next += 1;
+        }
+        if stopping && in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            incoming = peer::read(target, &mut reader, &mut writer) => {
+                if let Incoming::Ack { id, ok } = incoming?
+                    && let Some(sent) = in_flight.remove(&id)
+                {
+                    if ok {
+                        result.acked.insert(id);
+                        result.ack_latency.push(sent.elapsed().as_micros() as u64);
+                    } else {
+                        result.failed += 1;
+                    }
+                }
+            }
+            _ = stop.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                deadline = Some(tokio::time::Instant::now() + DRAIN);
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+        }
+    }
+    result.failed += in_flight.len() as u64;
+    Ok(result)
+}
+
+async fn receive(
+    target: Target,
+    socket: peer::Socket,
+    started: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<ReceiverResult> {
+    let (mut writer, mut reader) = socket.split();
+    let mut result = ReceiverResult {
+        seen: HashSet::new(),
+        duplicates: 0,
+        delivery_latency: Latencies::default(),
+    };
+    let mut deadline = None;
+    loop {
+        tokio::select! {
+            incoming = peer::read(target, &mut reader, &mut writer) => {
+                if let Incoming::Push { event, data } = incoming? {
+                    if event != "message" {
+                        continue;
+                    }
+                    let text = data["text"].as_str().unwrap_or_default();
+                    let Some((seq, sent)) = text.split_once(':') else { continue };
+                    let (Ok(seq), Ok(sent)) = (seq.parse::<u64>(), sent.parse::<u64>()) else { continue };
+                    if result.seen.insert(seq) {
+                        let now = started.elapsed().as_micros() as u64;
+                        result.delivery_latency.push(now.saturating_sub(sent));
+                    } else {
+                        result.duplicates += 1;
+                    }
+                }
+            }
+            _ = stop.wait_for(|stop| *stop), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + DRAIN + Duration::from_secs(1));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+        }
+    }
+    Ok(result)
+}

@@ -1,0 +1,154 @@
+//! `fanout`: N connected users; E backend events (`PAYMENT_PROCESSED`, one
+//! user each, round robin) published through the HTTP API, C requests at
+//! once: events per second from first publish to last push, and publish-
+//! to-push latency.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::peer::{self, Incoming, Target};
+use crate::stats::Latencies;
+use crate::{Tokens, source_address};
+
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Options {
+    pub target: Target,
+    pub server: SocketAddr,
+    pub users: usize,
+    pub events: usize,
+    pub concurrency: usize,
+}
+
+pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut receivers = Vec::new();
+    for user in 0..options.users {
+        let socket = peer::connect(
+            options.target,
+            options.server,
+            source_address(user),
+            &tokens.mint(&format!("fan_{user}"), "student"),
+        )
+        .await?;
+        let expected = (0..options.events)
+            .filter(|n| n % options.users == user)
+            .count();
+        receivers.push(tokio::spawn(receive(
+            options.target,
+            socket,
+            expected,
+            started,
+        )));
+    }
+    let service = Arc::new(tokens.mint("bench-service", "service"));
+
+    let publishing = Instant::now();
+    let mut requests = FuturesUnordered::new();
+    let mut refused = 0usize;
+    for n in 0..options.events {
+        if requests.len() >= options.concurrency
+            && let Some(status) = requests.next().await
+            && !matches!(status, Ok(202))
+        {
+            refused += 1;
+        }
+        let body = json!({"event": "PAYMENT_PROCESSED", "data": {
+            "paymentId": format!("{n}:{}", started.elapsed().as_micros()),
+            "studentId": format!("fan_{}", n % options.users), "amount": 4900}});
+        let service = Arc::clone(&service);
+        requests.push(async move { post(options.server, &service, &body).await });
+    }
+    while let Some(status) = requests.next().await {
+        if !matches!(status, Ok(202)) {
+            refused += 1;
+        }
+    }
+    let mut latency = Latencies::default();
+    let mut duplicated = 0;
+    let mut received = 0;
+    for receiver in receivers {
+        let (seen, duplicates, latencies) = receiver.await??;
+        received += seen;
+        duplicated += duplicates;
+        latency.extend(latencies);
+    }
+    let seconds = publishing.elapsed().as_secs_f64();
+    Ok(json!({
+        "run": "fanout",
+        "target": format!("{:?}", options.target).to_lowercase(),
+        "users": options.users,
+        "events": options.events,
+        "concurrency": options.concurrency,
+        "refused": refused,
+        "received": received,
+        "lost": options.events.saturating_sub(received + refused),
+        "duplicated": duplicated,
+        "events_per_s": received as f64 / seconds,
+        "publish_to_push_latency": latency.summary(),
+    }))
+}
+
+/// Reads pushes until `expected` distinct ones arrived (or none came for
+/// a while): (distinct, duplicates, latencies).
+async fn receive(
+    target: Target,
+    socket: peer::Socket,
+    expected: usize,
+    started: Instant,
+) -> anyhow::Result<(usize, usize, Latencies)> {
+    let (mut writer, mut reader) = socket.split();
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut latencies = Latencies::default();
+    while seen.len() < expected {
+        let incoming = tokio::time::timeout(
+            RECEIVE_TIMEOUT,
+            peer::read(target, &mut reader, &mut writer),
+        )
+        .await;
+        let Ok(incoming) = incoming else { break };
+        if let Incoming::Push { data, .. } = incoming? {
+            let id = data["paymentId"].as_str().unwrap_or_default().to_owned();
+            let sent: u64 = id
+                .split_once(':')
+                .and_then(|(_, micros)| micros.parse().ok())
+                .unwrap_or(0);
+            if seen.insert(id) {
+                latencies.push((started.elapsed().as_micros() as u64).saturating_sub(sent));
+            } else {
+                duplicates += 1;
+            }
+        }
+    }
+    Ok((seen.len(), duplicates, latencies))
+}
+
+/// One `POST /api/events` over its own connection; the status code.
+async fn post(server: SocketAddr, token: &str, body: &Value) -> anyhow::Result<u16> {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "POST /api/events HTTP/1.1\r\nhost: {server}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let status_line = String::from_utf8_lossy(&response);
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status"))?
+        .parse()?;
+    Ok(status)
+}

@@ -1,0 +1,181 @@
+//! Load generator for the sockets host and its Socket.IO peer. Every run is
+//! bounded (count and time) and prints one JSON object; `scripts/bench.sh`
+//! runs them side by side against both servers.
+//!
+//! ```sh
+//! loadgen --target sockets --server 127.0.0.1:8080 chat --pairs 16 --window 8 --duration 10
+//! loadgen --target socketio --server 127.0.0.1:8090 idle --connections 19000 --server-pid PID
+//! loadgen --target sockets --server 127.0.0.1:8080 fanout --users 100 --events 20000
+//! loadgen users-file --pairs 16 > users.json
+//! ```
+
+mod chat;
+mod fanout;
+mod idle;
+mod peer;
+mod stats;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use peer::Target;
+
+#[derive(Parser)]
+#[command(about = "Bounded load runs against the sockets host or its Socket.IO peer")]
+struct Cli {
+    /// Which protocol the server speaks.
+    #[arg(long, value_enum, default_value = "sockets", global = true)]
+    target: Target,
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
+    server: SocketAddr,
+    /// HS256 secret the server verifies tokens with.
+    #[arg(
+        long,
+        env = "SOCKETS_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    secret: Option<String>,
+    #[command(subcommand)]
+    run: Run,
+}
+
+#[derive(Subcommand)]
+enum Run {
+    /// Student/consultant pairs exchanging `sendMessage`.
+    Chat {
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+        /// Messages in flight per student.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Seconds of sending (at most 300).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Authenticated idle connections: connect rate, server memory.
+    Idle {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// The server's process id (its memory is read from /proc).
+        #[arg(long)]
+        server_pid: u32,
+    },
+    /// Backend events through the HTTP API to connected users.
+    Fanout {
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// HTTP requests in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Prints a users file with the chat run's users (`bench_s_N`,
+    /// `bench_c_N`) for the servers' directories.
+    UsersFile {
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+    },
+}
+
+/// Mints the tokens a run connects with.
+pub struct Tokens {
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl Tokens {
+    /// An HS256 token for `sub`/`role`, valid for an hour.
+    pub fn mint(&self, sub: &str, role: &str) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + 3600;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": sub, "role": role, "exp": exp}),
+            &self.key,
+        )
+        .expect("an HS256 token encodes")
+    }
+}
+
+/// The source address of the `n`th connection: spread over 127.0.0.1–16 so
+/// that no single address runs out of ephemeral ports.
+pub fn source_address(n: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (n % 16) as u8))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let tokens = || -> anyhow::Result<Tokens> {
+        let secret = cli
+            .secret
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--secret or SOCKETS_JWT_SECRET is required"))?;
+        Ok(Tokens {
+            key: jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        })
+    };
+    let summary = match cli.run {
+        Run::Chat {
+            pairs,
+            window,
+            duration,
+        } => {
+            let options = chat::Options {
+                target: cli.target,
+                server: cli.server,
+                pairs,
+                window: window.max(1),
+                duration: Duration::from_secs(duration.clamp(1, 300)),
+            };
+            chat::run(options, &tokens()?).await?
+        }
+        Run::Idle {
+            connections,
+            server_pid,
+        } => {
+            let options = idle::Options {
+                target: cli.target,
+                server: cli.server,
+                connections,
+                server_pid,
+            };
+            idle::run(options, &tokens()?).await?
+        }
+        Run::Fanout {
+            users,
+            events,
+            concurrency,
+        } => {
+            let options = fanout::Options {
+                target: cli.target,
+                server: cli.server,
+                users: users.max(1),
+                events,
+                concurrency: concurrency.max(1),
+            };
+            fanout::run(options, &tokens()?).await?
+        }
+        Run::UsersFile { pairs } => {
+            let users: Vec<_> = (0..pairs)
+                .flat_map(|pair| {
+                    [
+                        json!({"id": format!("bench_s_{pair}"), "role": "student"}),
+                        json!({"id": format!("bench_c_{pair}"), "role": "consultant"}),
+                    ]
+                })
+                .collect();
+            json!(users)
+        }
+    };
+    println!("{summary}");
+    Ok(())
+}
