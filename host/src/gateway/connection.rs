@@ -2,11 +2,13 @@
 //! writer that drains the bounded outbound queue, sends pings and the close
 //! frame (PROTOCOL.md §2, §3, §6).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -185,8 +187,8 @@ async fn write_loop(
 enum Admission {
     /// Handle the frame.
     Admitted,
-    /// Already answered with `rate_limited`.
-    Refused,
+    /// Refused: answer with this `rate_limited` error.
+    Refused(String),
     /// Close the connection.
     Close(CloseRequest),
 }
@@ -201,7 +203,29 @@ struct Reader<'a> {
 impl Reader<'_> {
     /// Handles frames until the connection must close; returns the close to
     /// send, or `None` when the client closed or vanished.
-    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
+    async fn read_loop(&mut self, stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
+        let mut replies = FuturesOrdered::new();
+        let close = self.read_frames(stream, &mut replies).await;
+        // Replies whose log writes are still running: sent if they finish
+        // while the connection closes.
+        let _ = timeout(CLOSE_GRACE, async {
+            while let Some(reply) = replies.next().await {
+                if let Some(reply) = reply {
+                    self.send(reply);
+                }
+            }
+        })
+        .await;
+        close
+    }
+
+    /// Reads and handles frames; replies that wait for the log are queued
+    /// in `replies` (in frame order) while later frames are handled.
+    async fn read_frames(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        replies: &mut FuturesOrdered<PendingReply>,
+    ) -> Option<CloseRequest> {
         let limits = &self.state.config.limits;
         let mut shutdown = self.state.shutdown.clone();
         let mut idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
@@ -220,7 +244,13 @@ impl Reader<'_> {
                 _ = sleep_until(idle_deadline) => {
                     return Some(CloseRequest { code: CLOSE_IDLE, reason: "idle timeout" });
                 }
-                message = stream.next() => message,
+                Some(reply) = replies.next(), if !replies.is_empty() => {
+                    if let Some(reply) = reply {
+                        self.send(reply);
+                    }
+                    continue;
+                }
+                message = stream.next(), if replies.len() < MAX_PENDING_REPLIES => message,
             };
             let message = match message {
                 None => return None,
@@ -241,9 +271,10 @@ impl Reader<'_> {
                     self.state.metrics.frame_in();
                     match self.rate_check(Some(text.as_str())) {
                         Admission::Close(close) => return Some(close),
-                        Admission::Refused => {}
+                        Admission::Refused(reply) => self.answer(replies, Reply::Now(Some(reply))),
                         Admission::Admitted => {
-                            self.handle_text(text.as_str()).await;
+                            let reply = self.handle_text(text.as_str()).await;
+                            self.answer(replies, reply);
                             // A refreshed token moves the expiry.
                             token_deadline = self.token_deadline();
                         }
@@ -253,13 +284,13 @@ impl Reader<'_> {
                     self.state.metrics.frame_in();
                     match self.rate_check(None) {
                         Admission::Close(close) => return Some(close),
-                        Admission::Refused => {}
+                        Admission::Refused(reply) => self.answer(replies, Reply::Now(Some(reply))),
                         Admission::Admitted => {
                             let error = ErrorBody::new(
                                 ErrorCode::BadRequest,
                                 "binary frames are not part of the protocol",
                             );
-                            self.send(error_frame(None, &error));
+                            self.answer(replies, Reply::Now(Some(error_frame(None, &error))));
                         }
                     }
                 }
@@ -286,8 +317,7 @@ impl Reader<'_> {
                 self.state.metrics.frame_rate_limited();
                 let ack = text.and_then(|text| parse_client_frame(text).ok()?.ack);
                 let error = ErrorBody::new(ErrorCode::RateLimited, "too many frames");
-                self.send(error_frame(ack, &error));
-                Admission::Refused
+                Admission::Refused(error_frame(ack, &error))
             }
             Verdict::Abusive => Admission::Close(CloseRequest {
                 code: CLOSE_POLICY,
@@ -300,22 +330,33 @@ impl Reader<'_> {
         self.handle.push(frame.into());
     }
 
-    async fn handle_text(&mut self, text: &str) {
+    /// Sends a reply, or queues it behind the replies still waiting for the
+    /// log: replies keep frame order.
+    fn answer(&self, replies: &mut FuturesOrdered<PendingReply>, reply: Reply) {
+        match reply {
+            Reply::Now(reply) if replies.is_empty() => {
+                if let Some(reply) = reply {
+                    self.send(reply);
+                }
+            }
+            reply => replies.push_back(reply.pending()),
+        }
+    }
+
+    /// Handles one text frame; routed events are delivered before this
+    /// returns, their replies wait for the log.
+    async fn handle_text(&mut self, text: &str) -> Reply {
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
-            Err(FrameError { ack, error }) => return self.send(error_frame(ack, &error)),
+            Err(FrameError { ack, error }) => return Reply::Now(Some(error_frame(ack, &error))),
         };
         let ack = frame.ack;
         let result = match frame.event.as_str() {
             "setConnection" => self.set_connection(&frame).await,
             "refreshToken" => self.refresh_token(&frame),
-            _ => self.route(frame).await,
+            _ => return self.route(frame).await,
         };
-        match (ack, result) {
-            (Some(ack), Ok(data)) => self.send(ok_reply(ack, &data)),
-            (ack, Err(error)) => self.send(error_frame(ack, &error)),
-            (None, Ok(_)) => {}
-        }
+        Reply::Now(reply_frame(ack, result))
     }
 
     async fn set_connection(&self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
@@ -376,7 +417,8 @@ impl Reader<'_> {
         Ok(raw(&json!({"expiresAt": expires_at})))
     }
 
-    async fn route(&self, frame: ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+    /// Delivers a plugin-routed event now; its reply waits for the log.
+    async fn route(&self, frame: ClientFrame) -> Reply {
         let claims = &self.session.claims;
         let inbound = Inbound {
             event: Event {
@@ -394,10 +436,55 @@ impl Reader<'_> {
             from: claims.sub.clone(),
             sender_connection: Some(Arc::clone(&self.handle.id)),
         };
-        match self.state.router.route(&inbound).await {
-            Ok(routed) => Ok(routed.reply),
-            Err(err) => Err(err.to_error_body()),
+        let ack = frame.ack;
+        let delivered = match self.state.router.deliver(&inbound).await {
+            Ok(delivered) => delivered,
+            Err(err) => return Reply::Now(reply_frame(ack, Err(err.to_error_body()))),
+        };
+        let router = Arc::clone(&self.state.router);
+        Reply::Later(Box::pin(async move {
+            let routed = router.record(delivered).await;
+            reply_frame(
+                ack,
+                routed
+                    .map(|routed| routed.reply)
+                    .map_err(|err| err.to_error_body()),
+            )
+        }))
+    }
+}
+
+/// Replies waiting for the log, per connection, before the reader stops
+/// taking frames (backpressure on a client that outruns the log).
+const MAX_PENDING_REPLIES: usize = 64;
+
+/// A reply frame to send once its event's log records are written.
+type PendingReply = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// What handling a frame produced.
+enum Reply {
+    /// The reply (if any) is ready.
+    Now(Option<String>),
+    /// The reply comes once the log records are written.
+    Later(PendingReply),
+}
+
+impl Reply {
+    fn pending(self) -> PendingReply {
+        match self {
+            Self::Now(reply) => Box::pin(std::future::ready(reply)),
+            Self::Later(pending) => pending,
         }
+    }
+}
+
+/// The frame answering a client frame: the reply when it asked for an
+/// ack, an error frame on failure.
+fn reply_frame(ack: Option<u64>, result: Result<Box<RawValue>, ErrorBody>) -> Option<String> {
+    match (ack, result) {
+        (Some(ack), Ok(data)) => Some(ok_reply(ack, &data)),
+        (ack, Err(error)) => Some(error_frame(ack, &error)),
+        (None, Ok(_)) => None,
     }
 }
 
