@@ -115,6 +115,22 @@ pub fn host_binary() -> PathBuf {
         .clone()
 }
 
+/// The `loadgen` binary (`tests/loadgen`), built from this checkout.
+pub fn loadgen_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut command = cargo();
+            command.args(["build", "-p", "loadgen"]);
+            run(command, "loadgen");
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"))
+                .join("debug/loadgen")
+        })
+        .clone()
+}
+
 pub mod broker;
 pub mod client;
 pub mod mongo;

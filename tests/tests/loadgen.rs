@@ -1,0 +1,62 @@
+//! The benchmark's load generator against the real server, in short runs:
+//! it keeps speaking PROTOCOL.md, and its summaries count what they claim.
+
+use serde_json::Value;
+use sockets_tests::loadgen_binary;
+use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir};
+
+fn loadgen(server: &Server, args: &[&str]) -> Value {
+    let output = std::process::Command::new(loadgen_binary())
+        .args(["--target", "sockets", "--server", &server.addr.to_string()])
+        .args(args)
+        .env("SOCKETS_JWT_SECRET", SECRET)
+        .output()
+        .expect("loadgen runs");
+    assert!(
+        output.status.success(),
+        "loadgen {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("loadgen prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_fanout_and_idle_runs_report_what_happened() {
+    let users = std::process::Command::new(loadgen_binary())
+        .args(["users-file", "--pairs", "2"])
+        .output()
+        .expect("loadgen runs");
+    let users_file = scratch_dir("loadgen").join("users.json");
+    std::fs::write(&users_file, &users.stdout).unwrap();
+    let server = Server::start_with(
+        ServerConfig::default()
+            .env("SOCKETS_USERS_FILE", users_file.to_string_lossy())
+            .env("SOCKETS_RATE_LIMIT", "0"),
+    )
+    .await;
+
+    let chat = loadgen(
+        &server,
+        &["chat", "--pairs", "2", "--window", "4", "--duration", "1"],
+    );
+    assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
+    assert_eq!(chat["delivered"], chat["acked"], "{chat}");
+    assert_eq!(chat["failed"], 0, "{chat}");
+    assert_eq!(chat["lost"], 0, "{chat}");
+    assert_eq!(chat["duplicated"], 0, "{chat}");
+    assert!(chat["delivery_latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+
+    let fanout = loadgen(&server, &["fanout", "--users", "5", "--events", "200"]);
+    assert_eq!(fanout["received"], 200, "{fanout}");
+    assert_eq!(fanout["lost"], 0, "{fanout}");
+    assert_eq!(fanout["duplicated"], 0, "{fanout}");
+
+    let pid = server.pid().to_string();
+    let idle = loadgen(
+        &server,
+        &["idle", "--connections", "200", "--server-pid", &pid],
+    );
+    assert_eq!(idle["connections"], 200, "{idle}");
+    assert_eq!(idle["failed"], 0, "{idle}");
+    assert!(idle["server_rss_after_kib"].as_u64().unwrap() > 0, "{idle}");
+}
