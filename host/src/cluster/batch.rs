@@ -13,7 +13,7 @@ const VERSION: u8 = 1;
 
 /// One delivery for the users' connections on other nodes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Copy {
+pub struct DeliveryCopy {
     /// The delivery id (the push frame's `id`), for de-duplication.
     pub delivery_id: String,
     /// The frame, exactly as pushed.
@@ -28,7 +28,7 @@ pub struct Copy {
 pub struct Malformed;
 
 /// Encodes copies into one message body.
-pub fn encode(copies: &[Copy]) -> Vec<u8> {
+pub fn encode(copies: &[DeliveryCopy]) -> Vec<u8> {
     let size: usize = copies
         .iter()
         .map(|copy| {
@@ -53,7 +53,7 @@ pub fn encode(copies: &[Copy]) -> Vec<u8> {
 }
 
 /// Decodes a message body.
-pub fn decode(body: &[u8]) -> Result<Vec<Copy>, Malformed> {
+pub fn decode(body: &[u8]) -> Result<Vec<DeliveryCopy>, Malformed> {
     let mut reader = Reader { rest: body };
     if reader.take(1)? != [VERSION] {
         return Err(Malformed);
@@ -67,7 +67,7 @@ pub fn decode(body: &[u8]) -> Result<Vec<Copy>, Malformed> {
             .map(|_| reader.string())
             .collect::<Result<_, _>>()?;
         let frame = reader.string()?.into();
-        copies.push(Copy {
+        copies.push(DeliveryCopy {
             delivery_id,
             frame,
             users,
@@ -120,8 +120,8 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn copy(id: &str, users: &[&str], frame: &str) -> Copy {
-        Copy {
+    fn copy(id: &str, users: &[&str], frame: &str) -> DeliveryCopy {
+        DeliveryCopy {
             delivery_id: id.to_owned(),
             frame: frame.into(),
             users: users.iter().map(|user| (*user).to_owned()).collect(),

@@ -34,7 +34,7 @@ use crate::connections::{Connections, OutboundFrame, Push};
 use crate::health::Health;
 use crate::intake::amqp::{AmqpSettings, stopped};
 use crate::metrics::Metrics;
-use batch::Copy;
+use batch::DeliveryCopy;
 
 /// Most copies published in one message.
 const MAX_BATCH: usize = 256;
@@ -60,7 +60,7 @@ enum Command {
         user: Arc<str>,
         done: Option<oneshot::Sender<()>>,
     },
-    Forward(Copy),
+    Forward(DeliveryCopy),
 }
 
 /// This node's handle on the cluster.
@@ -148,7 +148,7 @@ impl Cluster {
         if users.is_empty() {
             return;
         }
-        let copy = Copy {
+        let copy = DeliveryCopy {
             delivery_id,
             frame,
             users,
@@ -191,7 +191,7 @@ struct Link {
     metrics: Arc<Metrics>,
     status: Arc<Health>,
     /// Batches not yet confirmed by the broker, oldest first.
-    outbox: VecDeque<Vec<Copy>>,
+    outbox: VecDeque<Vec<DeliveryCopy>>,
     seen: Seen,
 }
 
@@ -232,7 +232,7 @@ impl Link {
     }
 
     /// Keeps a copy for when the broker is back.
-    fn keep(&mut self, copy: Copy) {
+    fn keep(&mut self, copy: DeliveryCopy) {
         match self.outbox.back_mut() {
             Some(batch) if batch.len() < MAX_BATCH => batch.push(copy),
             _ => {
@@ -425,7 +425,11 @@ impl Link {
 
     /// Publishes a batch addressed to the union of its users: each node
     /// holding at least one of them gets it once.
-    async fn publish(&self, channel: &Channel, batch: &[Copy]) -> lapin::Result<PublisherConfirm> {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        batch: &[DeliveryCopy],
+    ) -> lapin::Result<PublisherConfirm> {
         let mut users: Vec<&str> = batch
             .iter()
             .flat_map(|copy| copy.users.iter().map(String::as_str))
