@@ -2,7 +2,7 @@
 //! `sockets.events` topic exchange into the router, acknowledged only after
 //! their deliveries were queued and logged; what can never be processed is
 //! dead-lettered with the reason, never dropped and never requeued forever.
-//! The only module that knows lapin.
+//! With `cluster`, the only modules that know lapin.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -70,6 +70,8 @@ pub struct AmqpIntake {
 /// Backoff bounds for reconnecting.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the messages being processed.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// How often bindings are brought in step with the plugins' subscriptions.
 const BINDINGS_EVERY: Duration = Duration::from_millis(500);
 
@@ -157,9 +159,18 @@ impl AmqpIntake {
                 },
             }
         }
-        // Let what was being processed finish (acks included).
-        while let Some(processed) = in_flight.next().await {
-            processed?;
+        // Let what was being processed finish (acks included), for a while:
+        // an event waiting for an unreachable database is left unacked and
+        // goes back to the queue.
+        let drained = tokio::time::timeout(SHUTDOWN_DRAIN, async {
+            while let Some(processed) = in_flight.next().await {
+                processed?;
+            }
+            Ok::<(), lapin::Error>(())
+        })
+        .await;
+        if let Ok(drained) = drained {
+            drained?;
         }
         let _ = connection.close(200, "shutting down".into()).await;
         Ok(())
