@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE.md` at the repository root for the map of modules.
 
 pub mod auth;
+pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod cluster;

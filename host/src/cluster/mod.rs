@@ -30,9 +30,10 @@ use lapin::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::backoff::Backoff;
 use crate::connections::{Connections, OutboundFrame, Push};
 use crate::health::Health;
-use crate::intake::amqp::{AmqpSettings, stopped};
+use crate::intake::amqp::{AmqpSettings, RECONNECT, stopped};
 use crate::metrics::Metrics;
 use batch::DeliveryCopy;
 
@@ -48,8 +49,6 @@ const OUTBOX_LIMIT: usize = 1_024;
 const SEEN_IDS: usize = 8_192;
 /// How long a new connection waits for its user's binding.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The longest routing key AMQP allows, in bytes.
 const MAX_ROUTING_KEY: usize = 255;
 
@@ -201,18 +200,18 @@ impl Link {
         mut inbox: mpsc::Receiver<Command>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = RECONNECT;
         loop {
-            match self.session(&mut inbox, &mut shutdown, &mut backoff).await {
+            let wait = match self.session(&mut inbox, &mut shutdown, &mut backoff).await {
                 Ok(()) => return,
                 Err(err) => {
-                    tracing::warn!("cluster link down, retrying in {backoff:?}: {err}");
+                    let wait = backoff.next_wait();
+                    tracing::warn!("cluster link down, retrying in {wait:?}: {err}");
                     self.status.set(Some(err.to_string()));
+                    wait
                 }
-            }
-            let jitter =
-                Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 250));
-            let retry = tokio::time::sleep(backoff + jitter);
+            };
+            let retry = tokio::time::sleep(wait);
             tokio::pin!(retry);
             // Meanwhile: keep copies for later, let joiners go (a reconnect
             // binds every connected user anyway).
@@ -227,7 +226,6 @@ impl Link {
                     },
                 }
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -251,7 +249,7 @@ impl Link {
         &mut self,
         inbox: &mut mpsc::Receiver<Command>,
         shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> lapin::Result<()> {
         let connection = Connection::connect(
             &self.settings.url,
@@ -289,7 +287,7 @@ impl Link {
             confirms.push_back(self.publish(&publisher, batch).await?);
         }
         self.status.set(None);
-        *backoff = BACKOFF_MIN;
+        backoff.reset();
         tracing::info!(queue = %self.queue, exchange = %self.settings.nodes_exchange, "cluster link up");
 
         loop {

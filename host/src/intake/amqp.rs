@@ -20,6 +20,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, Idempotency};
+use crate::backoff::Backoff;
 use crate::health::Health;
 use crate::plugin::{Event, Origin, PluginRegistry};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
@@ -67,9 +68,9 @@ pub struct AmqpIntake {
     pub status: Arc<Health>,
 }
 
-/// Backoff bounds for reconnecting.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Reconnecting to the broker: 0.2 s doubling to 10 s, plus up to 250 ms.
+pub(crate) const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 250);
 /// How long shutdown waits for the messages being processed.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// How often bindings are brought in step with the plugins' subscriptions.
@@ -79,23 +80,22 @@ impl AmqpIntake {
     /// Consumes until `shutdown` flips, reconnecting with backoff and jitter
     /// whenever the broker is unreachable or the connection drops.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = RECONNECT;
         loop {
             let session = self.session(&mut shutdown, &mut backoff);
-            match session.await {
+            let wait = match session.await {
                 Ok(()) => return,
                 Err(err) => {
-                    tracing::warn!("broker unavailable, retrying in {backoff:?}: {err}");
+                    let wait = backoff.next_wait();
+                    tracing::warn!("broker unavailable, retrying in {wait:?}: {err}");
                     self.status.set(Some(err.to_string()));
+                    wait
                 }
-            }
-            let jitter =
-                Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 250));
+            };
             tokio::select! {
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stopped(&mut shutdown) => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -103,7 +103,7 @@ impl AmqpIntake {
     async fn session(
         &self,
         shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> lapin::Result<()> {
         let settings = &self.settings;
         let connection = Connection::connect(
@@ -132,7 +132,7 @@ impl AmqpIntake {
             .await?;
         self.status.set(None);
         // Connected: the next outage starts again from the shortest wait.
-        *backoff = BACKOFF_MIN;
+        backoff.reset();
         tracing::info!(queue = %settings.queue, exchange = %settings.exchange, "consuming broker events");
 
         let mut bindings = tokio::time::interval(BINDINGS_EVERY);

@@ -14,6 +14,7 @@ use mongodb::error::ErrorKind;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Mongo, NOTIFICATION_LOGS, documents};
+use crate::backoff::Backoff;
 use crate::store::{NotificationLog, NotificationRecord, StoreError};
 
 /// Appends waiting for the writer beyond this are refused (`unavailable`)
@@ -21,8 +22,8 @@ use crate::store::{NotificationLog, NotificationRecord, StoreError};
 const QUEUED_APPENDS: usize = 8_192;
 /// Most records inserted in one command.
 const MAX_BATCH: usize = 1_000;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retrying a write: 0.1 s doubling to 5 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 0);
 /// MongoDB's duplicate key error.
 const DUPLICATE_KEY: i32 = 11_000;
 
@@ -133,7 +134,7 @@ async fn write_loop(
             .flat_map(|append| &append.records)
             .map(documents::notification)
             .collect();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = RETRY;
         loop {
             let result = collection
                 .insert_many(documents.iter())
@@ -146,12 +147,12 @@ async fn write_loop(
             match mongo.observe(result) {
                 Ok(()) => break,
                 Err(err) => {
+                    let wait = backoff.next_wait();
                     tracing::warn!(
                         records = documents.len(),
-                        "notification log write failed, retrying in {backoff:?}: {err}"
+                        "notification log write failed, retrying in {wait:?}: {err}"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
