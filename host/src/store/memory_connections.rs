@@ -25,6 +25,26 @@ impl MemoryConnections {
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, ConnectionRecord>) -> R) -> R {
         f(&mut self.records.lock().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// A connection's record.
+    pub fn record(&self, id: &str) -> Option<ConnectionRecord> {
+        self.with(|records| records.get(id).cloned())
+    }
+
+    /// Every record.
+    pub fn records(&self) -> Vec<ConnectionRecord> {
+        self.with(|records| records.values().cloned().collect())
+    }
+
+    /// How many records the user has.
+    pub fn count_of_user(&self, user_id: &str) -> usize {
+        self.with(|records| {
+            records
+                .values()
+                .filter(|record| record.user_id == user_id)
+                .count()
+        })
+    }
 }
 
 #[async_trait]
@@ -62,6 +82,6 @@ impl ConnectionStore for MemoryConnections {
     }
 
     async fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
-        Ok(self.with(|records| records.get(id).cloned()))
+        Ok(self.record(id))
     }
 }

@@ -4,9 +4,9 @@
 //! marks the mirror dirty; the maintenance task then reconciles the
 //! database with it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -16,8 +16,7 @@ use mongodb::bson::{Bson, Document, doc};
 use tokio::sync::mpsc;
 
 use super::{Mongo, USER_CONNECTIONS, documents};
-use crate::protocol::rfc3339;
-use crate::store::{ConnectionRecord, ConnectionStore, Presence, StoreError};
+use crate::store::{ConnectionRecord, ConnectionStore, MemoryConnections, Presence, StoreError};
 
 /// Writes waiting beyond this are dropped and left to reconciliation.
 const QUEUED_WRITES: usize = 65_536;
@@ -37,7 +36,8 @@ enum Write {
 /// `userConnections` for a node of a cluster.
 pub struct MongoConnections {
     instance_id: Arc<str>,
-    mirror: Mutex<HashMap<String, ConnectionRecord>>,
+    /// This node's records: the truth the database is brought in line with.
+    mirror: MemoryConnections,
     collection: Collection<Document>,
     writes: mpsc::Sender<Write>,
     dirty: Arc<AtomicBool>,
@@ -57,7 +57,7 @@ impl MongoConnections {
         let (writes, queue) = mpsc::channel(QUEUED_WRITES);
         let connections = Arc::new(Self {
             instance_id,
-            mirror: Mutex::new(HashMap::new()),
+            mirror: MemoryConnections::new(),
             collection: mongo.db.collection(USER_CONNECTIONS),
             writes,
             dirty: Arc::new(AtomicBool::new(false)),
@@ -68,10 +68,6 @@ impl MongoConnections {
             queue,
         ));
         connections
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, ConnectionRecord>) -> R) -> R {
-        f(&mut self.mirror.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn write(&self, write: Write) {
@@ -95,12 +91,11 @@ impl MongoConnections {
     async fn apply(&self, write: &Write) -> mongodb::error::Result<()> {
         match write {
             Write::Sync(id) => {
-                let record = self.with(|mirror| mirror.get(id).cloned());
+                let record = self.mirror.record(id);
                 self.store(id, record.as_ref()).await
             }
             Write::Reconcile => {
-                let records: Vec<ConnectionRecord> =
-                    self.with(|mirror| mirror.values().cloned().collect());
+                let records = self.mirror.records();
                 let live: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
                 let stored: Vec<Document> = self
                     .collection
@@ -149,15 +144,6 @@ impl MongoConnections {
         }
         Ok(())
     }
-
-    fn local_count(&self, user_id: &str) -> usize {
-        self.with(|mirror| {
-            mirror
-                .values()
-                .filter(|record| record.user_id == user_id)
-                .count()
-        })
-    }
 }
 
 /// Applies writes in order; a failed one leaves the mirror to be
@@ -181,7 +167,7 @@ async fn write_loop(
 impl ConnectionStore for MongoConnections {
     async fn insert(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         let id = record.id.clone();
-        self.with(|mirror| mirror.insert(id.clone(), record));
+        self.mirror.insert(record).await?;
         self.write(Write::Sync(id));
         Ok(())
     }
@@ -191,33 +177,25 @@ impl ConnectionStore for MongoConnections {
         id: &str,
         details: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), StoreError> {
-        self.with(|mirror| {
-            if let Some(record) = mirror.get_mut(id) {
-                record.details = details;
-            }
-        });
+        self.mirror.set_details(id, details).await?;
         self.write(Write::Sync(id.to_owned()));
         Ok(())
     }
 
     async fn touch(&self, id: &str, at: SystemTime) -> Result<(), StoreError> {
-        self.with(|mirror| {
-            if let Some(record) = mirror.get_mut(id) {
-                record.last_seen_at = rfc3339(at);
-            }
-        });
+        self.mirror.touch(id, at).await?;
         self.write(Write::Sync(id.to_owned()));
         Ok(())
     }
 
     async fn remove(&self, id: &str) -> Result<(), StoreError> {
-        self.with(|mirror| mirror.remove(id));
+        self.mirror.remove(id).await?;
         self.write(Write::Sync(id.to_owned()));
         Ok(())
     }
 
     async fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
-        Ok(self.with(|mirror| mirror.get(id).cloned()))
+        Ok(self.mirror.record(id))
     }
 }
 
@@ -242,7 +220,7 @@ impl Presence for MongoConnections {
             });
         // Writes behind may not have reached the database yet: this node's
         // own connections are known for sure.
-        let local = self.local_count(user_id);
+        let local = self.mirror.count_of_user(user_id);
         count.map_or(local, |count| {
             usize::try_from(count).unwrap_or(usize::MAX).max(local)
         })
