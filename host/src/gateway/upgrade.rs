@@ -15,9 +15,10 @@ use super::connection::{self, Session};
 use super::error::ApiError;
 use crate::auth::{AuthError, Claims};
 
-/// tungstenite reserves its read buffer per connection; 4 KiB keeps idle
-/// connections small (DESIGN.md: ~11.6 KB RSS per idle connection).
-const READ_BUFFER_BYTES: usize = 4096;
+/// tungstenite zero-fills its whole read buffer before the first read, so
+/// every idle connection holds it. Frames of the protocol are mostly a few
+/// hundred bytes; a larger message grows the buffer as it arrives.
+const READ_BUFFER_BYTES: usize = 1024;
 
 pub async fn upgrade(
     State(state): State<AppState>,
