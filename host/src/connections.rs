@@ -2,11 +2,11 @@
 //! connection. Delivery looks recipients up here and pushes frames into each
 //! connection's bounded outbound queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Close code for a client that cannot keep up (PROTOCOL.md §6).
 pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
@@ -32,10 +32,34 @@ pub struct ConnectionHandle {
     pub user_id: Arc<str>,
     /// The user's role.
     pub role: Arc<str>,
-    outbound: mpsc::Sender<OutboundFrame>,
+    outbound: Outbound,
     close: OnceLock<CloseRequest>,
     close_requested: Notify,
 }
+
+/// The bounded queue of frames waiting for the connection's writer.
+///
+/// Not a `tokio::sync::mpsc` channel: that allocates a 32-slot block per
+/// connection up front (~1.5 KB with its state), while most connections sit
+/// idle with nothing queued. This one holds no buffer while empty.
+#[derive(Debug)]
+struct Outbound {
+    state: Mutex<Queue>,
+    /// Wakes the writer; it is the only waiter.
+    ready: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<OutboundFrame>,
+    /// The writer stopped: pushes fail.
+    closed: bool,
+}
+
+/// A queue that grew past this many slots in a burst gives the memory back
+/// once drained.
+const OUTBOUND_KEEP_SLOTS: usize = 16;
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,18 +73,17 @@ pub enum Push {
 }
 
 impl ConnectionHandle {
-    /// A handle whose frames go to `outbound`.
-    pub fn new(
-        id: Arc<str>,
-        user_id: Arc<str>,
-        role: Arc<str>,
-        outbound: mpsc::Sender<OutboundFrame>,
-    ) -> Self {
+    /// A handle whose outbound queue holds at most `queue_frames` frames.
+    pub fn new(id: Arc<str>, user_id: Arc<str>, role: Arc<str>, queue_frames: usize) -> Self {
         Self {
             id,
             user_id,
             role,
-            outbound,
+            outbound: Outbound {
+                state: Mutex::default(),
+                ready: Notify::new(),
+                capacity: queue_frames.max(1),
+            },
             close: OnceLock::new(),
             close_requested: Notify::new(),
         }
@@ -69,14 +92,61 @@ impl ConnectionHandle {
     /// Queues a frame without waiting. A full queue means the client does
     /// not keep up: rather than grow memory, the connection is closed.
     pub fn push(&self, frame: OutboundFrame) -> Push {
-        match self.outbound.try_send(frame) {
-            Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.request_close(CLOSE_TRY_AGAIN_LATER, "too slow");
-                Push::TooSlow
+        {
+            let mut queue = self.queue();
+            if queue.closed {
+                return Push::Closed;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+            if queue.frames.len() >= self.outbound.capacity {
+                drop(queue);
+                self.request_close(CLOSE_TRY_AGAIN_LATER, "too slow");
+                return Push::TooSlow;
+            }
+            queue.frames.push_back(frame);
         }
+        self.outbound.ready.notify_one();
+        Push::Queued
+    }
+
+    /// The next queued frame, waiting for one (the writer's side). `None`
+    /// once the queue is closed and empty.
+    pub async fn next_frame(&self) -> Option<OutboundFrame> {
+        loop {
+            {
+                let mut queue = self.queue();
+                if let Some(frame) = queue.frames.pop_front() {
+                    if queue.frames.is_empty() && queue.frames.capacity() > OUTBOUND_KEEP_SLOTS {
+                        queue.frames.shrink_to(OUTBOUND_KEEP_SLOTS);
+                    }
+                    return Some(frame);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            // A push between the check and here leaves a permit: no wakeup
+            // is lost.
+            self.outbound.ready.notified().await;
+        }
+    }
+
+    /// The next queued frame if there is one, without waiting.
+    pub fn try_next_frame(&self) -> Option<OutboundFrame> {
+        self.queue().frames.pop_front()
+    }
+
+    /// Stops taking frames (the writer is gone) and drops those queued.
+    pub fn close_queue(&self) {
+        let mut queue = self.queue();
+        queue.closed = true;
+        queue.frames = VecDeque::new();
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.outbound
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Asks the connection's task to close it; the first request wins.
@@ -181,28 +251,20 @@ impl Connections {
 mod tests {
     use super::*;
 
-    fn handle(
-        id: &str,
-        user: &str,
-        queue: usize,
-    ) -> (Arc<ConnectionHandle>, mpsc::Receiver<OutboundFrame>) {
-        let (tx, rx) = mpsc::channel(queue);
-        (
-            Arc::new(ConnectionHandle::new(
-                id.into(),
-                user.into(),
-                "student".into(),
-                tx,
-            )),
-            rx,
-        )
+    fn handle(id: &str, user: &str, queue: usize) -> Arc<ConnectionHandle> {
+        Arc::new(ConnectionHandle::new(
+            id.into(),
+            user.into(),
+            "student".into(),
+            queue,
+        ))
     }
 
     #[test]
     fn users_map_to_their_connections() {
         let connections = Connections::new();
-        let (a, _ra) = handle("a", "u1", 4);
-        let (b, _rb) = handle("b", "u1", 4);
+        let a = handle("a", "u1", 4);
+        let b = handle("b", "u1", 4);
         connections.register(Arc::clone(&a));
         connections.register(Arc::clone(&b));
         assert_eq!(connections.count_of_user("u1"), 2);
@@ -215,9 +277,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_asks_for_1013() {
-        let (slow, _rx) = handle("s", "u", 1);
+        let slow = handle("s", "u", 1);
         assert_eq!(slow.push("1".into()), Push::Queued);
         assert_eq!(slow.push("2".into()), Push::TooSlow);
         assert_eq!(slow.close_requested().await.code, CLOSE_TRY_AGAIN_LATER);
+    }
+
+    #[tokio::test]
+    async fn the_writer_gets_frames_in_order_and_a_closed_queue_refuses() {
+        let connection = handle("c", "u", 64);
+        let writer = {
+            let connection = Arc::clone(&connection);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < 40 {
+                    got.push(connection.next_frame().await.unwrap().to_string());
+                }
+                got
+            })
+        };
+        for n in 0..40 {
+            assert_eq!(connection.push(n.to_string().into()), Push::Queued);
+            if n % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let expected: Vec<String> = (0..40).map(|n| n.to_string()).collect();
+        assert_eq!(writer.await.unwrap(), expected);
+        // Drained after a burst: the queue gave its memory back.
+        assert!(connection.queue().frames.capacity() <= OUTBOUND_KEEP_SLOTS);
+
+        connection.push("left over".into());
+        connection.close_queue();
+        assert_eq!(connection.push("late".into()), Push::Closed);
+        assert!(connection.next_frame().await.is_none());
     }
 }
