@@ -158,11 +158,9 @@ impl Router {
     pub async fn deliver(&self, inbound: &Inbound) -> Result<Delivered, RouteError> {
         let plugins = self.plugins.snapshot();
         let started = Instant::now();
-        // Plugin calls are synchronous (bounded by their deadline). WASI's
-        // synchronous I/O (a plugin printing, e.g. its panic message) blocks
-        // on the ambient tokio runtime, which a worker thread may not do:
-        // leave the worker role for the call.
-        let decision = tokio::task::block_in_place(|| plugins.dispatch(&inbound.event));
+        // Plugin calls are synchronous (bounded by their deadline) and run
+        // on this worker unless the plugin must not (plugin/placement.rs).
+        let decision = plugins.dispatch(&inbound.event);
         self.metrics.observe_dispatch(started.elapsed());
         let decision = decision.map_err(|err| match err {
             DispatchError::NoHandler(name) => RouteError::UnknownEvent(name),

@@ -191,4 +191,41 @@ async fn a_misbehaving_plugin_gets_plugin_failed_and_the_connection_and_server_l
     );
     let health = sockets_tests::client::http(&server, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200);
+    // The spinning call moved the plugin's calls off the async workers.
+    assert!(
+        server
+            .log()
+            .contains("plugin calls now run off the async workers"),
+        "{}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_that_prints_is_served_and_its_deliveries_arrive() {
+    let config = sockets_tests::server::ServerConfig {
+        plugins: vec!["misbehaving"],
+        ..Default::default()
+    };
+    let server = Server::start_with(config).await;
+    let mut recipient = Client::connect(&server, &token("u_1", "student")).await.0;
+    let mut client = student(&server).await;
+    for ack in 1..=3 {
+        // The first print is abandoned on the async worker and made again
+        // off it; later ones go there at once. Each is delivered once.
+        client
+            .send(&json!({"event": "print", "data": {"n": ack}, "ack": ack}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["ack"], ack, "{reply}");
+        assert_eq!(reply["ok"], true, "{reply}");
+        let push = recipient.recv().await;
+        assert_eq!(push["event"], "echo");
+        assert_eq!(push["data"], json!({"n": ack}));
+    }
+    assert!(
+        server.log().contains("it uses WASI's blocking I/O"),
+        "{}",
+        server.log()
+    );
 }

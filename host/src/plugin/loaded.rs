@@ -12,6 +12,7 @@ use super::bindings::{Plugin as PluginBindings, PluginPre};
 use super::error::{CallError, LoadError};
 use super::instance::{PluginContext, State, new_store};
 use super::outcome;
+use super::placement::Placement;
 use super::runtime::{PluginLimits, deadline_ticks};
 use super::stats::PluginStats;
 use super::types::{Event, Origin, Outcome, PluginInfo, RefusalCode};
@@ -39,6 +40,7 @@ pub struct LoadedPlugin {
     /// Instantiation costs tens of microseconds, a warm call one or two:
     /// instances are kept between calls (at most `max_idle_instances`).
     idle: Mutex<Vec<WarmInstance>>,
+    placement: Placement,
     stats: PluginStats,
 }
 
@@ -92,6 +94,7 @@ impl LoadedPlugin {
             pre,
             limits,
             idle: Mutex::new(vec![warm]),
+            placement: Placement::default(),
             stats: PluginStats::default(),
             context,
         })
@@ -134,10 +137,11 @@ impl LoadedPlugin {
 
     /// Hands one event to the plugin, under the deadline and memory limit,
     /// and validates what it returns. Blocking for at most the deadline
-    /// (plus instantiation when no warm instance is free).
+    /// (plus instantiation when no warm instance is free), on the calling
+    /// async worker unless this version showed it must not (`placement`).
     pub fn handle(&self, event: &Event) -> Result<Outcome, CallError> {
         let started = Instant::now();
-        let result = self.call(event);
+        let result = self.placement.run(&self.label, || self.call(event));
         self.stats
             .record(started.elapsed(), result.as_ref().map(|_| ()));
         result

@@ -11,6 +11,7 @@ mod error;
 mod instance;
 mod loaded;
 mod outcome;
+mod placement;
 mod registry;
 mod runtime;
 mod stats;

@@ -19,6 +19,7 @@ impl Plugin for Misbehaving {
         "sandbox",
         "refuse",
         "config",
+        "print",
     ];
 
     fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
@@ -61,6 +62,13 @@ impl Plugin for Misbehaving {
             }
             "refuse" => Err(Failure::forbidden("refused on purpose")),
             "config" => Ok(Outcome::new().deliver(echo(&host.config()))),
+            // Not misbehaving, but WASI's blocking I/O: the host must run it
+            // off its async workers.
+            "print" => {
+                println!("a plugin printing to stdout");
+                eprintln!("and to stderr");
+                Ok(Outcome::new().deliver(echo(&event.data)))
+            }
             _ => Err(Failure::bad_request("unexpected event")),
         }
     }

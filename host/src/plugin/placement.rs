@@ -1,0 +1,146 @@
+//! Where a plugin call runs: on the async worker thread that handles the
+//! event, unless the plugin version showed that it must not.
+//!
+//! A warm call takes a microsecond or two. Handing the worker's other tasks
+//! to a fresh thread around every call (`block_in_place`) cost ~30% of chat
+//! throughput (README, "Benchmarks"). Two kinds of plugin version leave the
+//! worker for good:
+//! - one that uses WASI's blocking I/O (printing, e.g. its panic message):
+//!   wasmtime-wasi runs it by blocking on the ambient tokio runtime, which a
+//!   worker may not do. Tokio panics, the panic unwinds out of the guest,
+//!   and the abandoned call is made again off the worker, on a fresh
+//!   instance (an unwound instance is never reused).
+//! - one whose call was slow: a busy worker stalls every connection it
+//!   serves. Slow means CPU time of the calling thread, not wall time: on a
+//!   loaded machine a thread can be preempted in the middle of a quick call.
+
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cpu_time::ThreadTime;
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+/// A call that used more CPU than this moves the plugin version off the
+/// workers.
+const SLOW_CALL: Duration = Duration::from_millis(2);
+
+/// What tokio says when something blocks on it from one of its workers.
+const BLOCKED_ON_WORKER: &str = "Cannot start a runtime from within a runtime";
+
+/// One plugin version's choice of thread.
+#[derive(Debug, Default)]
+pub(crate) struct Placement {
+    off_worker: AtomicBool,
+}
+
+impl Placement {
+    /// Runs `call` (twice, if the first attempt had to be abandoned).
+    pub(crate) fn run<R>(&self, plugin: &str, call: impl Fn() -> R) -> R {
+        if self.off_worker.load(Ordering::Relaxed) || !on_worker() {
+            return off_worker(call);
+        }
+        let started = ThreadTime::try_now().ok();
+        match panic::catch_unwind(AssertUnwindSafe(&call)) {
+            Ok(result) => {
+                let used = started.and_then(|started| started.try_elapsed().ok());
+                if used.is_some_and(|used| used > SLOW_CALL) {
+                    self.leave_workers(plugin, "a call used more than 2 ms of CPU");
+                }
+                result
+            }
+            Err(panic) if blocked_on_worker(&*panic) => {
+                self.leave_workers(plugin, "it uses WASI's blocking I/O (it prints?)");
+                off_worker(call)
+            }
+            Err(panic) => panic::resume_unwind(panic),
+        }
+    }
+
+    /// Whether calls run off the async workers.
+    #[cfg(test)]
+    fn is_off_worker(&self) -> bool {
+        self.off_worker.load(Ordering::Relaxed)
+    }
+
+    fn leave_workers(&self, plugin: &str, why: &str) {
+        if !self.off_worker.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower): {why}");
+        }
+    }
+}
+
+/// Whether this thread is a worker of a multi-threaded runtime (or a
+/// blocking thread of one: there, a direct call is fine too).
+fn on_worker() -> bool {
+    Handle::try_current().is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread)
+}
+
+/// Runs `call` where it may block: the worker hands its tasks to another
+/// thread first. Outside a multi-threaded runtime there is nothing to hand.
+fn off_worker<R>(call: impl FnOnce() -> R) -> R {
+    if on_worker() {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
+    }
+}
+
+fn blocked_on_worker(panic: &(dyn Any + Send)) -> bool {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    message.is_some_and(|message| message.contains(BLOCKED_ON_WORKER))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_call_that_blocks_on_the_runtime_is_made_again_off_the_worker() {
+        let placement = Placement::default();
+        let attempts = AtomicUsize::new(0);
+        let answer = placement.run("printer", || {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            // What wasmtime-wasi does for a guest's print.
+            Handle::current().block_on(async { 42 })
+        });
+        assert_eq!(answer, 42);
+        assert_eq!(attempts.load(Ordering::Relaxed), 2);
+        assert!(placement.is_off_worker());
+        // From now on, at once off the worker.
+        assert_eq!(
+            placement.run("printer", || Handle::current().block_on(async { 7 })),
+            7
+        );
+        assert_eq!(attempts.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn fast_calls_stay_on_the_worker_and_slow_ones_leave() {
+        let placement = Placement::default();
+        assert_eq!(placement.run("quick", || 1), 1);
+        assert!(!placement.is_off_worker());
+        // Waiting is not slow; computing is.
+        placement.run("sleepy", || std::thread::sleep(SLOW_CALL * 2));
+        assert!(!placement.is_off_worker());
+        placement.run("busy", || {
+            let started = std::time::Instant::now();
+            while started.elapsed() < SLOW_CALL * 2 {
+                std::hint::black_box(());
+            }
+        });
+        assert!(placement.is_off_worker());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    #[should_panic(expected = "a host bug")]
+    async fn other_panics_are_not_swallowed() {
+        Placement::default().run("any", || panic!("a host bug"));
+    }
+}
