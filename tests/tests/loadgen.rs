@@ -2,6 +2,7 @@
 //! it keeps speaking PROTOCOL.md, and its summaries count what they claim.
 
 use serde_json::Value;
+use sockets_tests::broker::{Names, amqp_url, consuming};
 use sockets_tests::loadgen_binary;
 use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir};
 
@@ -46,6 +47,28 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     assert_eq!(chat["duplicated"], 0, "{chat}");
     assert!(chat["delivery_latency"]["p99_ms"].as_f64().unwrap() > 0.0);
 
+    // Paced: 200 messages/s over 2 pairs for 1 s sends about 200, not as
+    // many as the acks allow.
+    let paced = loadgen(
+        &server,
+        &[
+            "chat",
+            "--pairs",
+            "2",
+            "--window",
+            "4",
+            "--duration",
+            "1",
+            "--rate",
+            "200",
+        ],
+    );
+    let acked = paced["acked"].as_u64().unwrap();
+    assert!((150..=250).contains(&acked), "{paced}");
+    assert_eq!(paced["rate_per_s"], 200.0, "{paced}");
+    assert_eq!(paced["lost"], 0, "{paced}");
+    assert_eq!(paced["duplicated"], 0, "{paced}");
+
     let fanout = loadgen(&server, &["fanout", "--users", "5", "--events", "200"]);
     assert_eq!(fanout["received"], 200, "{fanout}");
     assert_eq!(fanout["lost"], 0, "{fanout}");
@@ -59,4 +82,29 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     assert_eq!(idle["connections"], 200, "{idle}");
     assert_eq!(idle["failed"], 0, "{idle}");
     assert!(idle["server_rss_after_kib"].as_u64().unwrap() > 0, "{idle}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fanout_through_rabbitmq_reaches_every_user_once() {
+    let names = Names::unique();
+    let server = consuming(names.server_config()).await;
+    let fanout = loadgen(
+        &server,
+        &[
+            "fanout",
+            "--users",
+            "5",
+            "--events",
+            "200",
+            "--amqp",
+            &amqp_url(),
+            "--exchange",
+            &names.exchange,
+        ],
+    );
+    assert_eq!(fanout["via"], "rabbitmq", "{fanout}");
+    assert_eq!(fanout["refused"], 0, "{fanout}");
+    assert_eq!(fanout["received"], 200, "{fanout}");
+    assert_eq!(fanout["lost"], 0, "{fanout}");
+    assert_eq!(fanout["duplicated"], 0, "{fanout}");
 }

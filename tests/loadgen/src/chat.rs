@@ -1,6 +1,8 @@
 //! `chat`: P student/consultant pairs; each student keeps W `sendMessage`
 //! in flight (a new one per ack) for D seconds, then waits for what is
-//! outstanding. Each message's text carries its pair, sequence and send
+//! outstanding. With a rate, students send on a fixed schedule instead
+//! (open loop, still at most W in flight), to measure latency below the
+//! peak. Each message's text carries its pair, sequence and send
 //! time, so the consultant's side measures delivery latency and finds lost
 //! and duplicated messages.
 
@@ -26,6 +28,8 @@ pub struct Options {
     pub pairs: usize,
     pub window: usize,
     pub duration: Duration,
+    /// Messages per second over all pairs; `None` sends as fast as acks come.
+    pub rate: Option<f64>,
 }
 
 struct SenderResult {
@@ -67,11 +71,17 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
             started,
             stop.clone(),
         )));
+        let pace = options
+            .rate
+            .map(|rate| Duration::from_secs_f64(options.pairs as f64 / rate));
         senders.push(tokio::spawn(send(
             options.target,
             student,
             pair,
-            options.window,
+            Pacing {
+                window: options.window,
+                every: pace,
+            },
             started,
             stop.clone(),
         )));
@@ -103,6 +113,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "target": format!("{:?}", options.target).to_lowercase(),
         "pairs": options.pairs,
         "window": options.window,
+        "rate_per_s": options.rate,
         "duration_s": seconds,
         "acked": acked,
         "failed": failed,
@@ -120,11 +131,19 @@ fn text(seq: u64, started: Instant) -> String {
     format!("{seq}:{}", started.elapsed().as_micros())
 }
 
+/// How a student sends.
+struct Pacing {
+    /// Most messages in flight.
+    window: usize,
+    /// One message per period; `None`: whenever the window has room.
+    every: Option<Duration>,
+}
+
 async fn send(
     target: Target,
     socket: peer::Socket,
     pair: usize,
-    window: usize,
+    pacing: Pacing,
     started: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SenderResult> {
@@ -139,8 +158,22 @@ async fn send(
     let mut next = 1u64;
     let mut stopping = false;
     let mut deadline = None;
+    // Paced senders start spread over one period, not all at once.
+    let period = pacing.every.unwrap_or(Duration::from_secs(1));
+    let offset = period.mul_f64((pair % 16) as f64 / 16.0);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut due = 0usize;
     loop {
-        while !stopping && in_flight.len() < window {
+        let room = pacing.window.saturating_sub(in_flight.len());
+        let sends = if pacing.every.is_some() {
+            let sends = due.min(room);
+            due -= sends;
+            sends
+        } else {
+            room
+        };
+        for _ in 0..if stopping { 0 } else { sends } {
             let data = json!({"to": to, "text": text(next, started)});
             let frame = peer::event_frame(target, "sendMessage", &data, next);
             writer.send(Message::text(frame)).await?;
@@ -151,6 +184,9 @@ async fn send(
             break;
         }
         tokio::select! {
+            // A full window defers a due message; a saturated server sees
+            // at most W waiting.
+            _ = ticks.tick(), if pacing.every.is_some() && !stopping => due = (due + 1).min(pacing.window),
             incoming = peer::read(target, &mut reader, &mut writer) => {
                 if let Incoming::Ack { id, ok } = incoming?
                     && let Some(sent) = in_flight.remove(&id)

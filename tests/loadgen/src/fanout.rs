@@ -1,15 +1,16 @@
 //! `fanout`: N connected users; E backend events (`PAYMENT_PROCESSED`, one
 //! user each, round robin) published through the HTTP API, C requests at
-//! once: events per second from first publish to last push, and publish-
-//! to-push latency.
+//! once, or to RabbitMQ with C unconfirmed publishes at once: events per
+//! second from first publish to last push, and publish-to-push latency.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,6 +27,14 @@ pub struct Options {
     pub users: usize,
     pub events: usize,
     pub concurrency: usize,
+    /// Publish through RabbitMQ instead of the HTTP API.
+    pub amqp: Option<Amqp>,
+}
+
+/// Where the host's broker intake consumes from.
+pub struct Amqp {
+    pub url: String,
+    pub exchange: String,
 }
 
 pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
@@ -49,29 +58,24 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
             started,
         )));
     }
-    let service = Arc::new(tokens.mint("bench-service", "service"));
-
-    let publishing = Instant::now();
-    let mut requests = FuturesUnordered::new();
-    let mut refused = 0usize;
-    for n in 0..options.events {
-        if requests.len() >= options.concurrency
-            && let Some(status) = requests.next().await
-            && !matches!(status, Ok(202))
-        {
-            refused += 1;
+    let payment = |n: usize| {
+        json!({"paymentId": format!("{n}:{}", started.elapsed().as_micros()),
+            "studentId": format!("fan_{}", n % options.users), "amount": 4900})
+    };
+    let (publishing, refused) = match &options.amqp {
+        None => {
+            let service = tokens.mint("bench-service", "service");
+            let publishing = Instant::now();
+            let refused = publish_http(&options, &service, payment).await;
+            (publishing, refused)
         }
-        let body = json!({"event": "PAYMENT_PROCESSED", "data": {
-            "paymentId": format!("{n}:{}", started.elapsed().as_micros()),
-            "studentId": format!("fan_{}", n % options.users), "amount": 4900}});
-        let service = Arc::clone(&service);
-        requests.push(async move { post(options.server, &service, &body).await });
-    }
-    while let Some(status) = requests.next().await {
-        if !matches!(status, Ok(202)) {
-            refused += 1;
+        Some(amqp) => {
+            let (_connection, channel) = amqp_channel(&amqp.url).await?;
+            let publishing = Instant::now();
+            let refused = publish_amqp(&options, &channel, &amqp.exchange, payment).await;
+            (publishing, refused)
         }
-    }
+    };
     let mut latency = Latencies::default();
     let mut duplicated = 0;
     let mut received = 0;
@@ -85,6 +89,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
     Ok(json!({
         "run": "fanout",
         "target": format!("{:?}", options.target).to_lowercase(),
+        "via": if options.amqp.is_some() { "rabbitmq" } else { "http" },
         "users": options.users,
         "events": options.events,
         "concurrency": options.concurrency,
@@ -130,6 +135,82 @@ async fn receive(
         }
     }
     Ok((seen.len(), duplicates, latencies))
+}
+
+/// Publishes through `POST /api/events`, C requests in flight; how many
+/// were not accepted.
+async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) -> Value) -> usize {
+    let mut requests = FuturesUnordered::new();
+    let mut refused = 0usize;
+    for n in 0..options.events {
+        if requests.len() >= options.concurrency
+            && let Some(status) = requests.next().await
+            && !matches!(status, Ok(202))
+        {
+            refused += 1;
+        }
+        let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
+        requests.push(async move { post(options.server, service, &body).await });
+    }
+    while let Some(status) = requests.next().await {
+        if !matches!(status, Ok(202)) {
+            refused += 1;
+        }
+    }
+    refused
+}
+
+/// A connection and its channel with publisher confirms.
+async fn amqp_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|err| anyhow::anyhow!("RabbitMQ is not reachable at {url}: {err}"))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
+
+/// Publishes to the exchange (routing key = event name), C unconfirmed at
+/// once; how many the broker did not confirm.
+async fn publish_amqp(
+    options: &Options,
+    channel: &Channel,
+    exchange: &str,
+    payment: impl Fn(usize) -> Value,
+) -> usize {
+    let mut confirms = FuturesUnordered::new();
+    let mut refused = 0usize;
+    let confirmed = |confirm: lapin::Result<lapin::Confirmation>| matches!(confirm, Ok(confirmation) if confirmation.is_ack());
+    for n in 0..options.events {
+        if confirms.len() >= options.concurrency
+            && let Some(confirm) = confirms.next().await
+            && !confirmed(confirm)
+        {
+            refused += 1;
+        }
+        let body = payment(n).to_string();
+        let published = channel
+            .basic_publish(
+                exchange.into(),
+                "PAYMENT_PROCESSED".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await;
+        match published {
+            Ok(confirm) => confirms.push(confirm),
+            Err(_) => refused += 1,
+        }
+    }
+    while let Some(confirm) = confirms.next().await {
+        if !confirmed(confirm) {
+            refused += 1;
+        }
+    }
+    refused
 }
 
 /// One `POST /api/events` over its own connection; the status code.

@@ -56,6 +56,10 @@ enum Run {
         /// Seconds of sending (at most 300).
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Messages per second over all pairs (open loop); default: as
+        /// fast as acks come back.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Authenticated idle connections: connect rate, server memory.
     Idle {
@@ -71,9 +75,16 @@ enum Run {
         users: usize,
         #[arg(long, default_value_t = 10_000)]
         events: usize,
-        /// HTTP requests in flight.
+        /// HTTP requests (or unconfirmed AMQP publishes) in flight.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Publish to this RabbitMQ instead of the HTTP API (the sockets
+        /// host only).
+        #[arg(long)]
+        amqp: Option<String>,
+        /// The exchange the host consumes from.
+        #[arg(long, default_value = "sockets.events")]
+        exchange: String,
     },
     /// Prints a users file with the chat run's users (`bench_s_N`,
     /// `bench_c_N`) for the servers' directories.
@@ -128,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             pairs,
             window,
             duration,
+            rate,
         } => {
             let options = chat::Options {
                 target: cli.target,
@@ -135,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 pairs,
                 window: window.max(1),
                 duration: Duration::from_secs(duration.clamp(1, 300)),
+                rate: rate.filter(|rate| *rate > 0.0),
             };
             chat::run(options, &tokens()?).await?
         }
@@ -154,13 +167,20 @@ async fn main() -> anyhow::Result<()> {
             users,
             events,
             concurrency,
+            amqp,
+            exchange,
         } => {
+            anyhow::ensure!(
+                amqp.is_none() || cli.target == Target::Sockets,
+                "--amqp: only the sockets host consumes from RabbitMQ"
+            );
             let options = fanout::Options {
                 target: cli.target,
                 server: cli.server,
                 users: users.max(1),
                 events,
                 concurrency: concurrency.max(1),
+                amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
             };
             fanout::run(options, &tokens()?).await?
         }
