@@ -5,9 +5,17 @@
 # same bounded load against each, side by side. Prints one JSON object per
 # run and writes them all to target/bench/results.jsonl.
 #
+# Runs per server: idle connections; chat as fast as acks come (peak),
+# then paced at half of that peak; backend events over HTTP; and for our
+# host also through RabbitMQ (started by scripts/services.sh), which the
+# Socket.IO peer has no counterpart for.
+#
 # Knobs (environment): PAIRS (16), WINDOW (8), DURATION seconds (10),
 # FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000 is the most this
-# machine's 20,000 open files allow).
+# machine's 20,000 open files allow), PIN (1: the server runs on CPU 0 and
+# the load generator on CPU 1, so each server gets one core whatever its
+# threading -- Socket.IO's Node is single-threaded -- and neither competes
+# with the load generator; 0: no pinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,12 +25,19 @@ DURATION=${DURATION:-10}
 FAN_USERS=${FAN_USERS:-100}
 FAN_EVENTS=${FAN_EVENTS:-10000}
 IDLE=${IDLE:-5000}
+PIN=${PIN:-1}
+server_cpu=() loadgen_cpu=()
+if [ "$PIN" = 1 ]; then
+    server_cpu=(taskset -c 0) loadgen_cpu=(taskset -c 1)
+fi
 SECRET=bench-secret-$RANDOM$RANDOM
 OURS=127.0.0.1:18080
 PEER=127.0.0.1:18090
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+step "Starting RabbitMQ"
+scripts/services.sh >&2
 step "Building the host (release), the plugins and the load generator"
 scripts/build-plugins.sh >&2
 cargo build --release --locked -p sockets-host -p loadgen >&2
@@ -49,11 +64,26 @@ wait_for() {
     exit 1
 }
 
+# Until GET /readyz answers 200 (the broker intake consumes).
+wait_ready() {
+    for _ in $(seq 1 100); do
+        if exec 3<>"/dev/tcp/${1%:*}/${1#*:}" 2>/dev/null; then
+            printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+            read -r _ status _ <&3 || true
+            exec 3<&-
+            [ "$status" = 200 ] && return 0
+        fi
+        sleep 0.1
+    done
+    echo "$1 never became ready" >&2
+    exit 1
+}
+
 start_ours() {
-    SOCKETS_LISTEN=$OURS SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$RANDOM" \
+    env "$@" SOCKETS_LISTEN=$OURS SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$RANDOM" \
         SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_USERS_FILE="$work/users.json" \
         SOCKETS_RATE_LIMIT=0 SOCKETS_LOG=warn \
-        target/release/sockets-host serve >"$work/ours.log" 2>&1 &
+        "${server_cpu[@]}" target/release/sockets-host serve >"$work/ours.log" 2>&1 &
     pids+=($!)
     server_pid=$!
     wait_for "$OURS"
@@ -61,7 +91,7 @@ start_ours() {
 
 start_peer() {
     SOCKETS_LISTEN=$PEER SOCKETS_JWT_SECRET=$SECRET SOCKETS_USERS_FILE="$work/users.json" \
-        node tests/loadgen/socketio/server.js >"$work/peer.log" 2>&1 &
+        "${server_cpu[@]}" node tests/loadgen/socketio/server.js >"$work/peer.log" 2>&1 &
     pids+=($!)
     server_pid=$!
     wait_for "$PEER"
@@ -72,8 +102,13 @@ stop_server() { kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; }
 run() {
     local target=$1 addr=$2
     shift 2
-    SOCKETS_JWT_SECRET=$SECRET "$loadgen" --target "$target" --server "$addr" "$@" | tee -a "$out/results.jsonl"
+    SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" --target "$target" --server "$addr" "$@" | tee -a "$out/results.jsonl"
 }
+
+# The broker intake of our host, on exchanges and a queue of its own.
+AMQP_URL=${SOCKETS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+with_broker=(SOCKETS_AMQP_URL="$AMQP_URL" SOCKETS_AMQP_EXCHANGE=bench.events SOCKETS_AMQP_QUEUE=bench.intake
+    SOCKETS_AMQP_DEAD_EXCHANGE=bench.dead SOCKETS_AMQP_NODES_EXCHANGE=bench.nodes)
 
 for target in sockets socketio; do
     if [ "$target" = sockets ]; then start=start_ours addr=$OURS; else start=start_peer addr=$PEER; fi
@@ -81,8 +116,19 @@ for target in sockets socketio; do
     step "$target: idle ($IDLE connections)"
     $start; run "$target" "$addr" idle --connections "$IDLE" --server-pid "$server_pid"; stop_server
     step "$target: chat ($PAIRS pairs, window $WINDOW, ${DURATION}s)"
-    $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION"; stop_server
-    step "$target: fanout ($FAN_USERS users, $FAN_EVENTS events)"
+    $start
+    peak=$(run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" |
+        tee /dev/stderr | grep -o '"delivered_per_s":[0-9.]*' | cut -d: -f2)
+    stop_server
+    half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
+    step "$target: chat paced at half its peak ($half msg/s)"
+    $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --rate "$half"; stop_server
+    step "$target: fanout ($FAN_USERS users, $FAN_EVENTS events over HTTP)"
     $start; run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS"; stop_server
 done
-step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr)"
+step "sockets: fanout ($FAN_USERS users, $FAN_EVENTS events through RabbitMQ)"
+start_ours "${with_broker[@]}"
+wait_ready "$OURS"
+run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --amqp "$AMQP_URL" --exchange bench.events
+stop_server
+step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN"
