@@ -38,8 +38,13 @@ pub(crate) struct Placement {
 impl Placement {
     /// Runs `call` (twice, if the first attempt had to be abandoned).
     pub(crate) fn run<R>(&self, plugin: &str, call: impl Fn() -> R) -> R {
-        if self.off_worker.load(Ordering::Relaxed) || !on_worker() {
-            return off_worker(call);
+        // Outside a multi-threaded runtime there is no worker to protect
+        // (and none to hand over).
+        if !on_worker() {
+            return call();
+        }
+        if self.off_worker.load(Ordering::Relaxed) {
+            return tokio::task::block_in_place(call);
         }
         let started = ThreadTime::try_now().ok();
         match panic::catch_unwind(AssertUnwindSafe(&call)) {
@@ -52,7 +57,8 @@ impl Placement {
             }
             Err(panic) if blocked_on_worker(&*panic) => {
                 self.leave_workers(plugin, "it uses WASI's blocking I/O (it prints?)");
-                off_worker(call)
+                // The worker hands its tasks to another thread first.
+                tokio::task::block_in_place(call)
             }
             Err(panic) => panic::resume_unwind(panic),
         }
@@ -75,16 +81,6 @@ impl Placement {
 /// blocking thread of one: there, a direct call is fine too).
 fn on_worker() -> bool {
     Handle::try_current().is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread)
-}
-
-/// Runs `call` where it may block: the worker hands its tasks to another
-/// thread first. Outside a multi-threaded runtime there is nothing to hand.
-fn off_worker<R>(call: impl FnOnce() -> R) -> R {
-    if on_worker() {
-        tokio::task::block_in_place(call)
-    } else {
-        call()
-    }
 }
 
 fn blocked_on_worker(panic: &(dyn Any + Send)) -> bool {
