@@ -140,20 +140,32 @@ async fn receive(
 /// Publishes through `POST /api/events`, C requests in flight; how many
 /// were not accepted.
 async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) -> Value) -> usize {
-    let mut requests = FuturesUnordered::new();
+    publish_bounded(options, |n| {
+        let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
+        async move { matches!(post(options.server, service, &body).await, Ok(202)) }
+    })
+    .await
+}
+
+/// Runs `publish(n)` for every event, at most C at once; how many were not
+/// accepted (the future resolved to `false`).
+async fn publish_bounded<F>(options: &Options, publish: impl Fn(usize) -> F) -> usize
+where
+    F: Future<Output = bool>,
+{
+    let mut in_flight: FuturesUnordered<F> = FuturesUnordered::new();
     let mut refused = 0usize;
     for n in 0..options.events {
-        if requests.len() >= options.concurrency
-            && let Some(status) = requests.next().await
-            && !matches!(status, Ok(202))
+        if in_flight.len() >= options.concurrency
+            && let Some(accepted) = in_flight.next().await
+            && !accepted
         {
             refused += 1;
         }
-        let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
-        requests.push(async move { post(options.server, service, &body).await });
+        in_flight.push(publish(n));
     }
-    while let Some(status) = requests.next().await {
-        if !matches!(status, Ok(202)) {
+    while let Some(accepted) = in_flight.next().await {
+        if !accepted {
             refused += 1;
         }
     }
@@ -180,37 +192,25 @@ async fn publish_amqp(
     exchange: &str,
     payment: impl Fn(usize) -> Value,
 ) -> usize {
-    let mut confirms = FuturesUnordered::new();
-    let mut refused = 0usize;
-    let confirmed = |confirm: lapin::Result<lapin::Confirmation>| matches!(confirm, Ok(confirmation) if confirmation.is_ack());
-    for n in 0..options.events {
-        if confirms.len() >= options.concurrency
-            && let Some(confirm) = confirms.next().await
-            && !confirmed(confirm)
-        {
-            refused += 1;
-        }
+    publish_bounded(options, |n| {
         let body = payment(n).to_string();
-        let published = channel
-            .basic_publish(
-                exchange.into(),
-                "PAYMENT_PROCESSED".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default().with_content_type("application/json".into()),
-            )
-            .await;
-        match published {
-            Ok(confirm) => confirms.push(confirm),
-            Err(_) => refused += 1,
+        async move {
+            let published = channel
+                .basic_publish(
+                    exchange.into(),
+                    "PAYMENT_PROCESSED".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_content_type("application/json".into()),
+                )
+                .await;
+            match published {
+                Ok(confirm) => matches!(confirm.await, Ok(confirmation) if confirmation.is_ack()),
+                Err(_) => false,
+            }
         }
-    }
-    while let Some(confirm) = confirms.next().await {
-        if !confirmed(confirm) {
-            refused += 1;
-        }
-    }
-    refused
+    })
+    .await
 }
 
 /// One `POST /api/events` over its own connection; the status code.
