@@ -117,12 +117,12 @@ for target in sockets socketio; do
     $start; run "$target" "$addr" idle --connections "$IDLE" --server-pid "$server_pid"; stop_server
     step "$target: chat ($PAIRS pairs, window $WINDOW, ${DURATION}s)"
     $start
-    peak=$(run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" |
+    peak=$(run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" |
         tee /dev/stderr | grep -o '"delivered_per_s":[0-9.]*' | cut -d: -f2)
     stop_server
     half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
     step "$target: chat paced at half its peak ($half msg/s)"
-    $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --rate "$half"; stop_server
+    $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" --rate "$half"; stop_server
     step "$target: fanout ($FAN_USERS users, $FAN_EVENTS events over HTTP)"
     $start; run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS"; stop_server
 done

@@ -36,11 +36,28 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     )
     .await;
 
+    let pid = server.pid().to_string();
     let chat = loadgen(
         &server,
-        &["chat", "--pairs", "2", "--window", "4", "--duration", "1"],
+        &[
+            "chat",
+            "--pairs",
+            "2",
+            "--window",
+            "4",
+            "--duration",
+            "1",
+            "--server-pid",
+            &pid,
+        ],
     );
     assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
+    // The server did work for those messages, on at most the machine's cores.
+    let cpu = &chat["server_cpu"];
+    assert!(cpu["us_per_delivered"].as_f64().unwrap() > 0.0, "{chat}");
+    let share = cpu["share_of_one_core"].as_f64().unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(share > 0.0 && share <= cores * 1.1, "{chat}");
     assert_eq!(chat["delivered"], chat["acked"], "{chat}");
     assert_eq!(chat["failed"], 0, "{chat}");
     assert_eq!(chat["lost"], 0, "{chat}");
@@ -74,7 +91,6 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     assert_eq!(fanout["lost"], 0, "{fanout}");
     assert_eq!(fanout["duplicated"], 0, "{fanout}");
 
-    let pid = server.pid().to_string();
     let idle = loadgen(
         &server,
         &["idle", "--connections", "200", "--server-pid", &pid],

@@ -6,7 +6,7 @@
 //! time, so the consultant's side measures delivery latency and finds lost
 //! and duplicated messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::peer::{self, Incoming, Target};
 use crate::stats::Latencies;
-use crate::{Tokens, source_address};
+use crate::{Tokens, server, source_address};
 
 /// How long the run waits for outstanding acks and pushes after sending.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -30,6 +30,8 @@ pub struct Options {
     pub duration: Duration,
     /// Messages per second over all pairs; `None` sends as fast as acks come.
     pub rate: Option<f64>,
+    /// The server's process, to report its CPU time per delivered message.
+    pub server_pid: Option<u32>,
 }
 
 struct SenderResult {
@@ -47,6 +49,7 @@ struct ReceiverResult {
 pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
     let started = Instant::now();
     let (stop_tx, stop) = watch::channel(false);
+    let (go_tx, go) = watch::channel(false);
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for pair in 0..options.pairs {
@@ -83,11 +86,36 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
                 every: pace,
             },
             started,
+            go.clone(),
             stop.clone(),
         )));
     }
+    // Every pair is connected: the measured part starts now, for all at once.
+    let cpu_before = match options.server_pid {
+        Some(pid) => Some((server::cpu_time(pid)?, server::cpu_time_by_thread(pid)?)),
+        None => None,
+    };
+    let sending = Instant::now();
+    let _ = go_tx.send(true);
     tokio::time::sleep(options.duration).await;
     let _ = stop_tx.send(true);
+    // Read at the stop: the drain that follows is mostly waiting.
+    let sent_for = sending.elapsed();
+    let server_cpu = match (options.server_pid, cpu_before) {
+        (Some(pid), Some((total, threads))) => Some((
+            server::cpu_time(pid)?.saturating_sub(total),
+            server::cpu_time_by_thread(pid)?
+                .into_iter()
+                .map(|(name, spent)| {
+                    let before = threads.get(&name).copied().unwrap_or_default();
+                    let spent = spent.saturating_sub(before).as_millis();
+                    (name, u64::try_from(spent).unwrap_or(u64::MAX))
+                })
+                .filter(|(_, ms)| *ms > 0)
+                .collect::<BTreeMap<_, _>>(),
+        )),
+        _ => None,
+    };
 
     let mut acked = 0u64;
     let mut failed = 0u64;
@@ -123,7 +151,20 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "delivery_latency": delivery_latency.summary(),
         "lost": lost,
         "duplicated": duplicates,
+        // While sending; per message delivered (the few still in flight at
+        // the stop are counted as delivered, not as CPU).
+        "server_cpu": server_cpu.map(|(cpu, by_thread)| json!({
+            "ms": u64::try_from(cpu.as_millis()).unwrap_or(u64::MAX),
+            "ms_by_thread": by_thread,
+            "share_of_one_core": round(cpu.as_secs_f64() / sent_for.as_secs_f64(), 3),
+            "us_per_delivered": round(cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64, 1),
+        })),
     }))
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
 }
 
 /// `"<seq>:<micros since start>"`
@@ -145,8 +186,10 @@ async fn send(
     pair: usize,
     pacing: Pacing,
     started: Instant,
+    mut go: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SenderResult> {
+    go.wait_for(|go| *go).await?;
     let (mut writer, mut reader) = socket.split();
     let to = format!("bench_c_{pair}");
     let mut in_flight: HashMap<u64, Instant> = HashMap::new();

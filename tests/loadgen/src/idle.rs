@@ -11,6 +11,7 @@ use futures_util::stream::FuturesUnordered;
 use serde_json::{Value, json};
 
 use crate::peer::{self, Target};
+use crate::server::rss_kib;
 use crate::{Tokens, source_address};
 
 /// Connects in flight at once.
@@ -23,20 +24,6 @@ pub struct Options {
     pub server: SocketAddr,
     pub connections: usize,
     pub server_pid: u32,
-}
-
-/// The resident set of a process, in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("bad VmRSS line"))?
-        .parse()?)
 }
 
 pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {

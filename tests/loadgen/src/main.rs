@@ -3,7 +3,7 @@
 //! runs them side by side against both servers.
 //!
 //! ```sh
-//! loadgen --target sockets --server 127.0.0.1:8080 chat --pairs 16 --window 8 --duration 10
+//! loadgen --target sockets --server 127.0.0.1:8080 chat --pairs 16 --window 8 --duration 10 --server-pid PID
 //! loadgen --target socketio --server 127.0.0.1:8090 idle --connections 19000 --server-pid PID
 //! loadgen --target sockets --server 127.0.0.1:8080 fanout --users 100 --events 20000
 //! loadgen users-file --pairs 16 > users.json
@@ -13,6 +13,7 @@ mod chat;
 mod fanout;
 mod idle;
 mod peer;
+mod server;
 mod stats;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -60,6 +61,10 @@ enum Run {
         /// fast as acks come back.
         #[arg(long)]
         rate: Option<f64>,
+        /// The server's process id: adds its CPU time per delivered
+        /// message (from /proc) to the summary.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Authenticated idle connections: connect rate, server memory.
     Idle {
@@ -140,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             window,
             duration,
             rate,
+            server_pid,
         } => {
             let options = chat::Options {
                 target: cli.target,
@@ -148,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 window: window.max(1),
                 duration: Duration::from_secs(duration.clamp(1, 300)),
                 rate: rate.filter(|rate| *rate > 0.0),
+                server_pid,
             };
             chat::run(options, &tokens()?).await?
         }

@@ -1,0 +1,90 @@
+//! What the server process costs, read from `/proc/<pid>` (Linux): its
+//! resident memory and the CPU time of all its threads, in total and by
+//! thread name.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// `/proc` counts CPU time in clock ticks of 1/100 s (`USER_HZ`, fixed at 100
+/// for user space on Linux whatever the kernel's tick rate).
+const TICKS_PER_SECOND: u64 = 100;
+
+/// The resident set of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("bad VmRSS line"))?
+        .parse()?)
+}
+
+/// User plus system CPU time the process has used so far (all threads).
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_cpu_time(&stat).ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat: {stat}"))
+}
+
+/// CPU time so far of the process's live threads, summed by thread name
+/// (`tokio-rt-worker`, `notification-log`, Node's `node`, …; the kernel keeps
+/// the first 15 bytes of a name). Threads that ended are not counted.
+pub fn cpu_time_by_thread(pid: u32) -> anyhow::Result<BTreeMap<String, Duration>> {
+    let mut by_name = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue;
+        };
+        if let (Some(name), Some(cpu)) = (thread_name(&stat), parse_cpu_time(&stat)) {
+            *by_name.entry(name.to_owned()).or_default() += cpu;
+        }
+    }
+    Ok(by_name)
+}
+
+/// Field 2 of a stat line: the name between the first `(` and the last `)`.
+fn thread_name(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
+/// Fields 14 and 15 (`utime`, `stime`) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) may hold spaces and parentheses, so fields are
+/// counted after its closing parenthesis, which is the line's last one.
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        (user + system) * 1000 / TICKS_PER_SECOND,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_counts_fields_after_the_command_name() {
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 \
+                    250 75 0 0 20 0 3 0 100 1000000 500 18446744073709551615";
+        assert_eq!(parse_cpu_time(stat), Some(Duration::from_millis(3_250)));
+        assert_eq!(parse_cpu_time("garbage"), None);
+        assert_eq!(thread_name(stat), Some("tokio (rt) x"));
+    }
+
+    #[test]
+    fn reads_this_process() {
+        assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let spent = cpu_time(std::process::id()).unwrap();
+        let busy = std::time::Instant::now();
+        while busy.elapsed() < Duration::from_millis(50) {}
+        assert!(cpu_time(std::process::id()).unwrap() > spent);
+        let threads = cpu_time_by_thread(std::process::id()).unwrap();
+        assert!(threads.values().sum::<Duration>() >= Duration::from_millis(50));
+    }
+}
