@@ -32,6 +32,10 @@ use crate::store::{ConnectionStore, EmbeddedLog, MemoryConnections, Notification
 const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(15 * 60);
 /// How long shutdown waits for connections to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown then waits for queued notification log records (the
+/// MongoDB writer retries at most 5 s apart, so a database that is back gets
+/// at least one more try).
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the listen address with a large accept backlog: tokio's default of
 /// 128 drops connects during a connection storm.
@@ -133,7 +137,7 @@ pub async fn run(
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),
-        store.log,
+        Arc::clone(&store.log),
         Arc::clone(&metrics),
         cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
     ));
@@ -188,12 +192,26 @@ pub async fn run(
     if let Some((_, link)) = cluster {
         let _ = link.await;
     }
+    flush_log(store.log.as_ref()).await;
     if let Some(maintenance) = store.maintenance {
         // Removes this node's lease and records.
         let _ = maintenance.await;
     }
     tracing::info!(open = connections.len(), "stopped");
     Ok(())
+}
+
+/// Writes the notification log records still queued, e.g. those of clients
+/// that heard `unavailable` while the database was slow, before the process
+/// exits; gives up after [`LOG_FLUSH_TIMEOUT`] (a database still down).
+async fn flush_log(log: &dyn NotificationLog) {
+    match tokio::time::timeout(LOG_FLUSH_TIMEOUT, log.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::error!("notification log not flushed at shutdown: {err}"),
+        Err(_) => tracing::error!(
+            "notification log records still queued after {LOG_FLUSH_TIMEOUT:?} are lost"
+        ),
+    }
 }
 
 /// The persistence a server runs on: the embedded default or MongoDB.

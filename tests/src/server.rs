@@ -160,13 +160,24 @@ impl Server {
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it
     /// exited successfully.
-    pub async fn stop(mut self) -> bool {
+    pub async fn stop(self) -> bool {
+        self.begin_stop();
+        self.stopped().await
+    }
+
+    /// Sends SIGTERM, without waiting.
+    pub fn begin_stop(&self) {
         let pid = self.child.id().expect("running");
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success());
+    }
+
+    /// Waits (30 s at most) for the process to exit after [`Server::begin_stop`];
+    /// returns whether it exited successfully.
+    pub async fn stopped(mut self) -> bool {
         let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("the server stops within 30 s after SIGTERM")

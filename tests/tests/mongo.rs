@@ -375,8 +375,17 @@ async fn a_database_restart_mid_stream_loses_and_duplicates_no_log_record() {
     assert!(student.try_recv(Duration::from_millis(500)).await.is_none());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_later() {
+/// A chat message sent while the database is down: the recipient has it,
+/// the sender heard `unavailable`, its log record waits in the writer.
+struct Outage {
+    ferret: FerretDb,
+    db: TestDb,
+    server: Server,
+    /// The `_id` of the waiting record.
+    record_id: String,
+}
+
+async fn message_during_an_outage() -> Outage {
     let mut ferret = FerretDb::new();
     ferret.start().await;
     let db = TestDb::on(&ferret.url()).await;
@@ -407,14 +416,29 @@ async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_late
     let reply = student.recv().await;
     assert_eq!(reply["ok"], false, "{reply}");
     assert_eq!(reply["error"]["code"], "unavailable");
+    Outage {
+        ferret,
+        db,
+        server,
+        record_id: format!("{}:c_1", push["id"].as_str().unwrap()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_later() {
+    let Outage {
+        mut ferret,
+        db,
+        server: _server,
+        record_id,
+    } = message_during_an_outage().await;
 
     ferret.start().await;
-    let id = format!("{}:c_1", push["id"].as_str().unwrap());
     eventually(
         Duration::from_secs(30),
         "the queued record is written",
         || async {
-            let records = db.find("notificationLogs", doc! {"_id": &id}).await;
+            let records = db.find("notificationLogs", doc! {"_id": &record_id}).await;
             (records.len() == 1).then_some(())
         },
     )
@@ -423,5 +447,31 @@ async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_late
         db.find("notificationLogs", doc! {"to": "c_1"}).await.len(),
         2,
         "each delivery logged once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_queued_during_an_outage_are_written_before_shutdown_ends() {
+    let Outage {
+        mut ferret,
+        db,
+        server,
+        record_id,
+    } = message_during_an_outage().await;
+
+    // Told to stop while the database is still down, the server waits for
+    // the record; the database comes back meanwhile, after the server's
+    // other shutdown steps gave up on it (server selection: 2 s), so only
+    // that wait keeps the record.
+    server.begin_stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ferret.start().await;
+    assert!(server.stopped().await, "the server exits cleanly");
+    assert_eq!(
+        db.find("notificationLogs", doc! {"_id": &record_id})
+            .await
+            .len(),
+        1,
+        "the queued record was written before the process ended"
     );
 }

@@ -73,6 +73,19 @@ impl EmbeddedLog {
         })
     }
 
+    /// Queues records for the writer and waits for their commit.
+    async fn enqueue(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
+        let (done, committed) = oneshot::channel();
+        self.appends
+            .as_ref()
+            .ok_or_else(|| unavailable("the log is closing"))?
+            .send(Append { records, done })
+            .map_err(|_| unavailable("the log writer stopped"))?;
+        committed
+            .await
+            .map_err(|_| unavailable("the log writer stopped"))?
+    }
+
     async fn read<R: Send + 'static>(
         &self,
         read: impl FnOnce(&Database) -> Result<R, StoreError> + Send + 'static,
@@ -106,7 +119,12 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        let result = write(db, batch.iter().flat_map(|append| &append.records));
+        // A batch of flush markers only has nothing to commit.
+        let result = if batch.iter().all(|append| append.records.is_empty()) {
+            Ok(())
+        } else {
+            write(db, batch.iter().flat_map(|append| &append.records))
+        };
         if let Err(err) = &result {
             tracing::error!("notification log write failed: {err}");
         }
@@ -180,15 +198,13 @@ impl NotificationLog for EmbeddedLog {
         if records.is_empty() {
             return Ok(());
         }
-        let (done, committed) = oneshot::channel();
-        self.appends
-            .as_ref()
-            .ok_or_else(|| unavailable("the log is closing"))?
-            .send(Append { records, done })
-            .map_err(|_| unavailable("the log writer stopped"))?;
-        committed
-            .await
-            .map_err(|_| unavailable("the log writer stopped"))?
+        self.enqueue(records).await
+    }
+
+    /// Appends are committed in order: a marker behind them is answered
+    /// after they are.
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.enqueue(Vec::new()).await
     }
 
     async fn for_user(

@@ -130,6 +130,10 @@ pub trait NotificationLog: Send + Sync {
     ) -> Result<Vec<NotificationRecord>, StoreError>;
     /// Deliveries caused by an event.
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError>;
+    /// Returns once every append made before the call is durable, including
+    /// those whose callers stopped waiting (shutdown calls it, so that
+    /// queued records are not lost with the process).
+    async fn flush(&self) -> Result<(), StoreError>;
 }
 
 /// How many connections a user has, as far as this store knows: this

@@ -109,6 +109,19 @@ impl NotificationLog for MongoLog {
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError> {
         self.find(doc! {"eventId": event_id}, None).await
     }
+
+    /// The writer takes appends in order: a marker behind them is answered
+    /// once they are written. Waits for room in the queue, unlike `append`.
+    async fn flush(&self) -> Result<(), StoreError> {
+        let stopped = || StoreError::Unavailable("the notification log stopped".to_owned());
+        let (written, done) = oneshot::channel();
+        let marker = Append {
+            records: Vec::new(),
+            written,
+        };
+        self.appends.send(marker).await.map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())
+    }
 }
 
 /// Writes what waits, together, until it is written; then answers.
@@ -134,30 +147,43 @@ async fn write_loop(
             .flat_map(|append| &append.records)
             .map(documents::notification)
             .collect();
-        let mut backoff = RETRY;
-        loop {
-            let result = collection
-                .insert_many(documents.iter())
-                .ordered(false)
-                .await;
-            let result = match result {
-                Err(err) if only_duplicates(&err) => Ok(()),
-                other => other.map(drop),
-            };
-            match mongo.observe(result) {
-                Ok(()) => break,
-                Err(err) => {
-                    let wait = backoff.next_wait();
-                    tracing::warn!(
-                        records = documents.len(),
-                        "notification log write failed, retrying in {wait:?}: {err}"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-            }
+        // Flush markers alone have nothing to insert.
+        if !documents.is_empty() {
+            insert_until_written(&mongo, &collection, &documents).await;
         }
         for append in batch {
             let _ = append.written.send(());
+        }
+    }
+}
+
+/// Inserts the documents, retrying with backoff until the database takes
+/// them (ids are deterministic: what a failed try wrote is not doubled).
+async fn insert_until_written(
+    mongo: &Mongo,
+    collection: &Collection<Document>,
+    documents: &[Document],
+) {
+    let mut backoff = RETRY;
+    loop {
+        let result = collection
+            .insert_many(documents.iter())
+            .ordered(false)
+            .await;
+        let result = match result {
+            Err(err) if only_duplicates(&err) => Ok(()),
+            other => other.map(drop),
+        };
+        match mongo.observe(result) {
+            Ok(()) => return,
+            Err(err) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(
+                    records = documents.len(),
+                    "notification log write failed, retrying in {wait:?}: {err}"
+                );
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }
