@@ -181,14 +181,15 @@ impl Router {
             let delivery_id = new_id();
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
-            let reached = self.push(inbound, &delivery.to, frame.clone());
+            let mut reached = self.push(inbound, &delivery.to, frame.clone());
             if let Some(cluster) = &self.cluster {
+                add_remote_connections(cluster, &delivery.to, &mut reached);
                 let users = remote_users(inbound, &delivery.to);
                 cluster.forward(delivery_id.clone(), frame, users).await;
             }
             for (user, connections) in reached {
                 addressed.insert(user.clone());
-                delivered_to_users += connections;
+                delivered_to_users = delivered_to_users.saturating_add(connections);
                 records.push(NotificationRecord {
                     id: NotificationRecord::record_id(&delivery_id, &user),
                     event_id: inbound.event.id.clone(),
@@ -305,6 +306,29 @@ impl Router {
                 (user, u32::try_from(reached).unwrap_or(u32::MAX))
             })
             .collect()
+    }
+}
+
+/// Adds to each user addressed by id the connections that other nodes
+/// announced for it (the copies forwarded to them reach those), so that
+/// counts are cluster-wide as far as this node knows. Connection-addressed
+/// deliveries stay on this node.
+fn add_remote_connections(
+    cluster: &Cluster,
+    recipients: &[Recipient],
+    reached: &mut [(String, u32)],
+) {
+    let by_id: HashSet<&str> = recipients
+        .iter()
+        .filter_map(|recipient| match recipient {
+            Recipient::User(user) => Some(user.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (user, connections) in reached {
+        if by_id.contains(user.as_str()) {
+            *connections = connections.saturating_add(cluster.remote_connections(user));
+        }
     }
 }
 

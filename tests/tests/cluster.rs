@@ -2,7 +2,8 @@
 //! "Horizontal scaling"): a delivery reaches every connection of its users
 //! on whichever node they are, exactly once per connection, and a node
 //! killed with SIGKILL leaves no routing behind that loses or duplicates
-//! later deliveries.
+//! later deliveries; a reply's `delivered` counts the recipient's connections
+//! on every node.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -54,6 +55,10 @@ async fn a_message_sent_on_one_node_reaches_the_recipient_on_the_other_once() {
         .await;
     let reply = student.recv().await;
     assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        reply["data"]["delivered"], 1,
+        "the recipient's connection on node B counts: {reply}"
+    );
     let message_id = reply["data"]["messageId"].clone();
 
     let push = consultant.recv().await;
@@ -119,6 +124,41 @@ async fn a_recipient_on_both_nodes_gets_each_delivery_once_per_connection() {
         assert_eq!(payments, expected);
     }
     assert_quiet(&mut [&mut on_a, &mut on_b, &mut also_on_b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivered_counts_the_recipients_connections_on_every_node() {
+    let (a, b, _names) = two_nodes().await;
+    let mut student = connect(&a, "s_2", "student").await;
+    let mut consultant_on_a = connect(&a, "c_2", "consultant").await;
+    let mut consultant_on_b = connect(&b, "c_2", "consultant").await;
+    let mut also_on_b = connect(&b, "c_2", "consultant").await;
+
+    let message = |ack: u64| json!({"event": "sendMessage", "data": {"to": "c_2", "text": "count me"}, "ack": ack});
+    student.send(&message(1)).await;
+    let reply = student.recv().await;
+    assert_eq!(reply["data"]["delivered"], 3, "one on A, two on B: {reply}");
+    for consultant in [&mut consultant_on_a, &mut consultant_on_b, &mut also_on_b] {
+        assert_eq!(consultant.recv().await["data"]["text"], "count me");
+    }
+
+    // Node B's connections go; node A hears of it.
+    drop(consultant_on_b);
+    drop(also_on_b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for ack in 2.. {
+        student.send(&message(ack)).await;
+        let reply = student.recv().await;
+        assert_eq!(consultant_on_a.recv().await["data"]["text"], "count me");
+        if reply["data"]["delivered"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node A still counts node B's closed connections: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

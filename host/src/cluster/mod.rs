@@ -6,16 +6,20 @@
 //! receiving node pushes the frame to its connections of those users; the
 //! node that made the delivery ignores its own copy (it pushed locally).
 //!
+//! Each node also announces its per-user connection counts to the others
+//! (see [`presence`]), so that `delivered` counts connections cluster-wide.
+//!
 //! Copies go through an in-memory outbox: the router does not wait for the
 //! broker; whatever is waiting when the link publishes goes out as one
 //! message (see [`batch`]); unconfirmed batches are published again after a
 //! reconnect, and receivers drop a delivery id they have already pushed.
 
 mod batch;
+mod presence;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -36,6 +40,7 @@ use crate::health::Health;
 use crate::intake::amqp::{AmqpSettings, RECONNECT, stopped};
 use crate::metrics::Metrics;
 use batch::DeliveryCopy;
+use presence::{Announcement, RemotePresence};
 
 /// Most copies published in one message.
 const MAX_BATCH: usize = 256;
@@ -67,6 +72,7 @@ pub struct Cluster {
     instance_id: Arc<str>,
     commands: mpsc::Sender<Command>,
     status: Arc<Health>,
+    remote: Arc<RemotePresence>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -88,8 +94,10 @@ impl Cluster {
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (commands, inbox) = mpsc::channel(4096);
         let status = Arc::new(Health::connecting());
+        let remote = Arc::new(RemotePresence::default());
         let link = Link {
             queue: format!("{}.{instance_id}", settings.nodes_exchange),
+            presence_exchange: format!("{}.presence", settings.nodes_exchange),
             settings,
             instance_id: Arc::clone(&instance_id),
             connections,
@@ -97,12 +105,14 @@ impl Cluster {
             status: Arc::clone(&status),
             outbox: VecDeque::new(),
             seen: Seen::default(),
+            remote: Arc::clone(&remote),
         };
         let task = tokio::spawn(link.run(inbox, shutdown));
         let cluster = Arc::new(Self {
             instance_id,
             commands,
             status,
+            remote,
         });
         (cluster, task)
     }
@@ -110,6 +120,11 @@ impl Cluster {
     /// The link's health, for `/readyz`.
     pub fn status(&self) -> &Health {
         &self.status
+    }
+
+    /// The user's connections on the other nodes, as they last announced.
+    pub fn remote_connections(&self, user: &str) -> u32 {
+        self.remote.connections_of(user, Instant::now())
     }
 
     /// Called after a connection of `user` was registered: routes the
@@ -186,12 +201,16 @@ struct Link {
     instance_id: Arc<str>,
     /// This node's queue: `<nodes exchange>.<instance id>`.
     queue: String,
+    /// The fanout exchange of presence announcements:
+    /// `<nodes exchange>.presence`.
+    presence_exchange: String,
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
     status: Arc<Health>,
     /// Batches not yet confirmed by the broker, oldest first.
     outbox: VecDeque<Vec<DeliveryCopy>>,
     seen: Seen,
+    remote: Arc<RemotePresence>,
 }
 
 impl Link {
@@ -261,6 +280,11 @@ impl Link {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let channel = connection.create_channel().await?;
+        // Presence announcements are published here, confirmed: a join
+        // answers only once the broker has routed its announcement.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         self.declare(&channel).await?;
         let mut bound = HashSet::new();
         for user in self.connections.users() {
@@ -290,9 +314,13 @@ impl Link {
         backoff.reset();
         tracing::info!(queue = %self.queue, exchange = %self.settings.nodes_exchange, "cluster link up");
 
+        // The first tick, at once, tells the others this node's table.
+        let mut snapshots = tokio::time::interval(presence::SNAPSHOT_EVERY);
+        snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stopped(shutdown) => break,
+                _ = snapshots.tick() => self.announce(&channel, self.local_table()).await?,
                 command = inbox.recv() => match command {
                     None => break,
                     Some(Command::Forward(copy)) => {
@@ -328,13 +356,23 @@ impl Link {
                     }
                 }
                 delivery = incoming.next() => match delivery {
-                    Some(delivery) => self.receive(delivery?),
+                    Some(delivery) => {
+                        let delivery = delivery?;
+                        if is_presence(&delivery) {
+                            self.hear(&channel, &delivery).await?;
+                        } else {
+                            self.receive(delivery);
+                        }
+                    }
                     None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                         lapin::ConnectionState::Closed,
                     ))),
                 },
             }
         }
+        // An empty table: the others stop counting this node's connections
+        // now rather than after `FORGET_AFTER`.
+        let _ = self.announce(&channel, Announcement::empty_table()).await;
         let _ = connection.close(200, "shutting down".into()).await;
         Ok(())
     }
@@ -366,7 +404,26 @@ impl Link {
                 arguments,
             )
             .await?;
-        Ok(())
+        channel
+            .exchange_declare(
+                self.presence_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.presence_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
     }
 
     /// Binds or unbinds `user` as this node's connections say; answers
@@ -378,7 +435,17 @@ impl Link {
         user: Arc<str>,
         done: Option<oneshot::Sender<()>>,
     ) -> lapin::Result<()> {
-        let wanted = self.connections.count_of_user(&user) > 0;
+        let count = self.connections.count_of_user(&user);
+        if routable(&user) {
+            // Announced before the binding: a peer hears of a connection no
+            // later than its deliveries can reach it.
+            let change = Announcement {
+                full: false,
+                users: [(user.to_string(), u32::try_from(count).unwrap_or(u32::MAX))].into(),
+            };
+            self.announce(channel, change).await?;
+        }
+        let wanted = count > 0;
         if wanted && !bound.contains(&user) {
             self.bind(channel, &user).await?;
             bound.insert(user);
@@ -388,6 +455,63 @@ impl Link {
         }
         if let Some(done) = done {
             let _ = done.send(());
+        }
+        Ok(())
+    }
+
+    /// This node's connections per user (those its queue can be bound for).
+    fn local_table(&self) -> Announcement {
+        let users = self
+            .connections
+            .users()
+            .iter()
+            .filter(|user| routable(user))
+            .map(|user| {
+                let count = self.connections.count_of_user(user);
+                (user.to_string(), u32::try_from(count).unwrap_or(u32::MAX))
+            })
+            .collect();
+        Announcement { full: true, users }
+    }
+
+    /// Publishes a presence announcement to every node (this one ignores
+    /// its own) and waits until the broker has routed it. A nack is not
+    /// retried: the next snapshot makes up for it.
+    async fn announce(&self, channel: &Channel, announcement: Announcement) -> lapin::Result<()> {
+        let properties = BasicProperties::default()
+            .with_app_id(self.instance_id.as_ref().into())
+            .with_type(presence::MESSAGE_TYPE.into());
+        channel
+            .basic_publish(
+                self.presence_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &announcement.encode(),
+                properties,
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Takes another node's announcement; a node heard of for the first
+    /// time is told this node's table at once instead of at the next
+    /// snapshot.
+    async fn hear(
+        &self,
+        channel: &Channel,
+        delivery: &lapin::message::Delivery,
+    ) -> lapin::Result<()> {
+        let Some(node) = sender(delivery).filter(|node| *node != &*self.instance_id) else {
+            return Ok(());
+        };
+        match Announcement::decode(&delivery.data) {
+            Ok(announcement) => {
+                if self.remote.apply(node, announcement, Instant::now()) {
+                    self.announce(channel, self.local_table()).await?;
+                }
+            }
+            Err(err) => tracing::warn!("dropping a presence message from {node}: {err}"),
         }
         Ok(())
     }
@@ -460,13 +584,7 @@ impl Link {
     /// Pushes the copies of another node's batch to this node's connections
     /// of their users, each connection once per delivery.
     fn receive(&mut self, delivery: lapin::message::Delivery) {
-        let own = delivery
-            .properties
-            .app_id()
-            .as_ref()
-            .map(ShortString::as_str)
-            == Some(&*self.instance_id);
-        if own {
+        if sender(&delivery) == Some(&*self.instance_id) {
             return;
         }
         let copies = match batch::decode(&delivery.data) {
@@ -495,6 +613,25 @@ impl Link {
         }
         self.metrics.add_deliveries(queued);
     }
+}
+
+/// The node that published a cluster message (its `app_id`).
+fn sender(delivery: &lapin::message::Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .app_id()
+        .as_ref()
+        .map(ShortString::as_str)
+}
+
+fn is_presence(delivery: &lapin::message::Delivery) -> bool {
+    delivery.properties.kind().as_ref().map(ShortString::as_str) == Some(presence::MESSAGE_TYPE)
+}
+
+/// Whether the user id can be a routing key (others are not bound, so get
+/// no copies and count no remote connections).
+fn routable(user: &str) -> bool {
+    !user.is_empty() && user.len() <= MAX_ROUTING_KEY
 }
 
 #[cfg(test)]

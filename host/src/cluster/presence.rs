@@ -1,0 +1,160 @@
+//! What this node knows of the other nodes' connections, so that a reply's
+//! `delivered` counts the recipient's connections cluster-wide (PROTOCOL.md
+//! §4) without asking a database per message.
+//!
+//! Every node publishes its per-user connection counts on a fanout exchange
+//! that all node queues are bound to: a delta whenever one of its users'
+//! counts changes (before the user's binding, so a peer learns of a
+//! connection no later than deliveries can reach it), and its full table
+//! every [`SNAPSHOT_EVERY`], which heals lost deltas and tells new nodes. A
+//! node that is not heard from for [`FORGET_AFTER`] (killed) is forgotten;
+//! one that stops cleanly publishes an empty table.
+//!
+//! Body: JSON `{"full": bool, "users": {"<user id>": <connections>}}`; the
+//! sending node is the message's `app_id`.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How often a node publishes its full table.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// A node not heard from for this long counts no connections.
+pub const FORGET_AFTER: Duration = Duration::from_secs(15);
+/// The AMQP `type` of presence messages (delivery batches have none).
+pub const MESSAGE_TYPE: &str = "presence";
+
+/// One presence message.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The whole table of the node (users absent have no connection), or
+    /// changes only.
+    pub full: bool,
+    pub users: HashMap<String, u32>,
+}
+
+impl Announcement {
+    /// A full table without users: what a stopping node announces.
+    pub fn empty_table() -> Self {
+        Self {
+            full: true,
+            users: HashMap::new(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a presence table serializes")
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
+struct NodeTable {
+    users: HashMap<String, u32>,
+    heard: Instant,
+}
+
+/// The other nodes' connection counts, as last announced.
+#[derive(Default)]
+pub struct RemotePresence {
+    nodes: Mutex<HashMap<String, NodeTable>>,
+}
+
+impl RemotePresence {
+    /// Applies what `node` announced at `now`. Returns whether the node was
+    /// unknown (forgotten or new), so that it can be told this node's table.
+    pub fn apply(&self, node: &str, announcement: Announcement, now: Instant) -> bool {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.retain(|_, table| now.duration_since(table.heard) < FORGET_AFTER);
+        let known = nodes.contains_key(node);
+        let table = nodes.entry(node.to_owned()).or_insert_with(|| NodeTable {
+            users: HashMap::new(),
+            heard: now,
+        });
+        table.heard = now;
+        if announcement.full {
+            table.users = announcement.users;
+        } else {
+            table.users.extend(announcement.users);
+        }
+        table.users.retain(|_, count| *count > 0);
+        if table.users.is_empty() && announcement.full {
+            // An empty table: the node stopped or holds nobody.
+            nodes.remove(node);
+        }
+        !known
+    }
+
+    /// The user's connections on the other nodes heard from recently.
+    pub fn connections_of(&self, user: &str, now: Instant) -> u32 {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .values()
+            .filter(|table| now.duration_since(table.heard) < FORGET_AFTER)
+            .filter_map(|table| table.users.get(user))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announcement(full: bool, users: &[(&str, u32)]) -> Announcement {
+        Announcement {
+            full,
+            users: users
+                .iter()
+                .map(|(user, count)| ((*user).to_owned(), *count))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn counts_add_up_over_nodes_and_follow_deltas_and_snapshots() {
+        let presence = RemotePresence::default();
+        let now = Instant::now();
+        assert!(presence.apply("a", announcement(true, &[("u", 2), ("v", 1)]), now));
+        assert!(presence.apply("b", announcement(false, &[("u", 1)]), now));
+        assert_eq!(presence.connections_of("u", now), 3);
+
+        assert!(!presence.apply("a", announcement(false, &[("u", 0)]), now));
+        assert_eq!(presence.connections_of("u", now), 1);
+        assert_eq!(presence.connections_of("v", now), 1);
+
+        // A snapshot replaces the node's table.
+        presence.apply("a", announcement(true, &[("w", 1)]), now);
+        assert_eq!(presence.connections_of("v", now), 0);
+        assert_eq!(presence.connections_of("w", now), 1);
+    }
+
+    #[test]
+    fn a_silent_node_is_forgotten_and_an_empty_snapshot_removes_at_once() {
+        let presence = RemotePresence::default();
+        let then = Instant::now();
+        presence.apply("a", announcement(true, &[("u", 1)]), then);
+        presence.apply("b", announcement(true, &[("u", 1)]), then);
+        assert_eq!(presence.connections_of("u", then), 2);
+
+        presence.apply("b", announcement(true, &[]), then);
+        assert_eq!(presence.connections_of("u", then), 1);
+
+        let later = then + FORGET_AFTER;
+        assert_eq!(presence.connections_of("u", later), 0);
+        assert!(
+            presence.apply("a", announcement(false, &[]), later),
+            "a forgotten node is new again"
+        );
+    }
+
+    #[test]
+    fn the_body_round_trips() {
+        let sent = announcement(true, &[("u", 2)]);
+        assert_eq!(Announcement::decode(&sent.encode()).unwrap(), sent);
+        assert!(Announcement::decode(b"not json").is_err());
+    }
+}
