@@ -6,10 +6,12 @@ use sockets_tests::broker::{Names, amqp_url, consuming};
 use sockets_tests::loadgen_binary;
 use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir};
 
-fn loadgen(server: &Server, args: &[&str]) -> Value {
+/// Runs `loadgen <command line>` (split at spaces) against the server.
+fn loadgen(server: &Server, command_line: &str) -> Value {
+    let args: Vec<&str> = command_line.split_whitespace().collect();
     let output = std::process::Command::new(loadgen_binary())
         .args(["--target", "sockets", "--server", &server.addr.to_string()])
-        .args(args)
+        .args(&args)
         .env("SOCKETS_JWT_SECRET", SECRET)
         .output()
         .expect("loadgen runs");
@@ -36,20 +38,10 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     )
     .await;
 
-    let pid = server.pid().to_string();
+    let pid = server.pid();
     let chat = loadgen(
         &server,
-        &[
-            "chat",
-            "--pairs",
-            "2",
-            "--window",
-            "4",
-            "--duration",
-            "1",
-            "--server-pid",
-            &pid,
-        ],
+        &format!("chat --pairs 2 --window 4 --duration 1 --server-pid {pid}"),
     );
     assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
     // The server did work for those messages, on at most the machine's cores.
@@ -66,34 +58,21 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
 
     // Paced: 200 messages/s over 2 pairs for 1 s sends about 200, not as
     // many as the acks allow.
-    let paced = loadgen(
-        &server,
-        &[
-            "chat",
-            "--pairs",
-            "2",
-            "--window",
-            "4",
-            "--duration",
-            "1",
-            "--rate",
-            "200",
-        ],
-    );
+    let paced = loadgen(&server, "chat --pairs 2 --window 4 --duration 1 --rate 200");
     let acked = paced["acked"].as_u64().unwrap();
     assert!((150..=250).contains(&acked), "{paced}");
     assert_eq!(paced["rate_per_s"], 200.0, "{paced}");
     assert_eq!(paced["lost"], 0, "{paced}");
     assert_eq!(paced["duplicated"], 0, "{paced}");
 
-    let fanout = loadgen(&server, &["fanout", "--users", "5", "--events", "200"]);
+    let fanout = loadgen(&server, "fanout --users 5 --events 200");
     assert_eq!(fanout["received"], 200, "{fanout}");
     assert_eq!(fanout["lost"], 0, "{fanout}");
     assert_eq!(fanout["duplicated"], 0, "{fanout}");
 
     let idle = loadgen(
         &server,
-        &["idle", "--connections", "200", "--server-pid", &pid],
+        &format!("idle --connections 200 --server-pid {pid}"),
     );
     assert_eq!(idle["connections"], 200, "{idle}");
     assert_eq!(idle["failed"], 0, "{idle}");
@@ -106,17 +85,11 @@ async fn fanout_through_rabbitmq_reaches_every_user_once() {
     let server = consuming(names.server_config()).await;
     let fanout = loadgen(
         &server,
-        &[
-            "fanout",
-            "--users",
-            "5",
-            "--events",
-            "200",
-            "--amqp",
-            &amqp_url(),
-            "--exchange",
-            &names.exchange,
-        ],
+        &format!(
+            "fanout --users 5 --events 200 --amqp {} --exchange {}",
+            amqp_url(),
+            names.exchange
+        ),
     );
     assert_eq!(fanout["via"], "rabbitmq", "{fanout}");
     assert_eq!(fanout["refused"], 0, "{fanout}");
