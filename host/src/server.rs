@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterPresence, RemotePresence};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
@@ -102,11 +102,23 @@ pub async fn run(
         Some(url) => Store::mongo(url, &config, &instance_id, stopped.clone()).await?,
         None => Store::embedded(&config, &connections)?,
     };
+    let cluster_settings = config.amqp.clone().filter(|amqp| amqp.cluster);
+    // In a cluster, the nodes' announcements count every node's connections
+    // without a database call; otherwise the store knows what it knows.
+    let remote_presence = Arc::new(RemotePresence::default());
+    let presence: Arc<dyn Presence> = if cluster_settings.is_some() {
+        Arc::new(ClusterPresence {
+            local: Arc::clone(&connections),
+            remote: Arc::clone(&remote_presence),
+        })
+    } else {
+        store.presence
+    };
     let runtime = Arc::new(PluginRuntime::new(
         PluginLimits::default(),
         Arc::new(PluginServices {
             directory: store.directory,
-            presence: store.presence,
+            presence,
         }),
         Some(&config.data_dir.join("plugin-cache")),
     )?);
@@ -121,19 +133,16 @@ pub async fn run(
     let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
         .context("watching the plugins folder")?;
 
-    let cluster = config
-        .amqp
-        .clone()
-        .filter(|amqp| amqp.cluster)
-        .map(|settings| {
-            Cluster::start(
-                settings,
-                Arc::clone(&instance_id),
-                Arc::clone(&connections),
-                Arc::clone(&metrics),
-                stopped.clone(),
-            )
-        });
+    let cluster = cluster_settings.map(|settings| {
+        Cluster::start(
+            settings,
+            Arc::clone(&instance_id),
+            Arc::clone(&connections),
+            remote_presence,
+            Arc::clone(&metrics),
+            stopped.clone(),
+        )
+    });
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),

@@ -17,6 +17,8 @@
 mod batch;
 mod presence;
 
+pub use presence::{ClusterPresence, RemotePresence};
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +42,7 @@ use crate::health::Health;
 use crate::intake::amqp::{AmqpSettings, RECONNECT, stopped};
 use crate::metrics::Metrics;
 use batch::DeliveryCopy;
-use presence::{Announcement, RemotePresence};
+use presence::Announcement;
 
 /// Most copies published in one message.
 const MAX_BATCH: usize = 256;
@@ -84,17 +86,18 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// Starts the link to the broker; it runs until `shutdown` flips.
+    /// Starts the link to the broker; it runs until `shutdown` flips and
+    /// keeps `remote` up to date with the other nodes' announcements.
     pub fn start(
         settings: AmqpSettings,
         instance_id: Arc<str>,
         connections: Arc<Connections>,
+        remote: Arc<RemotePresence>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (commands, inbox) = mpsc::channel(4096);
         let status = Arc::new(Health::connecting());
-        let remote = Arc::new(RemotePresence::default());
         let link = Link {
             queue: format!("{}.{instance_id}", settings.nodes_exchange),
             presence_exchange: format!("{}.presence", settings.nodes_exchange),
@@ -106,6 +109,8 @@ impl Cluster {
             outbox: VecDeque::new(),
             seen: Seen::default(),
             remote: Arc::clone(&remote),
+            announced: 0,
+            waiting_joins: Vec::new(),
         };
         let task = tokio::spawn(link.run(inbox, shutdown));
         let cluster = Arc::new(Self {
@@ -211,6 +216,20 @@ struct Link {
     outbox: VecDeque<Vec<DeliveryCopy>>,
     seen: Seen,
     remote: Arc<RemotePresence>,
+    /// The sequence number of this node's last announcement that asked the
+    /// peers to answer.
+    announced: u64,
+    /// Joins waiting for the peers' answers to their announcement.
+    waiting_joins: Vec<WaitingJoin>,
+}
+
+/// A new connection's `join`, answered once every peer has applied its
+/// announcement (or did not answer in time).
+struct WaitingJoin {
+    seq: u64,
+    peers: HashSet<String>,
+    done: oneshot::Sender<()>,
+    deadline: Instant,
 }
 
 impl Link {
@@ -224,6 +243,8 @@ impl Link {
             let wait = match self.session(&mut inbox, &mut shutdown, &mut backoff).await {
                 Ok(()) => return,
                 Err(err) => {
+                    // Their joiners go on (a reconnect binds every user).
+                    self.waiting_joins.clear();
                     let wait = backoff.next_wait();
                     tracing::warn!("cluster link down, retrying in {wait:?}: {err}");
                     self.status.set(Some(err.to_string()));
@@ -318,9 +339,13 @@ impl Link {
         let mut snapshots = tokio::time::interval(presence::SNAPSHOT_EVERY);
         snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let first_deadline = self.waiting_joins.iter().map(|join| join.deadline).min();
             tokio::select! {
                 () = stopped(shutdown) => break,
                 _ = snapshots.tick() => self.announce(&channel, self.local_table()).await?,
+                () = sleep_until(first_deadline), if first_deadline.is_some() => {
+                    self.release_joins(Instant::now());
+                }
                 command = inbox.recv() => match command {
                     None => break,
                     Some(Command::Forward(copy)) => {
@@ -358,10 +383,10 @@ impl Link {
                 delivery = incoming.next() => match delivery {
                     Some(delivery) => {
                         let delivery = delivery?;
-                        if is_presence(&delivery) {
-                            self.hear(&channel, &delivery).await?;
-                        } else {
-                            self.receive(delivery);
+                        match message_type(&delivery) {
+                            Some(presence::MESSAGE_TYPE) => self.hear(&channel, &delivery).await?,
+                            Some(presence::ACK_TYPE) => self.answered(&delivery),
+                            _ => self.receive(delivery),
                         }
                     }
                     None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
@@ -426,22 +451,31 @@ impl Link {
             .await
     }
 
-    /// Binds or unbinds `user` as this node's connections say; answers
-    /// `done` once the broker has.
+    /// Announces `user`'s connection count and binds or unbinds the user as
+    /// this node's connections say; answers `done` (a join) once the broker
+    /// has bound and every known peer has applied the announcement.
     async fn sync(
-        &self,
+        &mut self,
         channel: &Channel,
         bound: &mut HashSet<Arc<str>>,
         user: Arc<str>,
         done: Option<oneshot::Sender<()>>,
     ) -> lapin::Result<()> {
         let count = self.connections.count_of_user(&user);
+        let mut peers = HashSet::new();
+        let mut seq = None;
         if routable(&user) {
-            // Announced before the binding: a peer hears of a connection no
-            // later than its deliveries can reach it.
+            if done.is_some() && count > 0 {
+                peers.extend(self.remote.nodes(Instant::now()));
+                if !peers.is_empty() {
+                    self.announced += 1;
+                    seq = Some(self.announced);
+                }
+            }
             let change = Announcement {
                 full: false,
                 users: [(user.to_string(), u32::try_from(count).unwrap_or(u32::MAX))].into(),
+                seq,
             };
             self.announce(channel, change).await?;
         }
@@ -453,10 +487,58 @@ impl Link {
             self.unbind(channel, &user).await?;
             bound.remove(&user);
         }
-        if let Some(done) = done {
-            let _ = done.send(());
+        match (done, seq) {
+            (Some(done), Some(seq)) => self.waiting_joins.push(WaitingJoin {
+                seq,
+                peers,
+                done,
+                deadline: Instant::now() + presence::ACK_TIMEOUT,
+            }),
+            (Some(done), None) => {
+                let _ = done.send(());
+            }
+            (None, _) => {}
         }
         Ok(())
+    }
+
+    /// A peer has applied this node's announcements up to the answered one
+    /// (a node's messages arrive in order).
+    fn answered(&mut self, delivery: &lapin::message::Delivery) {
+        let Some(node) = sender(delivery) else {
+            return;
+        };
+        let Some(seq) = std::str::from_utf8(&delivery.data)
+            .ok()
+            .and_then(|body| body.parse::<u64>().ok())
+        else {
+            tracing::warn!("dropping a malformed presence answer from {node}");
+            return;
+        };
+        for join in &mut self.waiting_joins {
+            if join.seq <= seq {
+                join.peers.remove(node);
+            }
+        }
+        self.release_joins(Instant::now());
+    }
+
+    /// Answers the joins that every peer has answered, and those whose time
+    /// is up: their silent peers are forgotten until heard from again (a
+    /// node killed moments ago should not slow every connect down).
+    fn release_joins(&mut self, now: Instant) {
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_joins)
+            .into_iter()
+            .partition(|join| join.peers.is_empty() || join.deadline <= now);
+        self.waiting_joins = waiting;
+        let silent: HashSet<&String> = ready.iter().flat_map(|join| &join.peers).collect();
+        for peer in silent {
+            tracing::warn!(%peer, "a node did not answer a presence announcement in time; its connections are not counted until it is heard from");
+            self.remote.forget(peer);
+        }
+        for join in ready {
+            let _ = join.done.send(());
+        }
     }
 
     /// This node's connections per user (those its queue can be bound for).
@@ -471,7 +553,11 @@ impl Link {
                 (user.to_string(), u32::try_from(count).unwrap_or(u32::MAX))
             })
             .collect();
-        Announcement { full: true, users }
+        Announcement {
+            full: true,
+            users,
+            seq: None,
+        }
     }
 
     /// Publishes a presence announcement to every node (this one ignores
@@ -507,12 +593,35 @@ impl Link {
         };
         match Announcement::decode(&delivery.data) {
             Ok(announcement) => {
+                let seq = announcement.seq;
                 if self.remote.apply(node, announcement, Instant::now()) {
                     self.announce(channel, self.local_table()).await?;
+                }
+                if let Some(seq) = seq {
+                    self.answer(channel, node, seq).await?;
                 }
             }
             Err(err) => tracing::warn!("dropping a presence message from {node}: {err}"),
         }
+        Ok(())
+    }
+
+    /// Tells `node` that its announcements up to `seq` are applied: straight
+    /// to its queue, through the default exchange.
+    async fn answer(&self, channel: &Channel, node: &str, seq: u64) -> lapin::Result<()> {
+        let properties = BasicProperties::default()
+            .with_app_id(self.instance_id.as_ref().into())
+            .with_type(presence::ACK_TYPE.into());
+        channel
+            .basic_publish(
+                "".into(),
+                format!("{}.{node}", self.settings.nodes_exchange).into(),
+                BasicPublishOptions::default(),
+                seq.to_string().as_bytes(),
+                properties,
+            )
+            .await?
+            .await?;
         Ok(())
     }
 
@@ -624,8 +733,18 @@ fn sender(delivery: &lapin::message::Delivery) -> Option<&str> {
         .map(ShortString::as_str)
 }
 
-fn is_presence(delivery: &lapin::message::Delivery) -> bool {
-    delivery.properties.kind().as_ref().map(ShortString::as_str) == Some(presence::MESSAGE_TYPE)
+/// A cluster message's AMQP `type`: presence messages have one, batches of
+/// copies none.
+fn message_type(delivery: &lapin::message::Delivery) -> Option<&str> {
+    delivery.properties.kind().as_ref().map(ShortString::as_str)
+}
+
+/// Sleeps until `deadline` (`None`: never; the caller guards that case).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether the user id can be a routing key (others are not bound, so get

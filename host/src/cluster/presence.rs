@@ -4,27 +4,38 @@
 //!
 //! Every node publishes its per-user connection counts on a fanout exchange
 //! that all node queues are bound to: a delta whenever one of its users'
-//! counts changes (before the user's binding, so a peer learns of a
-//! connection no later than deliveries can reach it), and its full table
-//! every [`SNAPSHOT_EVERY`], which heals lost deltas and tells new nodes. A
-//! node that is not heard from for [`FORGET_AFTER`] (killed) is forgotten;
-//! one that stops cleanly publishes an empty table.
+//! counts changes, and its full table every [`SNAPSHOT_EVERY`], which heals
+//! lost deltas and tells new nodes. The delta of a new connection carries a
+//! sequence number; the peers it knows answer it once applied (an
+//! [`ACK_TYPE`] message to its queue), and the connection hears `connected`
+//! only then — so a message sent after that, on any node, counts it. A peer
+//! that does not answer within [`ACK_TIMEOUT`] is forgotten until it is heard
+//! again; one not heard from for [`FORGET_AFTER`] (killed) as well; one that
+//! stops cleanly publishes an empty table.
 //!
-//! Body: JSON `{"full": bool, "users": {"<user id>": <connections>}}`; the
-//! sending node is the message's `app_id`.
+//! Body: JSON `{"full": bool, "users": {"<user id>": <connections>},
+//! "seq": <u64, when an answer is wanted>}`; an answer's body is the
+//! sequence number in decimal. The sending node is the message's `app_id`.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::connections::Connections;
+use crate::store::Presence;
 
 /// How often a node publishes its full table.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 /// A node not heard from for this long counts no connections.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15);
-/// The AMQP `type` of presence messages (delivery batches have none).
+/// How long a join waits for a peer's answer before forgetting the peer.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The AMQP `type` of presence announcements (delivery batches have none).
 pub const MESSAGE_TYPE: &str = "presence";
+/// The AMQP `type` of a peer's answer to an announcement with a `seq`.
+pub const ACK_TYPE: &str = "presence-ack";
 
 /// One presence message.
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -33,6 +44,9 @@ pub struct Announcement {
     /// changes only.
     pub full: bool,
     pub users: HashMap<String, u32>,
+    /// Set when the sender waits for the peers' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl Announcement {
@@ -41,6 +55,7 @@ impl Announcement {
         Self {
             full: true,
             users: HashMap::new(),
+            seq: None,
         }
     }
 
@@ -89,7 +104,23 @@ impl RemotePresence {
         !known
     }
 
-    /// The user's connections on the other nodes heard from recently.
+    /// The nodes heard from recently.
+    pub fn nodes(&self, now: Instant) -> Vec<String> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .iter()
+            .filter(|(_, table)| now.duration_since(table.heard) < FORGET_AFTER)
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// Stops counting `node`'s connections until it is heard from again.
+    pub fn forget(&self, node: &str) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.remove(node);
+    }
+
+    /// The user's connections on other nodes heard from recently.
     pub fn connections_of(&self, user: &str, now: Instant) -> u32 {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes
@@ -97,6 +128,22 @@ impl RemotePresence {
             .filter(|table| now.duration_since(table.heard) < FORGET_AFTER)
             .filter_map(|table| table.users.get(user))
             .sum()
+    }
+}
+
+/// Plugins' `connection-count` in a cluster: this node's connections plus
+/// those the other nodes announced, from memory (no database per call).
+pub struct ClusterPresence {
+    pub local: Arc<Connections>,
+    pub remote: Arc<RemotePresence>,
+}
+
+impl Presence for ClusterPresence {
+    fn count_of_user(&self, user_id: &str) -> usize {
+        let remote = self.remote.connections_of(user_id, Instant::now());
+        self.local
+            .count_of_user(user_id)
+            .saturating_add(usize::try_from(remote).unwrap_or(usize::MAX))
     }
 }
 
@@ -111,6 +158,7 @@ mod tests {
                 .iter()
                 .map(|(user, count)| ((*user).to_owned(), *count))
                 .collect(),
+            seq: None,
         }
     }
 
@@ -143,8 +191,10 @@ mod tests {
         presence.apply("b", announcement(true, &[]), then);
         assert_eq!(presence.connections_of("u", then), 1);
 
+        assert_eq!(presence.nodes(then), ["a"]);
         let later = then + FORGET_AFTER;
         assert_eq!(presence.connections_of("u", later), 0);
+        assert!(presence.nodes(later).is_empty());
         assert!(
             presence.apply("a", announcement(false, &[]), later),
             "a forgotten node is new again"
@@ -152,9 +202,25 @@ mod tests {
     }
 
     #[test]
+    fn a_forgotten_node_counts_nothing_until_heard_again() {
+        let presence = RemotePresence::default();
+        let now = Instant::now();
+        presence.apply("a", announcement(true, &[("u", 1)]), now);
+        presence.forget("a");
+        assert_eq!(presence.connections_of("u", now), 0);
+        assert!(presence.apply("a", announcement(true, &[("u", 1)]), now));
+        assert_eq!(presence.connections_of("u", now), 1);
+    }
+
+    #[test]
     fn the_body_round_trips() {
         let sent = announcement(true, &[("u", 2)]);
         assert_eq!(Announcement::decode(&sent.encode()).unwrap(), sent);
+        let asking = Announcement {
+            seq: Some(7),
+            ..announcement(false, &[("u", 1)])
+        };
+        assert_eq!(Announcement::decode(&asking.encode()).unwrap(), asking);
         assert!(Announcement::decode(b"not json").is_err());
     }
 }
