@@ -25,6 +25,7 @@ pub struct Metrics {
     cluster_sent: AtomicU64,
     cluster_received: AtomicU64,
     cluster_dropped: AtomicU64,
+    presence_received: AtomicU64,
     dispatch_buckets: [AtomicU64; DISPATCH_BUCKETS.len()],
     dispatch_count: AtomicU64,
     dispatch_nanos: AtomicU64,
@@ -79,6 +80,11 @@ impl Metrics {
     /// unreachable while the outbox was full.
     pub fn cluster_copies_dropped(&self, n: usize) {
         add(&self.cluster_dropped, n as u64);
+    }
+
+    /// A presence announcement from another node arrived.
+    pub fn presence_announcement_received(&self) {
+        add(&self.presence_received, 1);
     }
 
     /// One event's plugin dispatch took `elapsed`.
@@ -169,6 +175,12 @@ impl Metrics {
             "counter",
             "Delivery copies for other nodes dropped while the broker was unreachable.",
             read(&self.cluster_dropped),
+        );
+        metric(
+            "sockets_cluster_presence_received_total",
+            "counter",
+            "Presence announcements (connections per user) received from other nodes.",
+            read(&self.presence_received),
         );
         metric(
             "sockets_plugin_load_failures_total",

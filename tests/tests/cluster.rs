@@ -11,7 +11,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, Publisher, consuming, with_message_id};
-use sockets_tests::client::{Client, publish};
+use sockets_tests::client::{Client, http, publish};
 use sockets_tests::server::{Server, ServerConfig, token};
 
 /// How long a test waits to be sure that no extra copy arrives.
@@ -183,6 +183,28 @@ async fn plugins_count_the_users_connections_on_every_node() {
         reply["data"]["connections"], 3,
         "connection-count is cluster-wide: {reply}"
     );
+}
+
+/// The value of an unlabelled counter on the server's `/metrics`.
+async fn counter(server: &Server, name: &str) -> u64 {
+    let metrics = http(server, "GET", "/metrics", &[], b"").await.body;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_nodes_exchange_a_few_presence_announcements_not_a_stream() {
+    let (a, b, _names) = two_nodes().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in [&a, &b] {
+        let heard = counter(node, "sockets_cluster_presence_received_total").await;
+        // Each hears the other's table once or twice (at start, in answer,
+        // maybe a snapshot); two empty tables once answered each other
+        // without end.
+        assert!((1..=10).contains(&heard), "{heard} announcements in 2 s");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -395,9 +395,9 @@ impl Link {
                 },
             }
         }
-        // An empty table: the others stop counting this node's connections
-        // now rather than after `FORGET_AFTER`.
-        let _ = self.announce(&channel, Announcement::empty_table()).await;
+        // The others stop counting this node's connections now rather than
+        // after `FORGET_AFTER`.
+        let _ = self.announce(&channel, Announcement::leaving()).await;
         let _ = connection.close(200, "shutting down".into()).await;
         Ok(())
     }
@@ -476,6 +476,7 @@ impl Link {
                 full: false,
                 users: [(user.to_string(), u32::try_from(count).unwrap_or(u32::MAX))].into(),
                 seq,
+                leaving: false,
             };
             self.announce(channel, change).await?;
         }
@@ -556,7 +557,7 @@ impl Link {
         Announcement {
             full: true,
             users,
-            seq: None,
+            ..Announcement::default()
         }
     }
 
@@ -591,6 +592,7 @@ impl Link {
         let Some(node) = sender(delivery).filter(|node| *node != &*self.instance_id) else {
             return Ok(());
         };
+        self.metrics.presence_announcement_received();
         match Announcement::decode(&delivery.data) {
             Ok(announcement) => {
                 let seq = announcement.seq;

@@ -11,11 +11,12 @@
 //! only then — so a message sent after that, on any node, counts it. A peer
 //! that does not answer within [`ACK_TIMEOUT`] is forgotten until it is heard
 //! again; one not heard from for [`FORGET_AFTER`] (killed) as well; one that
-//! stops cleanly publishes an empty table.
+//! stops cleanly says it is leaving.
 //!
 //! Body: JSON `{"full": bool, "users": {"<user id>": <connections>},
-//! "seq": <u64, when an answer is wanted>}`; an answer's body is the
-//! sequence number in decimal. The sending node is the message's `app_id`.
+//! "seq": <u64, when an answer is wanted>, "leaving": <bool, when true>}`;
+//! an answer's body is the sequence number in decimal. The sending node is
+//! the message's `app_id`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,15 +48,18 @@ pub struct Announcement {
     /// Set when the sender waits for the peers' answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The sender stops: forget it now rather than after [`FORGET_AFTER`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 impl Announcement {
-    /// A full table without users: what a stopping node announces.
-    pub fn empty_table() -> Self {
+    /// What a stopping node announces.
+    pub fn leaving() -> Self {
         Self {
             full: true,
-            users: HashMap::new(),
-            seq: None,
+            leaving: true,
+            ..Self::default()
         }
     }
 
@@ -81,10 +85,16 @@ pub struct RemotePresence {
 
 impl RemotePresence {
     /// Applies what `node` announced at `now`. Returns whether the node was
-    /// unknown (forgotten or new), so that it can be told this node's table.
+    /// unknown (forgotten or new) and stays, so that it can be told this
+    /// node's table. A node with no connections stays known: it still
+    /// routes messages, so joins wait for its answers too.
     pub fn apply(&self, node: &str, announcement: Announcement, now: Instant) -> bool {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes.retain(|_, table| now.duration_since(table.heard) < FORGET_AFTER);
+        if announcement.leaving {
+            nodes.remove(node);
+            return false;
+        }
         let known = nodes.contains_key(node);
         let table = nodes.entry(node.to_owned()).or_insert_with(|| NodeTable {
             users: HashMap::new(),
@@ -97,10 +107,6 @@ impl RemotePresence {
             table.users.extend(announcement.users);
         }
         table.users.retain(|_, count| *count > 0);
-        if table.users.is_empty() && announcement.full {
-            // An empty table: the node stopped or holds nobody.
-            nodes.remove(node);
-        }
         !known
     }
 
@@ -159,6 +165,7 @@ mod tests {
                 .map(|(user, count)| ((*user).to_owned(), *count))
                 .collect(),
             seq: None,
+            leaving: false,
         }
     }
 
@@ -181,14 +188,14 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_node_is_forgotten_and_an_empty_snapshot_removes_at_once() {
+    fn a_silent_node_is_forgotten_and_a_leaving_one_at_once() {
         let presence = RemotePresence::default();
         let then = Instant::now();
         presence.apply("a", announcement(true, &[("u", 1)]), then);
         presence.apply("b", announcement(true, &[("u", 1)]), then);
         assert_eq!(presence.connections_of("u", then), 2);
 
-        presence.apply("b", announcement(true, &[]), then);
+        assert!(!presence.apply("b", Announcement::leaving(), then));
         assert_eq!(presence.connections_of("u", then), 1);
 
         assert_eq!(presence.nodes(then), ["a"]);
@@ -199,6 +206,16 @@ mod tests {
             presence.apply("a", announcement(false, &[]), later),
             "a forgotten node is new again"
         );
+    }
+
+    #[test]
+    fn a_node_without_connections_stays_known_and_is_new_only_once() {
+        let presence = RemotePresence::default();
+        let now = Instant::now();
+        // Two idle nodes must not answer each other's empty tables forever.
+        assert!(presence.apply("a", announcement(true, &[]), now));
+        assert!(!presence.apply("a", announcement(true, &[]), now));
+        assert_eq!(presence.nodes(now), ["a"]);
     }
 
     #[test]
