@@ -406,14 +406,15 @@ impl Link {
     /// so that it (and what was routed to it) survives a short broker
     /// outage; it expires once unused.
     async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
         channel
             .exchange_declare(
                 self.settings.nodes_exchange.as_str().into(),
                 ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
+                durable,
                 FieldTable::default(),
             )
             .await?;
@@ -433,10 +434,7 @@ impl Link {
             .exchange_declare(
                 self.presence_exchange.as_str().into(),
                 ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
+                durable,
                 FieldTable::default(),
             )
             .await?;
