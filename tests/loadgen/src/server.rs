@@ -81,8 +81,16 @@ mod tests {
     fn reads_this_process() {
         assert!(rss_kib(std::process::id()).unwrap() > 0);
         let spent = cpu_time(std::process::id()).unwrap();
-        let busy = std::time::Instant::now();
-        while busy.elapsed() < Duration::from_millis(50) {}
+        // Spin until this thread has had 50 ms of CPU, not 50 ms of wall
+        // time: on a loaded machine the thread may wait for a core.
+        let this_thread = || {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            parse_cpu_time(&stat).unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while this_thread() < Duration::from_millis(50) {
+            assert!(std::time::Instant::now() < deadline, "no CPU in 30 s");
+        }
         assert!(cpu_time(std::process::id()).unwrap() > spent);
         let threads = cpu_time_by_thread(std::process::id()).unwrap();
         assert!(threads.values().sum::<Duration>() >= Duration::from_millis(50));
