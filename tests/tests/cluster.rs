@@ -197,13 +197,24 @@ async fn counter(server: &Server, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_nodes_exchange_a_few_presence_announcements_not_a_stream() {
     let (a, b, _names) = two_nodes().await;
+    // Each hears the other's table at start or in answer; wait for that
+    // (a loaded machine may be slow), then give a storm time to show.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for node in [&a, &b] {
+        while counter(node, "sockets_cluster_presence_received_total").await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no announcement in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in [&a, &b] {
         let heard = counter(node, "sockets_cluster_presence_received_total").await;
-        // Each hears the other's table once or twice (at start, in answer,
-        // maybe a snapshot); two empty tables once answered each other
-        // without end.
-        assert!((1..=10).contains(&heard), "{heard} announcements in 2 s");
+        // A few more at most (a snapshot every 5 s); two empty tables once
+        // answered each other without end, thousands in 2 s.
+        assert!(heard <= 10, "{heard} announcements in about 2 s");
     }
 }
 
