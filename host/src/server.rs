@@ -102,17 +102,19 @@ pub async fn run(
         Some(url) => Store::mongo(url, &config, &instance_id, stopped.clone()).await?,
         None => Store::embedded(&config, &connections)?,
     };
-    let cluster_settings = config.amqp.clone().filter(|amqp| amqp.cluster);
     // In a cluster, the nodes' announcements count every node's connections
     // without a database call; otherwise the store knows what it knows.
-    let remote_presence = Arc::new(RemotePresence::default());
-    let presence: Arc<dyn Presence> = if cluster_settings.is_some() {
-        Arc::new(ClusterPresence {
+    let cluster_settings = config
+        .amqp
+        .clone()
+        .filter(|amqp| amqp.cluster)
+        .map(|settings| (settings, Arc::new(RemotePresence::default())));
+    let presence: Arc<dyn Presence> = match &cluster_settings {
+        Some((_, remote)) => Arc::new(ClusterPresence {
             local: Arc::clone(&connections),
-            remote: Arc::clone(&remote_presence),
-        })
-    } else {
-        store.presence
+            remote: Arc::clone(remote),
+        }),
+        None => store.presence,
     };
     let runtime = Arc::new(PluginRuntime::new(
         PluginLimits::default(),
@@ -133,7 +135,7 @@ pub async fn run(
     let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
         .context("watching the plugins folder")?;
 
-    let cluster = cluster_settings.map(|settings| {
+    let cluster = cluster_settings.map(|(settings, remote_presence)| {
         Cluster::start(
             settings,
             Arc::clone(&instance_id),
