@@ -8,8 +8,10 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions}
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::client::http;
-use crate::server::{Server, ServerConfig};
+use serde_json::{Value, json};
+
+use crate::client::{Client, http};
+use crate::server::{Server, ServerConfig, token};
 
 /// The broker URL: `SOCKETS_TEST_AMQP_URL`, else the local RabbitMQ that
 /// `scripts/test.sh` starts.
@@ -69,6 +71,27 @@ pub async fn consuming(config: ServerConfig) -> Server {
         "the server never consumed from RabbitMQ; its log:\n{}",
         server.log()
     );
+}
+
+/// Starts two nodes from `config` (which must hold the presence plugin and
+/// one set of [`Names`]), connects `c_1` once to the first and twice to the
+/// second, and returns what the first node's `whoIs` says of `c_1`: its
+/// reply's `data.connections`. The connections stay open until it answers.
+pub async fn connections_counted_across_two_nodes(config: impl Fn() -> ServerConfig) -> Value {
+    let a = consuming(config()).await;
+    let b = consuming(config()).await;
+    let connect =
+        |server, sub, role| async move { Client::connect(server, &token(sub, role)).await.0 };
+    let mut asker = connect(&a, "s_1", "student").await;
+    let _on_a = connect(&a, "c_1", "consultant").await;
+    let _on_b = connect(&b, "c_1", "consultant").await;
+    let _also_on_b = connect(&b, "c_1", "consultant").await;
+    asker
+        .send(&json!({"event": "whoIs", "data": {"user": "c_1"}, "ack": 1}))
+        .await;
+    let reply = asker.recv().await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply["data"]["connections"].clone()
 }
 
 /// A publishing connection with publisher confirms.

@@ -46,6 +46,13 @@ impl ServerConfig {
         self.env.push((name.to_owned(), value.into()));
         self
     }
+
+    /// Adds the presence plugin (`whoIs` answers with a user's connection
+    /// count) to the plugins folder.
+    pub fn with_presence(mut self) -> Self {
+        self.plugins.push("presence");
+        self
+    }
 }
 
 /// A running server.

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use serde_json::{Value, json};
-use sockets_tests::broker::{Names, Publisher, consuming, with_message_id};
+use sockets_tests::broker::{
+    Names, Publisher, connections_counted_across_two_nodes, consuming, with_message_id,
+};
 use sockets_tests::client::{Client, http, publish};
-use sockets_tests::server::{Server, ServerConfig, token};
+use sockets_tests::server::{Server, token};
 
 /// How long a test waits to be sure that no extra copy arrives.
 const QUIET: Duration = Duration::from_millis(700);
@@ -164,25 +166,9 @@ async fn delivered_counts_the_recipients_connections_on_every_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn plugins_count_the_users_connections_on_every_node() {
     let names = Names::unique();
-    let with_presence = || ServerConfig {
-        plugins: vec!["chat", "payments", "reviews", "presence"],
-        ..names.server_config()
-    };
-    let a = consuming(with_presence()).await;
-    let b = consuming(with_presence()).await;
-    let mut asker = connect(&a, "s_1", "student").await;
-    let _on_a = connect(&a, "c_1", "consultant").await;
-    let _on_b = connect(&b, "c_1", "consultant").await;
-    let _also_on_b = connect(&b, "c_1", "consultant").await;
-
-    asker
-        .send(&json!({"event": "whoIs", "data": {"user": "c_1"}, "ack": 1}))
-        .await;
-    let reply = asker.recv().await;
-    assert_eq!(
-        reply["data"]["connections"], 3,
-        "connection-count is cluster-wide: {reply}"
-    );
+    let counted =
+        connections_counted_across_two_nodes(|| names.server_config().with_presence()).await;
+    assert_eq!(counted, 3, "connection-count is cluster-wide");
 }
 
 /// The value of an unlabelled counter on the server's `/metrics`.
