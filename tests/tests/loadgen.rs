@@ -50,6 +50,9 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     let share = cpu["share_of_one_core"].as_f64().unwrap();
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
     assert!(share > 0.0 && share <= cores * 1.1, "{chat}");
+    // …and so did the load generator.
+    let own = chat["loadgen_cpu"]["share_of_one_core"].as_f64().unwrap();
+    assert!(own > 0.0 && own <= cores * 1.1, "{chat}");
     assert_eq!(chat["delivered"], chat["acked"], "{chat}");
     assert_eq!(chat["failed"], 0, "{chat}");
     assert_eq!(chat["lost"], 0, "{chat}");

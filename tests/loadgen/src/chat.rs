@@ -95,12 +95,14 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         Some(pid) => Some((server::cpu_time(pid)?, server::cpu_time_by_thread(pid)?)),
         None => None,
     };
+    let own_cpu_before = server::cpu_time(std::process::id())?;
     let sending = Instant::now();
     let _ = go_tx.send(true);
     tokio::time::sleep(options.duration).await;
     let _ = stop_tx.send(true);
     // Read at the stop: the drain that follows is mostly waiting.
     let sent_for = sending.elapsed();
+    let own_cpu = server::cpu_time(std::process::id())?.saturating_sub(own_cpu_before);
     let server_cpu = match (options.server_pid, cpu_before) {
         (Some(pid), Some((total, threads))) => Some((
             server::cpu_time(pid)?.saturating_sub(total),
@@ -153,13 +155,25 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "duplicated": duplicates,
         // While sending; per message delivered (the few still in flight at
         // the stop are counted as delivered, not as CPU).
-        "server_cpu": server_cpu.map(|(cpu, by_thread)| json!({
-            "ms": u64::try_from(cpu.as_millis()).unwrap_or(u64::MAX),
-            "ms_by_thread": by_thread,
-            "share_of_one_core": round(cpu.as_secs_f64() / sent_for.as_secs_f64(), 3),
-            "us_per_delivered": round(cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64, 1),
-        })),
+        "server_cpu": server_cpu.map(|(cpu, by_thread)| {
+            let mut summary = cpu_summary(cpu, sent_for, delivered);
+            summary["ms_by_thread"] = json!(by_thread);
+            summary
+        }),
+        // The load generator's own cost: a share near 1 on its one core
+        // means the generator, not the server, set the pace.
+        "loadgen_cpu": cpu_summary(own_cpu, sent_for, delivered),
     }))
+}
+
+/// CPU time spent over `wall`: in total, as a share of one core, and per
+/// message delivered.
+fn cpu_summary(cpu: Duration, wall: Duration, delivered: u64) -> Value {
+    json!({
+        "ms": u64::try_from(cpu.as_millis()).unwrap_or(u64::MAX),
+        "share_of_one_core": round(cpu.as_secs_f64() / wall.as_secs_f64(), 3),
+        "us_per_delivered": round(cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64, 1),
+    })
 }
 
 fn round(value: f64, decimals: i32) -> f64 {

@@ -1,6 +1,6 @@
-//! What the server process costs, read from `/proc/<pid>` (Linux): its
-//! resident memory and the CPU time of all its threads, in total and by
-//! thread name.
+//! What the server process costs (and the load generator itself), read from
+//! `/proc/<pid>` (Linux): resident memory and the CPU time of all its
+//! threads, in total and by thread name.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
