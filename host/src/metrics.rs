@@ -51,9 +51,9 @@ impl Metrics {
         add(&self.frames_in, 1);
     }
 
-    /// A frame was written to a client.
-    pub fn frame_out(&self) {
-        add(&self.frames_out, 1);
+    /// `count` frames were written to a client.
+    pub fn frames_out(&self, count: u64) {
+        add(&self.frames_out, count);
     }
 
     /// A client frame was refused by the rate limiter.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -183,6 +184,13 @@ pub async fn run(
     };
 
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Frames are small and written as they come: Nagle's algorithm would
+    // hold one back behind an unacknowledged one (up to a delayed ACK, 40 ms).
+    let listener = listener.tap_io(|socket| {
+        if let Err(err) = socket.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {err}");
+        }
+    });
     axum::serve(listener, service)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -20,6 +20,11 @@ use crate::auth::{AuthError, Claims};
 /// hundred bytes; a larger message grows the buffer as it arrives.
 const READ_BUFFER_BYTES: usize = 1024;
 
+/// Queued frames are written together up to this many bytes (then flushed
+/// at the end of the batch): fewer write calls under load, and a bound on
+/// the write buffer a burst leaves allocated.
+const WRITE_BATCH_BYTES: usize = 8 * 1024;
+
 pub async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -46,7 +51,7 @@ pub async fn upgrade(
         .max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .on_upgrade(move |socket| connection::run(socket, state, session)))
 }
 
