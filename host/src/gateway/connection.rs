@@ -210,6 +210,10 @@ async fn write_frames(
     .await;
 }
 
+/// Frames fed to the socket between two flushes at most: a steady stream
+/// of pushes still gets flushed (and counted) regularly.
+const FRAMES_PER_FLUSH: u64 = 64;
+
 /// Writes `first` and the frames queued behind it, then flushes once: under
 /// load several frames leave in one write call instead of one call each.
 /// Returns how many frames were written.
@@ -220,7 +224,10 @@ async fn write_queued(
 ) -> Result<u64, axum::Error> {
     sink.feed(Message::Text(first)).await?;
     let mut frames = 1;
-    while let Some(frame) = handle.try_next_frame() {
+    while frames < FRAMES_PER_FLUSH {
+        let Some(frame) = handle.try_next_frame() else {
+            break;
+        };
         sink.feed(Message::Text(frame)).await?;
         frames += 1;
     }
