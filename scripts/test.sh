@@ -15,6 +15,27 @@ cargo --version
 step "Services the tests need (RabbitMQ, FerretDB)"
 scripts/services.sh
 
+step "Exchanges earlier test runs left on the broker"
+# Each test declares exchanges and queues of its own, named
+# test.<kind>.<test id>[...]. Queues expire a minute after last use (see
+# services.sh); RabbitMQ never expires exchanges, so those of tests whose
+# queues are all gone are deleted here, sparing any test running now.
+if ! deleted=$(rabbitmqctl -q eval '
+    TestId = fun(Name) ->
+        case binary:split(Name, <<".">>, [global]) of
+            [<<"test">>, _Kind, Id | _] -> Id;
+            _ -> none
+        end
+    end,
+    Live = [TestId(Q) || {resource, _, queue, Q} <- rabbit_amqqueue:list_names()],
+    length([R || {resource, _, exchange, <<"test.", _/binary>> = X} = R <- rabbit_exchange:list_names(),
+                 not lists:member(TestId(X), Live),
+                 rabbit_exchange:delete(R, false, <<"scripts/test.sh">>) =:= ok]).' 2>&1); then
+    echo "warning: could not delete leftover test.* exchanges: $deleted" >&2
+else
+    echo "deleted $deleted leftover test.* exchanges"
+fi
+
 step "Formatting"
 cargo fmt --all --check
 
