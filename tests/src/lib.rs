@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Every plugin crate the tests load, built for `wasm32-wasip2`.
 pub const TEST_PLUGINS: [&str; 7] = [
@@ -129,6 +130,26 @@ pub fn loadgen_binary() -> PathBuf {
                 .join("debug/loadgen")
         })
         .clone()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `wait`;
+/// panics with `what` otherwise.
+pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {wait:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub mod broker;

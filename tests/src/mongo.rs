@@ -105,26 +105,6 @@ impl TestDb {
     }
 }
 
-/// Polls `check` every 50 ms until it returns `Some`, for at most `wait`;
-/// panics with `what` otherwise.
-pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within {wait:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The FerretDB binary `scripts/services.sh` builds:
 /// `SOCKETS_TEST_FERRETDB`, else its place in the tools folder.
 pub fn ferretdb_binary() -> PathBuf {

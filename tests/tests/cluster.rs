@@ -14,6 +14,7 @@ use sockets_tests::broker::{
     Names, Publisher, connections_counted_across_two_nodes, consuming, with_message_id,
 };
 use sockets_tests::client::{Client, http, publish};
+use sockets_tests::eventually;
 use sockets_tests::server::{Server, token};
 
 /// How long a test waits to be sure that no extra copy arrives.
@@ -185,16 +186,15 @@ async fn idle_nodes_exchange_a_few_presence_announcements_not_a_stream() {
     let (a, b, _names) = two_nodes().await;
     // Each hears the other's table at start or in answer; wait for that
     // (a loaded machine may be slow), then give a storm time to show.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for node in [&a, &b] {
-        while counter(node, "sockets_cluster_presence_received_total").await == 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no announcement in 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    eventually(
+        Duration::from_secs(10),
+        "each node hears an announcement",
+        || async {
+            let heard = |node| counter(node, "sockets_cluster_presence_received_total");
+            (heard(&a).await > 0 && heard(&b).await > 0).then_some(())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in [&a, &b] {
         let heard = counter(node, "sockets_cluster_presence_received_total").await;

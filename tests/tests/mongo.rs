@@ -11,7 +11,8 @@ use mongodb::bson::{Document, doc};
 use serde_json::json;
 use sockets_tests::broker::{Names, Publisher, connections_counted_across_two_nodes, consuming};
 use sockets_tests::client::{Client, http, publish};
-use sockets_tests::mongo::{FerretDb, TestDb, eventually};
+use sockets_tests::eventually;
+use sockets_tests::mongo::{FerretDb, TestDb};
 use sockets_tests::server::{Server, ServerConfig, token};
 
 const WAIT: Duration = Duration::from_secs(15);
