@@ -1,28 +1,34 @@
-//! The notification log on disk (redb) for the embedded default: survives
-//! restarts, written by one thread that commits concurrent appends together
-//! (group commit), so durability costs one fsync per batch, not per event.
+//! The notification log on disk for the embedded default: an append-only
+//! journal of JSON lines under `<data dir>/notifications/`, one
+//! `notificationLogs` record per line (the document MongoDB would hold), in
+//! numbered segments of at most [`SEGMENT_BYTES`]. One writer thread appends
+//! everything waiting in one write and one `fdatasync` (group commit), so
+//! durability costs one sync per batch, not per event, and a record costs a
+//! serialization and a copy, not B-tree pages.
+//!
+//! The host never reads the log while serving: it is the audit trail, read
+//! by operators (`jq`, `grep`) and by the queries below, which scan it.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::{NotificationLog, NotificationRecord, StoreError};
 
-/// Record id → the record as JSON.
-const RECORDS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("notification_logs");
-/// `<to>\0<createdAt>\0<id>` → id: deliveries to a user in time order.
-const BY_USER: TableDefinition<'_, &str, &str> = TableDefinition::new("notification_logs_by_user");
-/// `<eventId>\0<id>` → id: deliveries caused by an event.
-const BY_EVENT: TableDefinition<'_, &str, &str> =
-    TableDefinition::new("notification_logs_by_event");
-
-/// Most appends committed in one transaction.
+/// A segment that reached this size is closed and the next one started, so
+/// operators can archive or delete old segments.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// Most appends committed in one write.
 const MAX_BATCH: usize = 512;
+/// The folder's lock file: one process writes a log at a time.
+const LOCK_FILE: &str = "LOCK";
+const SEGMENT_SUFFIX: &str = ".jsonl";
 
 struct Append {
     records: Vec<NotificationRecord>,
@@ -31,7 +37,7 @@ struct Append {
 
 /// The embedded notification log.
 pub struct EmbeddedLog {
-    db: Arc<Database>,
+    dir: PathBuf,
     /// `None` only while dropping.
     appends: Option<mpsc::Sender<Append>>,
     writer: Option<thread::JoinHandle<()>>,
@@ -39,7 +45,9 @@ pub struct EmbeddedLog {
 
 impl std::fmt::Debug for EmbeddedLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedLog").finish_non_exhaustive()
+        f.debug_struct("EmbeddedLog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,26 +56,22 @@ fn unavailable(err: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `dir/notifications.redb`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|err| unavailable(format!("cannot create {}: {err}", dir.display())))?;
-        let db = Database::create(dir.join("notifications.redb")).map_err(unavailable)?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(RECORDS).map_err(unavailable)?;
-        txn.open_table(BY_USER).map_err(unavailable)?;
-        txn.open_table(BY_EVENT).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
+    /// Opens (or creates) the log in `data_dir/notifications/`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_segment_bytes(data_dir, SEGMENT_BYTES)
+    }
 
-        let db = Arc::new(db);
+    fn open_with_segment_bytes(data_dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+        let dir = data_dir.join("notifications");
+        let journal = Journal::open(&dir, segment_bytes)
+            .map_err(|err| unavailable(format!("notification log in {}: {err}", dir.display())))?;
         let (appends, queue) = mpsc::channel();
-        let writer_db = Arc::clone(&db);
         let writer = thread::Builder::new()
             .name("notification-log".into())
-            .spawn(move || write_loop(&writer_db, &queue))
+            .spawn(move || write_loop(journal, &queue))
             .map_err(unavailable)?;
         Ok(Self {
-            db,
+            dir,
             appends: Some(appends),
             writer: Some(writer),
         })
@@ -86,20 +90,22 @@ impl EmbeddedLog {
             .map_err(|_| unavailable("the log writer stopped"))?
     }
 
-    async fn read<R: Send + 'static>(
+    /// Scans every committed record, off the async workers.
+    async fn scan(
         &self,
-        read: impl FnOnce(&Database) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<R, StoreError> {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || read(&db))
+        wanted: impl Fn(&NotificationRecord) -> bool + Send + 'static,
+    ) -> Result<Vec<NotificationRecord>, StoreError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || scan(&dir, &wanted))
             .await
             .map_err(unavailable)?
+            .map_err(unavailable)
     }
 }
 
 impl Drop for EmbeddedLog {
-    /// Finishes pending appends and releases the database file, so that it
-    /// can be opened again at once (a restart in the same process).
+    /// Finishes pending appends and releases the folder's lock, so that the
+    /// log can be opened again at once (a restart in the same process).
     fn drop(&mut self) {
         drop(self.appends.take());
         if let Some(writer) = self.writer.take() {
@@ -108,9 +114,9 @@ impl Drop for EmbeddedLog {
     }
 }
 
-/// Takes appends as they come, commits everything waiting in one
-/// transaction, then answers each. Ends when the log is dropped.
-fn write_loop(db: &Database, queue: &mpsc::Receiver<Append>) {
+/// Takes appends as they come, commits everything waiting in one write,
+/// then answers each. Ends when the log is dropped.
+fn write_loop(mut journal: Journal, queue: &mpsc::Receiver<Append>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -119,12 +125,9 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        // A batch of flush markers only has nothing to commit.
-        let result = if batch.iter().all(|append| append.records.is_empty()) {
-            Ok(())
-        } else {
-            write(db, batch.iter().flat_map(|append| &append.records))
-        };
+        let result = journal
+            .append(batch.iter().flat_map(|append| &append.records))
+            .map_err(unavailable);
         if let Err(err) = &result {
             tracing::error!("notification log write failed: {err}");
         }
@@ -134,60 +137,190 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Append>) {
     }
 }
 
-fn write<'a>(
-    db: &Database,
-    records: impl Iterator<Item = &'a NotificationRecord>,
-) -> Result<(), StoreError> {
-    let txn = db.begin_write().map_err(unavailable)?;
-    {
-        let mut by_id = txn.open_table(RECORDS).map_err(unavailable)?;
-        let mut by_user = txn.open_table(BY_USER).map_err(unavailable)?;
-        let mut by_event = txn.open_table(BY_EVENT).map_err(unavailable)?;
-        for record in records {
-            let json = serde_json::to_vec(record).map_err(unavailable)?;
-            by_id
-                .insert(record.id.as_str(), json.as_slice())
-                .map_err(unavailable)?;
-            let user_key = format!("{}\0{}\0{}", record.to, record.created_at, record.id);
-            by_user
-                .insert(user_key.as_str(), record.id.as_str())
-                .map_err(unavailable)?;
-            let event_key = format!("{}\0{}", record.event_id, record.id);
-            by_event
-                .insert(event_key.as_str(), record.id.as_str())
-                .map_err(unavailable)?;
-        }
-    }
-    txn.commit().map_err(unavailable)
+/// The open end of the log: the newest segment, owned by the writer thread.
+struct Journal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    segment: u64,
+    file: File,
+    /// Bytes of complete records in `file`: where the next write goes.
+    len: u64,
+    buffer: Vec<u8>,
+    /// Held (locked) for the journal's life.
+    _lock: File,
 }
 
-/// Reads the records an index range points at.
-fn lookup(
-    db: &Database,
-    index: TableDefinition<'_, &str, &str>,
-    prefix: &str,
-    newest_first: bool,
-    limit: usize,
-) -> Result<Vec<NotificationRecord>, StoreError> {
-    let txn = db.begin_read().map_err(unavailable)?;
-    let index = txn.open_table(index).map_err(unavailable)?;
-    let records = txn.open_table(RECORDS).map_err(unavailable)?;
-    let start = format!("{prefix}\0");
-    let end = format!("{prefix}\u{1}");
-    let range = index
-        .range(start.as_str()..end.as_str())
-        .map_err(unavailable)?;
-    let ids: Box<dyn Iterator<Item = _>> = if newest_first {
-        Box::new(range.rev())
-    } else {
-        Box::new(range)
-    };
-    let mut found = Vec::new();
-    for entry in ids.take(limit) {
-        let (_, id) = entry.map_err(unavailable)?;
-        if let Some(json) = records.get(id.value()).map_err(unavailable)? {
-            found.push(serde_json::from_slice(json.value()).map_err(unavailable)?);
+impl Journal {
+    fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let lock = File::create(dir.join(LOCK_FILE))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "in use by another process (its LOCK file is held)",
+            )
+        })?;
+        let segment = segments(dir)?.last().map_or(1, |(number, _)| *number);
+        let (file, len) = open_segment(dir, segment)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            segment_bytes,
+            segment,
+            file,
+            len,
+            buffer: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    /// Writes the records, one line each, and syncs them to disk.
+    fn append<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a NotificationRecord>,
+    ) -> io::Result<()> {
+        self.buffer.clear();
+        for record in records {
+            let start = self.buffer.len();
+            serde_json::to_writer(&mut self.buffer, record)?;
+            // A plugin's payload is kept as it wrote it, and JSON allows a
+            // line break only as whitespace (never inside a string), so a
+            // space in its place keeps the record one line and the same JSON.
+            for byte in &mut self.buffer[start..] {
+                if *byte == b'\n' {
+                    *byte = b' ';
+                }
+            }
+            self.buffer.push(b'\n');
         }
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        if self.len > 0 && self.len + self.buffer.len() as u64 > self.segment_bytes {
+            self.start_next_segment()?;
+        }
+        if let Err(err) = self.file.write_all(&self.buffer) {
+            // Cut a partly written batch, so the next one starts a line.
+            let _ = self.file.set_len(self.len);
+            return Err(err);
+        }
+        self.file.sync_data()?;
+        self.len += self.buffer.len() as u64;
+        Ok(())
+    }
+
+    fn start_next_segment(&mut self) -> io::Result<()> {
+        let (file, len) = open_segment(&self.dir, self.segment + 1)?;
+        self.segment += 1;
+        self.file = file;
+        self.len = len;
+        Ok(())
+    }
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:06}{SEGMENT_SUFFIX}"))
+}
+
+/// Opens a segment for appending, creating it (durably) if needed, and cuts
+/// a record left unfinished by a crash: it was never acknowledged.
+fn open_segment(dir: &Path, number: u64) -> io::Result<(File, u64)> {
+    let path = segment_path(dir, number);
+    let created = !path.exists();
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(&path)?;
+    if created {
+        // The new name must survive a crash as well as what is written to it.
+        File::open(dir)?.sync_all()?;
+    }
+    let written = file.metadata()?.len();
+    let complete = complete_lines_len(&file, written)?;
+    if complete < written {
+        tracing::warn!(
+            segment = %path.display(),
+            bytes = written - complete,
+            "notification log: cutting a record left unfinished by a crash"
+        );
+        file.set_len(complete)?;
+        file.sync_data()?;
+    }
+    Ok((file, complete))
+}
+
+/// The length of `file` up to and including its last line break.
+fn complete_lines_len(file: &File, len: u64) -> io::Result<u64> {
+    let mut chunk = [0u8; 4096];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let chunk = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(at) = chunk.iter().rposition(|&byte| byte == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// The folder's segments, oldest first.
+fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let number = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|stem| stem.parse::<u64>().ok());
+        if let Some(number) = number {
+            found.push((number, path));
+        }
+    }
+    found.sort_unstable_by_key(|(number, _)| *number);
+    Ok(found)
+}
+
+/// Every complete record `wanted` keeps, once per record id (a retried
+/// write of a delivery appends the same record again).
+fn scan(
+    dir: &Path,
+    wanted: &dyn Fn(&NotificationRecord) -> bool,
+) -> io::Result<Vec<NotificationRecord>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    let mut unreadable = 0usize;
+    let mut line = Vec::new();
+    for (_, path) in segments(dir)? {
+        let mut reader = BufReader::new(File::open(&path)?);
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            // A line without its break is still being written.
+            if line.last() != Some(&b'\n') {
+                break;
+            }
+            match serde_json::from_slice::<NotificationRecord>(&line) {
+                Ok(record) if wanted(&record) => {
+                    if seen.insert(record.id.clone()) {
+                        found.push(record);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => unreadable += 1,
+            }
+        }
+    }
+    if unreadable > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            lines = unreadable,
+            "notification log: skipped lines that are not records"
+        );
     }
     Ok(found)
 }
@@ -207,20 +340,25 @@ impl NotificationLog for EmbeddedLog {
         self.enqueue(Vec::new()).await
     }
 
+    /// Newest first: by `createdAt`, then by id.
     async fn for_user(
         &self,
         user_id: &str,
         limit: usize,
     ) -> Result<Vec<NotificationRecord>, StoreError> {
         let user_id = user_id.to_owned();
-        self.read(move |db| lookup(db, BY_USER, &user_id, true, limit))
-            .await
+        let mut records = self.scan(move |record| record.to == user_id).await?;
+        records.sort_unstable_by(|a, b| (&b.created_at, &b.id).cmp(&(&a.created_at, &a.id)));
+        records.truncate(limit);
+        Ok(records)
     }
 
+    /// In record id order.
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError> {
         let event_id = event_id.to_owned();
-        self.read(move |db| lookup(db, BY_EVENT, &event_id, false, usize::MAX))
-            .await
+        let mut records = self.scan(move |record| record.event_id == event_id).await?;
+        records.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
     }
 }
 
@@ -246,9 +384,18 @@ mod tests {
         }
     }
 
+    fn temp_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("embedded-log-{}", crate::protocol::new_id()))
+    }
+
+    async fn ids_to(log: &EmbeddedLog, user: &str) -> Vec<String> {
+        let records = log.for_user(user, 100).await.unwrap();
+        records.into_iter().map(|record| record.id).collect()
+    }
+
     #[tokio::test]
     async fn records_survive_reopening_and_are_found_by_user_and_event() {
-        let dir = std::env::temp_dir().join(format!("embedded-log-{}", crate::protocol::new_id()));
+        let dir = temp_dir();
         {
             let log = EmbeddedLog::open(&dir).unwrap();
             log.append(vec![record("d1", "c_1", "2026-01-01T00:00:00.000Z")])
@@ -266,16 +413,104 @@ mod tests {
                 .unwrap();
         }
         let log = EmbeddedLog::open(&dir).unwrap();
-        let to_c1: Vec<_> = log
-            .for_user("c_1", 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(to_c1, ["d2:c_1", "d1:c_1"]);
+        assert_eq!(ids_to(&log, "c_1").await, ["d2:c_1", "d1:c_1"]);
+        assert_eq!(log.for_user("c_1", 1).await.unwrap().len(), 1);
         assert_eq!(log.for_event("evt-d2").await.unwrap().len(), 2);
         assert!(log.for_user("c_3", 10).await.unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn each_record_is_one_line_of_the_stored_document() {
+        let dir = temp_dir();
+        let log = EmbeddedLog::open(&dir).unwrap();
+        let mut pretty = record("d1", "c_1", "2026-01-01T00:00:00.000Z");
+        pretty.data = RawValue::from_string("{\n  \"text\": \"two\\nlines\"\n}".into()).unwrap();
+        log.append(vec![
+            pretty,
+            record("d2", "c_1", "2026-01-01T00:00:01.000Z"),
+        ])
+        .await
+        .unwrap();
+
+        let text = std::fs::read_to_string(segment_path(&dir.join("notifications"), 1)).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["_id"], "d1:c_1");
+        assert_eq!(lines[0]["data"]["text"], "two\nlines");
+        assert_eq!(lines[1]["createdAt"], "2026-01-01T00:00:01.000Z");
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_cut_short_by_a_crash_is_dropped_and_appends_go_on() {
+        let dir = temp_dir();
+        {
+            let log = EmbeddedLog::open(&dir).unwrap();
+            log.append(vec![record("d1", "c_1", "2026-01-01T00:00:00.000Z")])
+                .await
+                .unwrap();
+        }
+        let segment = segment_path(&dir.join("notifications"), 1);
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(br#"{"_id":"d2:c_1","eventId":"ev"#).unwrap();
+        drop(file);
+
+        let log = EmbeddedLog::open(&dir).unwrap();
+        log.append(vec![record("d3", "c_1", "2026-01-01T00:00:02.000Z")])
+            .await
+            .unwrap();
+        assert_eq!(ids_to(&log, "c_1").await, ["d3:c_1", "d1:c_1"]);
+        let text = std::fs::read_to_string(&segment).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_segment_is_closed_and_reads_span_segments() {
+        let dir = temp_dir();
+        {
+            let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+            for n in 0..6 {
+                let at = format!("2026-01-01T00:00:0{n}.000Z");
+                log.append(vec![record(&format!("d{n}"), "c_1", &at)])
+                    .await
+                    .unwrap();
+            }
+        }
+        let folder = dir.join("notifications");
+        let numbers: Vec<u64> = segments(&folder).unwrap().iter().map(|(n, _)| *n).collect();
+        assert!(numbers.len() >= 2, "segments {numbers:?}");
+        assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+        for (_, path) in segments(&folder).unwrap() {
+            assert!(std::fs::metadata(path).unwrap().len() <= 600);
+        }
+
+        // Reopened, the log appends to its newest segment.
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        log.append(vec![record("d6", "c_1", "2026-01-01T00:00:06.000Z")])
+            .await
+            .unwrap();
+        let ids = ids_to(&log, "c_1").await;
+        let expected: Vec<String> = (0..7).rev().map(|n| format!("d{n}:c_1")).collect();
+        assert_eq!(ids, expected);
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_writer_of_the_same_log_is_refused() {
+        let dir = temp_dir();
+        let first = EmbeddedLog::open(&dir).unwrap();
+        let second = EmbeddedLog::open(&dir).unwrap_err();
+        assert!(second.to_string().contains("in use"), "{second}");
+        drop(first);
+        EmbeddedLog::open(&dir).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

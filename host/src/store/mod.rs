@@ -1,7 +1,7 @@
 //! Persistence behind traits (PROTOCOL.md §7): connection records, the
 //! notification log and presence. The embedded default keeps connection
-//! records in memory and the log on disk (redb); MongoDB implements the same
-//! traits for a cluster.
+//! records in memory and the log on disk (a journal of JSON lines); MongoDB
+//! implements the same traits for a cluster.
 
 mod embedded_log;
 mod memory_connections;
