@@ -85,6 +85,23 @@ async fn a_silent_connection_is_closed_with_4002() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_keeps_talking_outlives_the_idle_timeout() {
+    let config = ServerConfig::default().env("SOCKETS_IDLE_TIMEOUT", "1");
+    let server = Server::start_with(config).await;
+    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    // A frame every 300 ms for 3 s: three times the timeout, never 1 s quiet.
+    for ack in 0..10u64 {
+        client
+            .send(&json!({"event": "setConnection", "data": {}, "ack": ack}))
+            .await;
+        assert_eq!(client.recv().await["ack"], ack, "closed while talking");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (code, reason, _) = client.closed(Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4002, "idle timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_expired_token_closes_with_4001_unless_refreshed() {
     let config = ServerConfig::default().env("SOCKETS_JWT_LEEWAY", "0");
     let server = Server::start_with(config).await;

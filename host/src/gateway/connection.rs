@@ -281,9 +281,15 @@ impl Connection {
     ) -> Option<CloseRequest> {
         let idle_timeout = self.state.config.limits.idle_timeout;
         let mut shutdown = self.state.shutdown.clone();
-        let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
+        let mut last_frame = tokio::time::Instant::now();
+        let mut touched = last_frame;
+        let mut token_expiry = self.session.claims.expires_at();
         let mut token_deadline = self.token_deadline();
-        let mut touched = Instant::now();
+        // One timer for both limits, moved only when it fires or the token
+        // changes: re-arming it for every frame cost a timer-wheel entry
+        // and removal per frame.
+        let deadline = sleep_until(token_deadline.min(last_frame + idle_timeout));
+        tokio::pin!(deadline);
         loop {
             let message = tokio::select! {
                 biased;
@@ -291,11 +297,17 @@ impl Connection {
                     return Some(CloseRequest { code: CLOSE_GOING_AWAY, reason: "server shutting down" });
                 }
                 _ = self.handle.close_requested() => return None,
-                _ = sleep_until(token_deadline) => {
-                    return Some(CloseRequest { code: CLOSE_TOKEN_EXPIRED, reason: "token expired" });
-                }
-                _ = sleep_until(idle_deadline) => {
-                    return Some(CloseRequest { code: CLOSE_IDLE, reason: "idle timeout" });
+                () = &mut deadline => {
+                    let now = tokio::time::Instant::now();
+                    if now >= token_deadline {
+                        return Some(CloseRequest { code: CLOSE_TOKEN_EXPIRED, reason: "token expired" });
+                    }
+                    let idle_deadline = last_frame + idle_timeout;
+                    if now >= idle_deadline {
+                        return Some(CloseRequest { code: CLOSE_IDLE, reason: "idle timeout" });
+                    }
+                    deadline.as_mut().reset(token_deadline.min(idle_deadline));
+                    continue;
                 }
                 Some(reply) = replies.next(), if !replies.is_empty() => {
                     if let Some(reply) = reply {
@@ -310,9 +322,9 @@ impl Connection {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => return too_big(err),
             };
-            idle_deadline = tokio::time::Instant::now() + idle_timeout;
-            if touched.elapsed() >= TOUCH_EVERY {
-                touched = Instant::now();
+            last_frame = tokio::time::Instant::now();
+            if last_frame - touched >= TOUCH_EVERY {
+                touched = last_frame;
                 let _ = self
                     .state
                     .connection_store
@@ -331,7 +343,13 @@ impl Connection {
                             let reply = Box::pin(self.handle_text(text.as_str())).await;
                             self.answer(replies, reply);
                             // A refreshed token moves the expiry.
-                            token_deadline = self.token_deadline();
+                            if self.session.claims.expires_at() != token_expiry {
+                                token_expiry = self.session.claims.expires_at();
+                                token_deadline = self.token_deadline();
+                                deadline
+                                    .as_mut()
+                                    .reset(token_deadline.min(last_frame + idle_timeout));
+                            }
                         }
                     }
                 }
