@@ -9,7 +9,7 @@
 //! The host never reads the log while serving: it is the audit trail, read
 //! by operators (`jq`, `grep`) and by the queries below, which scan it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,8 +25,8 @@ use super::{NotificationLog, NotificationRecord, StoreError};
 /// A segment that reached this size is closed and the next one started, so
 /// operators can archive or delete old segments.
 const SEGMENT_BYTES: u64 = 64 << 20;
-/// Most appends committed in one write.
-const MAX_BATCH: usize = 512;
+/// Most appends committed in one write: what 2 ms bring at 2M appends/s.
+const MAX_BATCH: usize = 4096;
 /// The least time from one sync to the next. A sync costs the same CPU
 /// whatever it carries (~80 us here, most of it in the kernel), and syncing
 /// as soon as the previous one ended made it 2,900 syncs/s and a quarter of
@@ -168,11 +168,12 @@ impl Journal {
     fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let lock = File::create(dir.join(LOCK_FILE))?;
-        lock.try_lock().map_err(|_| {
-            io::Error::new(
+        lock.try_lock().map_err(|err| match err {
+            TryLockError::WouldBlock => io::Error::new(
                 io::ErrorKind::WouldBlock,
                 "in use by another process (its LOCK file is held)",
-            )
+            ),
+            TryLockError::Error(err) => err,
         })?;
         let segment = segments(dir)?.last().map_or(1, |(number, _)| *number);
         let (file, len) = open_segment(dir, segment)?;
@@ -212,12 +213,13 @@ impl Journal {
         if self.len > 0 && self.len + self.buffer.len() as u64 > self.segment_bytes {
             self.start_next_segment()?;
         }
-        if let Err(err) = self.file.write_all(&self.buffer) {
-            // Cut a partly written batch, so the next one starts a line.
+        let written = self.file.write_all(&self.buffer);
+        if let Err(err) = written.and_then(|()| self.file.sync_data()) {
+            // Its appenders hear that the batch failed, so none of it may
+            // stay; and the next batch must start a line.
             let _ = self.file.set_len(self.len);
             return Err(err);
         }
-        self.file.sync_data()?;
         self.len += self.buffer.len() as u64;
         Ok(())
     }
