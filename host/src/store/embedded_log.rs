@@ -27,10 +27,10 @@ use super::{NotificationLog, NotificationRecord, StoreError};
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Most appends committed in one write: what 2 ms bring at 2M appends/s.
 const MAX_BATCH: usize = 4096;
-/// The least time from one sync to the next. A sync costs the same CPU
-/// whatever it carries (~80 us here, most of it in the kernel), and syncing
-/// as soon as the previous one ended made it 2,900 syncs/s and a quarter of
-/// the host's core under load. Paced, a busy log syncs 500 times a second
+/// The least time from one sync to the next. A sync costs about the same
+/// CPU whatever it carries, most of it in the kernel: syncing as soon as
+/// the previous one ended made it 2,900 syncs/s and a quarter of the host's
+/// core under load (~80 us each; README, "Profile-driven fixes"). Paced, a busy log syncs 500 times a second
 /// and an ack waits 2 ms at most for it; a lone append after a quiet spell
 /// does not wait.
 const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
