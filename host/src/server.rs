@@ -11,6 +11,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::cluster::{Cluster, ClusterPresence, RemotePresence};
@@ -166,6 +167,7 @@ pub async fn run(
         let intake = tokio::spawn(intake.run(stopped.clone()));
         (status, intake)
     });
+    let connection_tasks = TaskTracker::new();
     let state = AppState {
         config: Arc::clone(&config),
         auth,
@@ -180,6 +182,7 @@ pub async fn run(
         broker: broker.as_ref().map(|(status, _)| Arc::clone(status)),
         cluster: cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
         shutdown: stopped,
+        connection_tasks: connection_tasks.clone(),
         instance_id,
     };
 
@@ -203,11 +206,10 @@ pub async fn run(
         // Stops consuming; unacknowledged messages go back to the queue.
         let _ = intake.await;
     }
-    // Upgraded connections outlive axum's graceful shutdown: wait for them.
-    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while !connections.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Upgraded connections outlive axum's graceful shutdown: wait until
+    // each has written its close frame.
+    connection_tasks.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;
     if let Some((_, link)) = cluster {
         let _ = link.await;
     }

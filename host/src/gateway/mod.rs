@@ -15,6 +15,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::cluster::Cluster;
@@ -59,6 +60,9 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// This node's id, stored with its connection records.
     pub instance_id: Arc<str>,
+    /// Every upgraded connection's task: shutdown waits for them, as a
+    /// connection leaves the registry before its close frame is written.
+    pub connection_tasks: TaskTracker,
 }
 
 /// The routes, testable without a socket.

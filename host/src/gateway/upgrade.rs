@@ -52,7 +52,10 @@ pub async fn upgrade(
         .max_frame_size(limits.max_message_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BATCH_BYTES)
-        .on_upgrade(move |socket| connection::run(socket, state, session)))
+        .on_upgrade(move |socket| {
+            let tasks = state.connection_tasks.clone();
+            tasks.track_future(connection::run(socket, state, session))
+        }))
 }
 
 /// With an allow-list configured, a browser `Origin` must be on it; requests
