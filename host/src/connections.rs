@@ -218,6 +218,15 @@ impl Connections {
         maps.by_user.get(user_id).cloned().unwrap_or_default()
     }
 
+    /// Calls `visit` with each connection of a user, under the registry's
+    /// read lock (no list is copied out): keep `visit` short.
+    pub fn for_each_of_user(&self, user_id: &str, mut visit: impl FnMut(&ConnectionHandle)) {
+        let maps = self.maps.read().unwrap_or_else(PoisonError::into_inner);
+        for connection in maps.by_user.get(user_id).into_iter().flatten() {
+            visit(connection);
+        }
+    }
+
     /// How many connections a user has on this node.
     pub fn count_of_user(&self, user_id: &str) -> usize {
         let maps = self.maps.read().unwrap_or_else(PoisonError::into_inner);

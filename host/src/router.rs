@@ -1,14 +1,16 @@
 //! Event → plugins → outcome → deliveries → log: the path every event takes,
 //! whatever its intake (WebSocket, HTTP, broker).
 
-use std::collections::{HashMap, HashSet};
+mod fanout;
+
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
-use crate::connections::{ConnectionHandle, Connections, OutboundFrame, Push};
+use crate::connections::{Connections, OutboundFrame};
 use crate::directory::{User, UserDirectory};
 use crate::metrics::Metrics;
 use crate::plugin::{
@@ -17,6 +19,7 @@ use crate::plugin::{
 };
 use crate::protocol::{ErrorBody, ErrorCode, new_id, push_frame, rfc3339};
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
+use fanout::{Reached, Sender, fan_out};
 
 /// How long a client or HTTP publisher waits for its log records.
 pub const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -30,8 +33,6 @@ pub struct Inbound {
     pub source: Source,
     /// The sending user id or service name.
     pub from: String,
-    /// The sending connection (client events), never pushed to.
-    pub sender_connection: Option<Arc<str>>,
 }
 
 /// What routing produced.
@@ -175,20 +176,22 @@ impl Router {
 
         let created_at = rfc3339(SystemTime::now());
         let mut records = Vec::new();
-        let mut addressed = HashSet::new();
         let mut delivered_to_users = 0u32;
         for PluginDelivery { plugin, delivery } in &decision.deliveries {
             let delivery_id = new_id();
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
-            let mut reached = self.push(inbound, &delivery.to, frame.clone());
+            let Reached {
+                users: mut reached,
+                queued,
+            } = fan_out(&self.connections, &delivery.to, sender(inbound), &frame);
+            self.metrics.add_deliveries(queued);
             if let Some(cluster) = &self.cluster {
                 add_remote_connections(cluster, &delivery.to, &mut reached);
                 let users = remote_users(inbound, &delivery.to);
                 cluster.forward(delivery_id.clone(), frame, users).await;
             }
             for (user, connections) in reached {
-                addressed.insert(user.clone());
                 delivered_to_users = delivered_to_users.saturating_add(connections);
                 records.push(NotificationRecord {
                     id: NotificationRecord::record_id(&delivery_id, &user),
@@ -213,12 +216,10 @@ impl Router {
                 Some(field) => with_count(&reply.data, &field, delivered_to_users),
             },
         };
+        let recipients = distinct_users(&records);
         Ok(Delivered {
             records,
-            routed: Routed {
-                reply,
-                recipients: addressed.len(),
-            },
+            routed: Routed { reply, recipients },
             source: inbound.source,
         })
     }
@@ -240,72 +241,6 @@ impl Router {
             })??;
         }
         Ok(delivered.routed)
-    }
-
-    /// Pushes one frame to every connection the recipients name, each
-    /// connection once. Returns, per addressed user, how many of its
-    /// connections received the frame; `sender-others` copies are pushed but
-    /// not logged (the addressed users' records are the audit).
-    fn push(
-        &self,
-        inbound: &Inbound,
-        recipients: &[Recipient],
-        frame: OutboundFrame,
-    ) -> Vec<(String, u32)> {
-        let mut targets: HashMap<Arc<str>, Arc<ConnectionHandle>> = HashMap::new();
-        let mut users: Vec<(String, Vec<Arc<str>>)> = Vec::new();
-        let mut seen_users = HashSet::new();
-        for recipient in recipients {
-            match recipient {
-                Recipient::User(user) => {
-                    if !seen_users.insert(user.clone()) {
-                        continue;
-                    }
-                    let connections = self.connections.of_user(user);
-                    let ids = connections.iter().map(|c| Arc::clone(&c.id)).collect();
-                    for connection in connections {
-                        targets.insert(Arc::clone(&connection.id), connection);
-                    }
-                    users.push((user.clone(), ids));
-                }
-                Recipient::Connection(id) => {
-                    if let Some(connection) = self.connections.get(id) {
-                        let user = connection.user_id.to_string();
-                        if seen_users.insert(user.clone()) {
-                            users.push((user, vec![Arc::clone(&connection.id)]));
-                        }
-                        targets.insert(Arc::clone(&connection.id), connection);
-                    }
-                }
-                Recipient::SenderOthers => {
-                    if let Origin::Client(client) = &inbound.event.origin {
-                        for connection in self.connections.of_user(&client.user_id) {
-                            if Some(&connection.id) != inbound.sender_connection.as_ref() {
-                                targets.insert(Arc::clone(&connection.id), connection);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(sender) = &inbound.sender_connection {
-            targets.remove(sender);
-        }
-
-        let mut queued = HashSet::new();
-        for (id, connection) in &targets {
-            if connection.push(frame.clone()) == Push::Queued {
-                queued.insert(Arc::clone(id));
-            }
-        }
-        self.metrics.add_deliveries(queued.len());
-        users
-            .into_iter()
-            .map(|(user, ids)| {
-                let reached = ids.iter().filter(|id| queued.contains(*id)).count();
-                (user, u32::try_from(reached).unwrap_or(u32::MAX))
-            })
-            .collect()
     }
 }
 
@@ -352,6 +287,29 @@ fn remote_users(inbound: &Inbound, recipients: &[Recipient]) -> Vec<String> {
         }
     }
     users
+}
+
+/// The sending client, for `sender-others` and to skip its connection.
+fn sender(inbound: &Inbound) -> Option<Sender<'_>> {
+    match &inbound.event.origin {
+        Origin::Client(client) => Some(Sender {
+            user: &client.user_id,
+            connection: &client.connection_id,
+        }),
+        Origin::Broker | Origin::Api(_) => None,
+    }
+}
+
+/// How many users the records name: one delivery names each user once,
+/// several deliveries may name one user each.
+fn distinct_users(records: &[NotificationRecord]) -> usize {
+    if records.len() < 2 {
+        return records.len();
+    }
+    let mut users: Vec<&str> = records.iter().map(|record| record.to.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    users.len()
 }
 
 fn source_name(source: Source) -> &'static str {

@@ -507,7 +507,6 @@ impl Connection {
             },
             source: Source::Client,
             from: claims.sub.clone(),
-            sender_connection: Some(Arc::clone(&self.handle.id)),
         };
         let ack = frame.ack;
         let delivered = match self.state.router.deliver(&inbound).await {

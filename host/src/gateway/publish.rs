@@ -1,7 +1,6 @@
 //! `POST /api/events`: backend services publish events over HTTP
 //! (PROTOCOL.md §5), into the same router as every other intake.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
@@ -52,7 +51,6 @@ pub async fn publish(
                 },
                 source: Source::Api,
                 from: claims.sub.clone(),
-                sender_connection: None::<Arc<str>>,
             };
             let routed = state.router.route(&inbound).await?;
             Ok::<_, RouteError>(Accepted {

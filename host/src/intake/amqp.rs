@@ -275,7 +275,6 @@ impl AmqpIntake {
                         },
                         source: Source::Broker,
                         from: from.clone(),
-                        sender_connection: None,
                     };
                     let delivered = self.router.deliver(&inbound).await;
                     drop(next);
