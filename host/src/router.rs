@@ -323,6 +323,25 @@ fn source_name(source: Source) -> &'static str {
 /// The reply object with `field` set to `count` (validated to be an object
 /// when the plugin's outcome was checked).
 fn with_count(data: &RawValue, field: &str, count: u32) -> Box<RawValue> {
+    let object = data.get().trim();
+    // The common case, an object without that key, gets the key appended
+    // to its text. Without a backslash in either, the key cannot be there
+    // in an escaped spelling the search would miss.
+    let field_is_plain = !field.contains(['"', '\\']) && !field.contains(char::is_control);
+    let may_hold_field = object.contains('\\')
+        || object.match_indices(field).any(|(at, _)| {
+            object[..at].ends_with('"') && object[at + field.len()..].starts_with('"')
+        });
+    if let Some(members) = object
+        .strip_prefix('{')
+        .and_then(|object| object.strip_suffix('}'))
+        .filter(|_| field_is_plain && !may_hold_field)
+    {
+        let members = members.trim();
+        let comma = if members.is_empty() { "" } else { "," };
+        let appended = format!("{{{members}{comma}\"{field}\":{count}}}");
+        return RawValue::from_string(appended).expect("an object with one more member");
+    }
     let mut object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(data.get()).unwrap_or_default();
     object.insert(field.to_owned(), count.into());
@@ -333,14 +352,42 @@ fn with_count(data: &RawValue, field: &str, count: u32) -> Box<RawValue> {
 mod tests {
     use super::*;
 
+    fn counted(reply: &str, field: &str) -> String {
+        let data = RawValue::from_string(reply.to_owned()).unwrap();
+        with_count(&data, field, 2).get().to_owned()
+    }
+
     #[test]
     fn the_delivered_count_is_added_to_the_reply() {
-        let data = RawValue::from_string(r#"{"messageId":"m1"}"#.into()).unwrap();
-        let counted: serde_json::Value =
-            serde_json::from_str(with_count(&data, "delivered", 2).get()).unwrap();
         assert_eq!(
-            counted,
-            serde_json::json!({"messageId": "m1", "delivered": 2})
+            counted(r#"{"messageId":"m1"}"#, "delivered"),
+            r#"{"messageId":"m1","delivered":2}"#
         );
+        assert_eq!(counted("{ }", "delivered"), r#"{"delivered":2}"#);
+        assert_eq!(
+            counted("{\n  \"a\": [1, {}]\n}", "delivered"),
+            "{\"a\": [1, {}],\"delivered\":2}"
+        );
+        // The field's name as a value is not the key.
+        assert_eq!(
+            counted(r#"{"a":"delivered!"}"#, "delivered"),
+            r#"{"a":"delivered!","delivered":2}"#
+        );
+    }
+
+    #[test]
+    fn a_key_already_there_is_replaced_however_it_is_spelled() {
+        for reply in [
+            r#"{"delivered":7,"a":1}"#,
+            r#"{"a":{"delivered":1},"delivered":7}"#,
+            r#"{"deliv\u0065red":7,"a":1}"#,
+        ] {
+            let object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&counted(reply, "delivered")).unwrap();
+            assert_eq!(object.len(), 2, "{reply}");
+            assert_eq!(object["delivered"], 2, "{reply}");
+        }
+        let object: serde_json::Value = serde_json::from_str(&counted("{}", "say \"hi\"")).unwrap();
+        assert_eq!(object, serde_json::json!({"say \"hi\"": 2}));
     }
 }
