@@ -144,7 +144,9 @@ impl Outcome {
     }
 
     /// Asks the host to set `field` of the reply object to the number of
-    /// connections of the `user` recipients that the deliveries reached.
+    /// connections the deliveries reached, summed over the users they
+    /// address (by id or through one of their connections), each connection
+    /// once per delivery; `sender-others` copies do not count.
     /// Call after [`Outcome::reply`] with an object.
     pub fn count_delivered_in(mut self, field: &str) -> Self {
         let reply = self.reply.get_or_insert_with(|| Reply {

@@ -178,3 +178,31 @@ async fn the_log_survives_a_restart() {
         .collect();
     assert_eq!(connections, [0, 1]);
 }
+
+/// A plugin may name a connection by id and its user too (the presence
+/// test plugin's `nudge`): each connection still gets one push, and the
+/// count covers each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_named_by_id_and_through_its_user_gets_one_push() {
+    let server = Server::start_with(ServerConfig::default().with_presence()).await;
+    let (mut phone, connected) = Client::connect(&server, &token("c_1", "consultant")).await;
+    let phone_id = connected["data"]["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut laptop = connect(&server, "c_1", "consultant").await;
+    let mut sender = connect(&server, "s_1", "student").await;
+
+    sender
+        .send(&json!({"event": "nudge", "data": {"connection": phone_id, "user": "c_1"}, "ack": 1}))
+        .await;
+    let reply = sender.recv().await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["data"], json!({"delivered": 2}));
+    for device in [&mut phone, &mut laptop] {
+        let push = device.recv().await;
+        assert_eq!(push["event"], "nudged", "{push}");
+        assert_eq!(push["data"]["by"], "s_1");
+        assert_eq!(device.try_recv(Duration::from_millis(200)).await, None);
+    }
+}
