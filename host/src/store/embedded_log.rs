@@ -162,6 +162,9 @@ struct Journal {
     buffer: Vec<u8>,
     /// Held (locked) for the journal's life.
     _lock: File,
+    /// Makes the next sync fail, as a full or failing disk would.
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 impl Journal {
@@ -185,6 +188,8 @@ impl Journal {
             len,
             buffer: Vec::new(),
             _lock: lock,
+            #[cfg(test)]
+            fail_next_sync: false,
         })
     }
 
@@ -214,7 +219,7 @@ impl Journal {
             self.start_next_segment()?;
         }
         let written = self.file.write_all(&self.buffer);
-        if let Err(err) = written.and_then(|()| self.file.sync_data()) {
+        if let Err(err) = written.and_then(|()| self.sync()) {
             // Its appenders hear that the batch failed, so none of it may
             // stay; and the next batch must start a line.
             let _ = self.file.set_len(self.len);
@@ -222,6 +227,14 @@ impl Journal {
         }
         self.len += self.buffer.len() as u64;
         Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_sync) {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        self.file.sync_data()
     }
 
     fn start_next_segment(&mut self) -> io::Result<()> {
@@ -516,6 +529,30 @@ mod tests {
         let expected: Vec<String> = (0..7).rev().map(|n| format!("d{n}:c_1")).collect();
         assert_eq!(ids, expected);
         drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_whose_sync_failed_is_cut_and_the_next_one_starts_a_line() {
+        let dir = temp_dir();
+        let folder = dir.join("notifications");
+        let mut journal = Journal::open(&folder, SEGMENT_BYTES).unwrap();
+        let first = record("d1", "c_1", "2026-01-01T00:00:00.000Z");
+        journal.append([&first].into_iter()).unwrap();
+
+        journal.fail_next_sync = true;
+        let failed = record("d2", "c_1", "2026-01-01T00:00:01.000Z");
+        journal.append([&failed].into_iter()).unwrap_err();
+        let last = record("d3", "c_1", "2026-01-01T00:00:02.000Z");
+        journal.append([&last].into_iter()).unwrap();
+        drop(journal);
+
+        let text = std::fs::read_to_string(segment_path(&folder, 1)).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|line| serde_json::from_str::<NotificationRecord>(line).unwrap().id)
+            .collect();
+        assert_eq!(ids, ["d1:c_1", "d3:c_1"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
