@@ -30,9 +30,9 @@ const MAX_BATCH: usize = 4096;
 /// The least time from one sync to the next. A sync costs about the same
 /// CPU whatever it carries, most of it in the kernel: syncing as soon as
 /// the previous one ended made it 2,900 syncs/s and a quarter of the host's
-/// core under load (~80 us each; README, "Profile-driven fixes"). Paced, a busy log syncs 500 times a second
-/// and an ack waits 2 ms at most for it; a lone append after a quiet spell
-/// does not wait.
+/// core under load (~80 us each; README, "Profile-driven fixes"). Paced, a
+/// busy log syncs 500 times a second and an ack waits 2 ms at most for it;
+/// a lone append after a quiet spell does not wait.
 const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
 /// The folder's lock file: one process writes a log at a time.
 const LOCK_FILE: &str = "LOCK";
