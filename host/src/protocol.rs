@@ -218,13 +218,43 @@ pub fn new_id() -> String {
 
 /// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T10:00:00.123Z`.
 pub fn rfc3339(at: SystemTime) -> String {
-    use std::fmt::Write;
-    // Written by hand into a buffer of the right size: it runs a few times
-    // per routed event, and `time`'s formatter grows its output three times.
+    // Written by hand into a buffer of the right size: it runs twice per
+    // routed event, and `time`'s formatter (or `write!`) costs ~10x more.
     let at = time::OffsetDateTime::from(at);
+    let Ok(year @ 0..=9999) = u32::try_from(at.year()) else {
+        return rfc3339_any_year(at);
+    };
     let mut text = String::with_capacity(24);
-    write!(
-        text,
+    push_digits(&mut text, year, 4);
+    text.push('-');
+    push_digits(&mut text, u8::from(at.month()).into(), 2);
+    text.push('-');
+    push_digits(&mut text, at.day().into(), 2);
+    text.push('T');
+    push_digits(&mut text, at.hour().into(), 2);
+    text.push(':');
+    push_digits(&mut text, at.minute().into(), 2);
+    text.push(':');
+    push_digits(&mut text, at.second().into(), 2);
+    text.push('.');
+    push_digits(&mut text, at.millisecond().into(), 3);
+    text.push('Z');
+    text
+}
+
+/// Appends the last `width` (at most 4) decimal digits of `value`.
+fn push_digits(text: &mut String, mut value: u32, width: usize) {
+    let mut digits = [b'0'; 4];
+    for digit in digits[..width].iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    text.extend(digits[..width].iter().copied().map(char::from));
+}
+
+/// A year before 0 (only a clock set absurdly wrong gives one).
+fn rfc3339_any_year(at: time::OffsetDateTime) -> String {
+    format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         at.year(),
         u8::from(at.month()),
@@ -234,8 +264,6 @@ pub fn rfc3339(at: SystemTime) -> String {
         at.second(),
         at.millisecond()
     )
-    .expect("writing to a String cannot fail");
-    text
 }
 
 #[cfg(test)]
@@ -309,5 +337,10 @@ mod tests {
         assert_eq!(rfc3339(at), "2023-11-14T22:13:20.123Z");
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(981_173_106_007);
         assert_eq!(rfc3339(at), "2001-02-03T04:05:06.007Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(253_402_300_799_999);
+        assert_eq!(rfc3339(at), "9999-12-31T23:59:59.999Z");
+        let at = std::time::UNIX_EPOCH - std::time::Duration::from_secs(62_198_755_200);
+        assert_eq!(rfc3339(at), "-001-01-01T00:00:00.000Z");
     }
 }
