@@ -152,17 +152,23 @@ impl ConnectionHandle {
     /// Asks the connection's task to close it; the first request wins.
     pub fn request_close(&self, code: u16, reason: &'static str) {
         if self.close.set(CloseRequest { code, reason }).is_ok() {
-            self.close_requested.notify_one();
+            // The reader and the writer both wait for it.
+            self.close_requested.notify_waiters();
         }
     }
 
     /// Resolves once a close was requested, with the request.
     pub async fn close_requested(&self) -> CloseRequest {
         loop {
+            let notified = self.close_requested.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a request made in between
+            // still wakes it.
+            notified.as_mut().enable();
             if let Some(request) = self.close.get() {
                 return *request;
             }
-            self.close_requested.notified().await;
+            notified.await;
         }
     }
 }
@@ -290,6 +296,29 @@ mod tests {
         assert_eq!(slow.push("1".into()), Push::Queued);
         assert_eq!(slow.push("2".into()), Push::TooSlow);
         assert_eq!(slow.close_requested().await.code, CLOSE_TRY_AGAIN_LATER);
+    }
+
+    #[tokio::test]
+    async fn a_close_request_wakes_every_task_waiting_for_it() {
+        // The reader and the writer of a connection both wait: a writer
+        // left waiting behind a socket that does not drain would keep the
+        // connection's task and its queued frames alive.
+        let connection = handle("c", "u", 4);
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let connection = Arc::clone(&connection);
+                tokio::spawn(async move { connection.close_requested().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        connection.request_close(CLOSE_TRY_AGAIN_LATER, "too slow");
+        for waiter in waiters {
+            let close = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter was not woken")
+                .unwrap();
+            assert_eq!(close.code, CLOSE_TRY_AGAIN_LATER);
+        }
     }
 
     #[tokio::test]

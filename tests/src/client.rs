@@ -175,6 +175,15 @@ impl Response {
     }
 }
 
+/// The value of an unlabelled counter on the server's `/metrics`.
+pub async fn counter(server: &Server, name: &str) -> u64 {
+    let metrics = http(server, "GET", "/metrics", &[], b"").await.body;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
 /// One HTTP/1.1 request with `Connection: close`.
 pub async fn http(
     server: &Server,

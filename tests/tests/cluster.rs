@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sockets_tests::broker::{
     Names, Publisher, connections_counted_across_two_nodes, consuming, with_message_id,
 };
-use sockets_tests::client::{Client, http, publish};
+use sockets_tests::client::{Client, counter, publish};
 use sockets_tests::eventually;
 use sockets_tests::server::{Server, token};
 
@@ -170,15 +170,6 @@ async fn plugins_count_the_users_connections_on_every_node() {
     let counted =
         connections_counted_across_two_nodes(|| names.server_config().with_presence()).await;
     assert_eq!(counted, 3, "connection-count is cluster-wide");
-}
-
-/// The value of an unlabelled counter on the server's `/metrics`.
-async fn counter(server: &Server, name: &str) -> u64 {
-    let metrics = http(server, "GET", "/metrics", &[], b"").await.body;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sockets_tests::client::Client;
+use sockets_tests::client::{Client, counter};
+use sockets_tests::eventually;
 use sockets_tests::server::{Server, ServerConfig, now, token, token_with};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,6 +152,16 @@ async fn a_client_that_does_not_read_is_closed_with_1013_and_memory_stays_bounde
         }
     }
     assert!(acked < 6000, "the stalled client was never dropped");
+    // Its connection ends while it still reads nothing: the writer, stuck
+    // behind the full socket, hears the close request too.
+    eventually(
+        Duration::from_secs(10),
+        "the stalled connection's task ends",
+        || async {
+            (counter(&server, "sockets_connections_closed_total").await == 1).then_some(())
+        },
+    )
+    .await;
     let (code, reason, _) = stalled.closed(Duration::from_secs(30)).await;
     // The close frame goes out when the socket still takes it.
     assert!(code == 1013 || code == 0, "closed with {code} {reason}");
