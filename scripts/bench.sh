@@ -6,20 +6,23 @@
 # run and writes them all to target/bench/results.jsonl.
 #
 # Runs per server: idle connections; chat as fast as acks come (peak),
-# then paced at half of that peak; backend events over HTTP; and for our
-# host also through RabbitMQ (started by scripts/services.sh), which the
-# Socket.IO peer has no counterpart for.
+# then paced at half of that peak, then with WIDE_PAIRS pairs (enough
+# messages in flight that the server's CPU, not the wait for acks, sets
+# the pace); backend events over HTTP; and for our host also through
+# RabbitMQ (started by scripts/services.sh), which the Socket.IO peer has
+# no counterpart for.
 #
-# Knobs (environment): PAIRS (16), WINDOW (8), DURATION seconds (10),
-# FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000 is the most this
-# machine's 20,000 open files allow), PIN (1: the server runs on CPU 0 and
-# the load generator on CPU 1, so each server gets one core whatever its
-# threading -- Socket.IO's Node is single-threaded -- and neither competes
-# with the load generator; 0: no pinning).
+# Knobs (environment): PAIRS (16), WIDE_PAIRS (64), WINDOW (8), DURATION
+# seconds (10), FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000
+# is the most this machine's 20,000 open files allow), PIN (1: the server
+# runs on CPU 0 and the load generator on CPU 1, so each server gets one
+# core whatever its threading -- Socket.IO's Node is single-threaded --
+# and neither competes with the load generator; 0: no pinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PAIRS=${PAIRS:-16}
+WIDE_PAIRS=${WIDE_PAIRS:-64}
 WINDOW=${WINDOW:-8}
 DURATION=${DURATION:-10}
 FAN_USERS=${FAN_USERS:-100}
@@ -49,7 +52,7 @@ out=target/bench
 mkdir -p "$out"
 : > "$out/results.jsonl"
 loadgen=target/release/loadgen
-"$loadgen" users-file --pairs "$PAIRS" > "$work/users.json"
+"$loadgen" users-file --pairs $((PAIRS > WIDE_PAIRS ? PAIRS : WIDE_PAIRS)) > "$work/users.json"
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -123,6 +126,8 @@ for target in sockets socketio; do
     half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
     step "$target: chat paced at half its peak ($half msg/s)"
     $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" --rate "$half"; stop_server
+    step "$target: chat ($WIDE_PAIRS pairs, window $WINDOW, ${DURATION}s)"
+    $start; run "$target" "$addr" chat --pairs "$WIDE_PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid"; stop_server
     step "$target: fanout ($FAN_USERS users, $FAN_EVENTS events over HTTP)"
     $start; run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS"; stop_server
 done
