@@ -219,7 +219,8 @@ pub fn new_id() -> String {
 /// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T10:00:00.123Z`.
 pub fn rfc3339(at: SystemTime) -> String {
     // Written by hand into a buffer of the right size: it runs twice per
-    // routed event, and `time`'s formatter (or `write!`) costs ~10x more.
+    // routed event, and through `write!` it took 2.7% of the host's CPU in
+    // the chat benchmark (0.35% now); `time`'s formatter costs more still.
     let at = time::OffsetDateTime::from(at);
     let Ok(year @ 0..=9999) = u32::try_from(at.year()) else {
         return rfc3339_any_year(at);
