@@ -73,6 +73,13 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     assert_eq!(fanout["lost"], 0, "{fanout}");
     assert_eq!(fanout["duplicated"], 0, "{fanout}");
 
+    // Paced: 100 events at 200/s take about half a second.
+    let paced = loadgen(&server, "fanout --users 5 --events 100 --rate 200");
+    assert_eq!(paced["received"], 100, "{paced}");
+    assert_eq!(paced["rate_per_s"], 200.0, "{paced}");
+    let per_second = paced["events_per_s"].as_f64().unwrap();
+    assert!((150.0..=250.0).contains(&per_second), "{paced}");
+
     let idle = loadgen(
         &server,
         &format!("idle --connections 200 --server-pid {pid}"),

@@ -2,6 +2,12 @@
 //! user each, round robin) published through the HTTP API, C requests at
 //! once, or to RabbitMQ with C unconfirmed publishes at once: events per
 //! second from first publish to last push, and publish-to-push latency.
+//!
+//! As fast as possible, a RabbitMQ run's latency is mostly queueing: the
+//! broker confirms a publish once queued, so the publisher can run ahead
+//! of the consumer and a backlog formed early stays. With a rate, events
+//! are published on a fixed schedule (still at most C at once) and the
+//! latency is the path's own.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -27,6 +33,8 @@ pub struct Options {
     pub users: usize,
     pub events: usize,
     pub concurrency: usize,
+    /// Events per second; `None`: as fast as the concurrency allows.
+    pub rate: Option<f64>,
     /// Publish through RabbitMQ instead of the HTTP API.
     pub amqp: Option<Amqp>,
 }
@@ -93,6 +101,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "users": options.users,
         "events": options.events,
         "concurrency": options.concurrency,
+        "rate_per_s": options.rate,
         "refused": refused,
         "received": received,
         "lost": options.events.saturating_sub(received + refused),
@@ -147,20 +156,34 @@ async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) 
     .await
 }
 
-/// Runs `publish(n)` for every event, at most C at once; how many were not
-/// accepted (the future resolved to `false`).
+/// Runs `publish(n)` for every event, at most C at once and, with a rate,
+/// not before its time; how many were not accepted (the future resolved to
+/// `false`).
 async fn publish_bounded<F>(options: &Options, publish: impl Fn(usize) -> F) -> usize
 where
     F: Future<Output = bool>,
 {
+    let started = tokio::time::Instant::now();
+    let interval = options.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut in_flight: FuturesUnordered<F> = FuturesUnordered::new();
     let mut refused = 0usize;
     for n in 0..options.events {
-        if in_flight.len() >= options.concurrency
-            && let Some(accepted) = in_flight.next().await
-            && !accepted
-        {
-            refused += 1;
+        let due = interval.map(|interval| started + interval.mul_f64(n as f64));
+        // Publishes in flight are driven while this one waits.
+        loop {
+            let slot_free = in_flight.len() < options.concurrency;
+            let due_now = due.is_none_or(|due| tokio::time::Instant::now() >= due);
+            if slot_free && due_now {
+                break;
+            }
+            tokio::select! {
+                Some(accepted) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !accepted {
+                        refused += 1;
+                    }
+                }
+                () = tokio::time::sleep_until(due.unwrap_or(started)), if slot_free => {}
+            }
         }
         in_flight.push(publish(n));
     }

@@ -83,6 +83,10 @@ enum Run {
         /// HTTP requests (or unconfirmed AMQP publishes) in flight.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Events per second (published on a fixed schedule); default: as
+        /// fast as the concurrency allows.
+        #[arg(long)]
+        rate: Option<f64>,
         /// Publish to this RabbitMQ instead of the HTTP API (the sockets
         /// host only).
         #[arg(long)]
@@ -174,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             users,
             events,
             concurrency,
+            rate,
             amqp,
             exchange,
         } => {
@@ -187,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
                 users: users.max(1),
                 events,
                 concurrency: concurrency.max(1),
+                rate: rate.filter(|rate| *rate > 0.0),
                 amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
             };
             fanout::run(options, &tokens()?).await?
