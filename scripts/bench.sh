@@ -110,6 +110,10 @@ run() {
     SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" --target "$target" --server "$addr" "$@" | tee -a "$out/results.jsonl"
 }
 
+# Half of a figure of the run whose summary is on stdin (shown on stderr):
+# the rate of the paced run that follows it.
+half_of() { tee /dev/stderr | grep -o "\"$1\":[0-9.]*" | cut -d: -f2 | awk '{ printf "%d", $1 / 2 }'; }
+
 # The broker intake of our host, on exchanges and a queue of its own.
 AMQP_URL=${SOCKETS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 with_broker=(SOCKETS_AMQP_URL="$AMQP_URL" SOCKETS_AMQP_EXCHANGE=bench.events SOCKETS_AMQP_QUEUE=bench.intake
@@ -122,33 +126,34 @@ for target in sockets socketio; do
     $start; run "$target" "$addr" idle --connections "$IDLE" --server-pid "$server_pid"; stop_server
     step "$target: chat ($PAIRS pairs, window $WINDOW, ${DURATION}s)"
     $start
-    peak=$(run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" |
-        tee /dev/stderr | grep -o '"delivered_per_s":[0-9.]*' | cut -d: -f2)
+    half=$(run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" |
+        half_of delivered_per_s)
     stop_server
-    half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
     step "$target: chat paced at half its peak ($half msg/s)"
     $start; run "$target" "$addr" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" --rate "$half"; stop_server
     step "$target: chat ($WIDE_PAIRS pairs, window $WINDOW, ${DURATION}s)"
     $start; run "$target" "$addr" chat --pairs "$WIDE_PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid"; stop_server
     step "$target: fanout ($FAN_USERS users, $FAN_EVENTS events over HTTP)"
     $start
-    peak=$(run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" |
-        tee /dev/stderr | grep -o '"events_per_s":[0-9.]*' | cut -d: -f2)
+    half=$(run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" | half_of events_per_s)
     stop_server
-    half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
     step "$target: fanout over HTTP paced at half its peak ($half events/s)"
     $start; run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --rate "$half"; stop_server
 done
+
+# Our host with its broker intake, once it consumes.
+start_broker_host() {
+    start_ours "${with_broker[@]}"
+    wait_ready "$OURS"
+}
+# One fanout run through RabbitMQ (extra loadgen arguments: "$@").
+broker_fanout() {
+    run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --amqp "$AMQP_URL" --exchange bench.events "$@"
+}
 step "sockets: fanout ($FAN_USERS users, $FAN_EVENTS events through RabbitMQ)"
-start_ours "${with_broker[@]}"
-wait_ready "$OURS"
-peak=$(run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --amqp "$AMQP_URL" --exchange bench.events |
-    tee /dev/stderr | grep -o '"events_per_s":[0-9.]*' | cut -d: -f2)
+start_broker_host
+half=$(broker_fanout | half_of events_per_s)
 stop_server
-half=$(awk -v peak="$peak" 'BEGIN { printf "%d", peak / 2 }')
 step "sockets: fanout through RabbitMQ paced at half its peak ($half events/s)"
-start_ours "${with_broker[@]}"
-wait_ready "$OURS"
-run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --amqp "$AMQP_URL" --exchange bench.events --rate "$half"
-stop_server
+start_broker_host; broker_fanout --rate "$half"; stop_server
 step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN"
