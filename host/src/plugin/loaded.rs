@@ -2,7 +2,6 @@
 //! and the bounded `handle` call.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store, Trap};
@@ -140,10 +139,8 @@ impl LoadedPlugin {
     /// (plus instantiation when no warm instance is free), on the calling
     /// async worker unless this version showed it must not (`placement`).
     pub fn handle(&self, event: &Event) -> Result<Outcome, CallError> {
-        let started = Instant::now();
-        let result = self.placement.run(&self.label, || self.call(event));
-        self.stats
-            .record(started.elapsed(), result.as_ref().map(|_| ()));
+        let (result, took) = self.placement.run(&self.label, || self.call(event));
+        self.stats.record(took, result.as_ref().map(|_| ()));
         result
     }
 

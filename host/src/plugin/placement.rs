@@ -45,22 +45,25 @@ pub(crate) struct Placement {
 }
 
 impl Placement {
-    /// Runs `call` (twice, if the first attempt had to be abandoned).
-    pub(crate) fn run<R>(&self, plugin: &str, call: impl Fn() -> R) -> R {
+    /// Runs `call` (twice, if the first attempt had to be abandoned);
+    /// returns its result and the wall time it took.
+    pub(crate) fn run<R>(&self, plugin: &str, call: impl Fn() -> R) -> (R, Duration) {
+        let started = Instant::now();
+        let timed = |result| (result, started.elapsed());
         // Outside a multi-threaded runtime there is no worker to protect
         // (and none to hand over).
         if !on_worker() {
-            return call();
+            return timed(call());
         }
         if self.off_worker.load(Ordering::Relaxed) {
-            return tokio::task::block_in_place(call);
+            return timed(tokio::task::block_in_place(call));
         }
         let watched = self.watched.load(Ordering::Relaxed);
         let cpu_started = watched.then(ThreadTime::try_now).and_then(Result::ok);
-        let wall_started = Instant::now();
         match panic::catch_unwind(AssertUnwindSafe(&call)) {
             Ok(result) => {
-                if wall_started.elapsed() > SLOW_CALL {
+                let took = started.elapsed();
+                if took > SLOW_CALL {
                     let cpu_used = cpu_started.and_then(|started| started.try_elapsed().ok());
                     if cpu_used.is_some_and(|used| used > SLOW_CALL) {
                         self.leave_workers(plugin, "a call used more than 2 ms of CPU");
@@ -68,12 +71,12 @@ impl Placement {
                         self.watched.store(true, Ordering::Relaxed);
                     }
                 }
-                result
+                (result, took)
             }
             Err(panic) if blocked_on_worker(&*panic) => {
                 self.leave_workers(plugin, "it uses WASI's blocking I/O (it prints?)");
                 // The worker hands its tasks to another thread first.
-                tokio::task::block_in_place(call)
+                timed(tokio::task::block_in_place(call))
             }
             Err(panic) => panic::resume_unwind(panic),
         }
@@ -122,7 +125,7 @@ mod tests {
     async fn a_call_that_blocks_on_the_runtime_is_made_again_off_the_worker() {
         let placement = Placement::default();
         let attempts = AtomicUsize::new(0);
-        let answer = placement.run("printer", || {
+        let (answer, _) = placement.run("printer", || {
             attempts.fetch_add(1, Ordering::Relaxed);
             // What wasmtime-wasi does for a guest's print.
             Handle::current().block_on(async { 42 })
@@ -132,7 +135,9 @@ mod tests {
         assert!(placement.is_off_worker());
         // From now on, at once off the worker.
         assert_eq!(
-            placement.run("printer", || Handle::current().block_on(async { 7 })),
+            placement
+                .run("printer", || Handle::current().block_on(async { 7 }))
+                .0,
             7
         );
         assert_eq!(attempts.load(Ordering::Relaxed), 2);
@@ -150,7 +155,7 @@ mod tests {
     async fn fast_calls_stay_on_the_worker_unwatched() {
         let placement = Placement::default();
         for _ in 0..3 {
-            assert_eq!(placement.run("quick", || 1), 1);
+            assert_eq!(placement.run("quick", || 1).0, 1);
         }
         assert!(!placement.is_watched());
         assert!(!placement.is_off_worker());
@@ -160,7 +165,8 @@ mod tests {
     async fn waiting_is_watched_but_not_slow() {
         let placement = Placement::default();
         for _ in 0..3 {
-            placement.run("sleepy", || std::thread::sleep(SLOW_CALL * 2));
+            let ((), took) = placement.run("sleepy", || std::thread::sleep(SLOW_CALL * 2));
+            assert!(took >= SLOW_CALL * 2, "{took:?}");
         }
         assert!(placement.is_watched());
         assert!(!placement.is_off_worker());
