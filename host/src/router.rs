@@ -189,7 +189,10 @@ impl Router {
             if let Some(cluster) = &self.cluster {
                 add_remote_connections(cluster, &delivery.to, &mut reached);
                 let users = remote_users(inbound, &delivery.to);
-                cluster.forward(delivery_id.clone(), frame, users).await;
+                // Boxed: its future is ~850 bytes, and inline it made every
+                // routed frame's future (clustered or not) too large for the
+                // allocator's per-thread cache.
+                Box::pin(cluster.forward(delivery_id.clone(), frame, users)).await;
             }
             for (user, connections) in reached {
                 delivered_to_users = delivered_to_users.saturating_add(connections);
