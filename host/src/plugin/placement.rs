@@ -16,13 +16,16 @@
 //!   Reading that clock is a syscall, which around every call cost 14% of
 //!   the host's CPU in the chat benchmark; the wall clock is read from
 //!   memory, and a call never uses more CPU than wall time. So the CPU
-//!   clock is read only for a version that is watched: one whose call
-//!   once took longer than `SLOW_CALL` of wall time. Its first slow call
-//!   stays on the worker; the next one measured slow moves it.
+//!   clock is read only while a version is watched: for the next
+//!   `WATCHED_CALLS` calls after one took longer than `SLOW_CALL` of wall
+//!   time. Its first slow call stays on the worker; a call measured slow
+//!   in that window moves it. The watch ends because on a busy core every
+//!   version is eventually preempted mid-call: a watch for good made every
+//!   call of every plugin read the clock again within seconds.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use cpu_time::ThreadTime;
@@ -32,6 +35,11 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 /// workers.
 const SLOW_CALL: Duration = Duration::from_millis(2);
 
+/// Calls whose CPU time is measured after one took longer than `SLOW_CALL`
+/// of wall time: enough to catch a plugin that is often slow, few enough
+/// that an occasional preemption costs next to nothing.
+const WATCHED_CALLS: u32 = 1_000;
+
 /// What tokio says when something blocks on it from one of its workers.
 const BLOCKED_ON_WORKER: &str = "Cannot start a runtime from within a runtime";
 
@@ -39,9 +47,9 @@ const BLOCKED_ON_WORKER: &str = "Cannot start a runtime from within a runtime";
 #[derive(Debug, Default)]
 pub(crate) struct Placement {
     off_worker: AtomicBool,
-    /// A call took longer than `SLOW_CALL` of wall time: later calls have
-    /// their CPU time measured.
-    watched: AtomicBool,
+    /// Calls left that have their CPU time measured (a call took longer
+    /// than `SLOW_CALL` of wall time shortly before).
+    watch_left: AtomicU32,
 }
 
 impl Placement {
@@ -58,8 +66,10 @@ impl Placement {
         if self.off_worker.load(Ordering::Relaxed) {
             return timed(tokio::task::block_in_place(call));
         }
-        let watched = self.watched.load(Ordering::Relaxed);
-        let cpu_started = watched.then(ThreadTime::try_now).and_then(Result::ok);
+        let cpu_started = self
+            .watch_this_call()
+            .then(ThreadTime::try_now)
+            .and_then(Result::ok);
         match panic::catch_unwind(AssertUnwindSafe(&call)) {
             Ok(result) => {
                 let took = started.elapsed();
@@ -67,8 +77,8 @@ impl Placement {
                     let cpu_used = cpu_started.and_then(|started| started.try_elapsed().ok());
                     if cpu_used.is_some_and(|used| used > SLOW_CALL) {
                         self.leave_workers(plugin, "a call used more than 2 ms of CPU");
-                    } else if !watched {
-                        self.watched.store(true, Ordering::Relaxed);
+                    } else {
+                        self.watch_left.store(WATCHED_CALLS, Ordering::Relaxed);
                     }
                 }
                 (result, took)
@@ -82,6 +92,18 @@ impl Placement {
         }
     }
 
+    /// Whether this call has its CPU time measured; counts it against the
+    /// watch. One load while unwatched, the common case.
+    fn watch_this_call(&self) -> bool {
+        self.watch_left.load(Ordering::Relaxed) > 0
+            && self
+                .watch_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok()
+    }
+
     /// Whether calls run off the async workers.
     #[cfg(test)]
     fn is_off_worker(&self) -> bool {
@@ -91,7 +113,7 @@ impl Placement {
     /// Whether calls have their CPU time measured.
     #[cfg(test)]
     fn is_watched(&self) -> bool {
-        self.watched.load(Ordering::Relaxed)
+        self.watch_left.load(Ordering::Relaxed) > 0
     }
 
     fn leave_workers(&self, plugin: &str, why: &str) {
@@ -182,6 +204,20 @@ mod tests {
         assert!(!placement.is_off_worker());
         placement.run("busy", compute);
         assert!(placement.is_off_worker());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_watch_ends_after_its_calls() {
+        let placement = Placement::default();
+        placement.run("preempted", || std::thread::sleep(SLOW_CALL * 2));
+        // Counted directly: a quick call preempted on a busy machine would
+        // open a new watch.
+        for _ in 0..WATCHED_CALLS {
+            assert!(placement.watch_this_call());
+        }
+        assert!(!placement.watch_this_call());
+        assert!(!placement.is_watched());
+        assert!(!placement.is_off_worker());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
