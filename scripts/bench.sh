@@ -14,12 +14,19 @@
 # half of that: at full speed a RabbitMQ run's latency is mostly the
 # backlog the publisher ran ahead by (confirms come once queued).
 #
+# Last, chat again at both pair counts, ROUNDS times each server, the two
+# alternated run by run: this VM's speed drifts over minutes, so the
+# throughput ratio is taken as the median of ratios measured side by side
+# (a "chat-alternated" summary line per pair count), not from two runs
+# minutes apart.
+#
 # Knobs (environment): PAIRS (16), WIDE_PAIRS (64), WINDOW (8), DURATION
 # seconds (10), FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000
-# is the most this machine's 20,000 open files allow), PIN (1: the server
-# runs on CPU 0 and the load generator on CPU 1, so each server gets one
-# core whatever its threading -- Socket.IO's Node is single-threaded --
-# and neither competes with the load generator; 0: no pinning).
+# is the most this machine's 20,000 open files allow), ROUNDS (3), PIN
+# (1: the server runs on CPU 0 and the load generator on CPU 1, so each
+# server gets one core whatever its threading -- Socket.IO's Node is
+# single-threaded -- and neither competes with the load generator; 0: no
+# pinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +37,7 @@ DURATION=${DURATION:-10}
 FAN_USERS=${FAN_USERS:-100}
 FAN_EVENTS=${FAN_EVENTS:-10000}
 IDLE=${IDLE:-5000}
+ROUNDS=${ROUNDS:-3}
 PIN=${PIN:-1}
 server_cpu=() loadgen_cpu=()
 if [ "$PIN" = 1 ]; then
@@ -112,7 +120,13 @@ run() {
 
 # Half of a figure of the run whose summary is on stdin (shown on stderr):
 # the rate of the paced run that follows it.
-half_of() { tee /dev/stderr | grep -o "\"$1\":[0-9.]*" | cut -d: -f2 | awk '{ printf "%d", $1 / 2 }'; }
+half_of() { value_of "$1" | awk '{ printf "%d", $1 / 2 }'; }
+# A figure of the run whose summary is on stdin (shown on stderr).
+value_of() { tee /dev/stderr | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
+# The numbers given as a JSON array.
+json_list() { local IFS=,; echo "[$*]"; }
+# The median of the numbers given.
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
 # The broker intake of our host, on exchanges and a queue of its own.
 AMQP_URL=${SOCKETS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
@@ -156,4 +170,20 @@ half=$(broker_fanout | half_of events_per_s)
 stop_server
 step "sockets: fanout through RabbitMQ paced at half its peak ($half events/s)"
 start_broker_host; broker_fanout --rate "$half"; stop_server
+for pairs in $PAIRS $WIDE_PAIRS; do
+    ours=() peer=() ratios=()
+    for round in $(seq 1 "$ROUNDS"); do
+        step "chat alternated, round $round of $ROUNDS ($pairs pairs): sockets, then socketio"
+        start_ours
+        ours+=("$(run sockets "$OURS" chat --pairs "$pairs" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" | value_of delivered_per_s)")
+        stop_server
+        start_peer
+        peer+=("$(run socketio "$PEER" chat --pairs "$pairs" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" | value_of delivered_per_s)")
+        stop_server
+        ratios+=("$(awk -v a="${ours[-1]}" -v b="${peer[-1]}" 'BEGIN { printf "%.3f", a / b }')")
+    done
+    printf '{"run":"chat-alternated","pairs":%s,"window":%s,"duration_s":%s,"sockets_per_s":%s,"socketio_per_s":%s,"ratios":%s,"median_ratio":%s}\n' \
+        "$pairs" "$WINDOW" "$DURATION" "$(json_list "${ours[@]}")" "$(json_list "${peer[@]}")" "$(json_list "${ratios[@]}")" "$(median "${ratios[@]}")" |
+        tee -a "$out/results.jsonl"
+done
 step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN"
