@@ -131,7 +131,10 @@ async fn receive(
         .await;
         let Ok(incoming) = incoming else { break };
         if let Incoming::Push { data, .. } = incoming? {
-            let id = data["paymentId"].as_str().unwrap_or_default().to_owned();
+            let id = serde_json::from_str::<Value>(data.get())?["paymentId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let sent: u64 = id
                 .split_once(':')
                 .and_then(|(_, micros)| micros.parse().ok())

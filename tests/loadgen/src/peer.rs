@@ -8,7 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, bail};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -29,8 +32,8 @@ pub enum Target {
 pub enum Incoming {
     /// The reply to a sent event.
     Ack { id: u64, ok: bool },
-    /// A pushed event.
-    Push { event: String, data: Value },
+    /// A pushed event, its data as received.
+    Push { event: String, data: Box<RawValue> },
     /// Anything else (pings answered, `connected`, …).
     Other,
 }
@@ -97,11 +100,44 @@ async fn next_text(ws: &mut Socket) -> anyhow::Result<String> {
 }
 
 /// The text frame that sends `event` with `data`, asking for ack `id`.
-pub fn event_frame(target: Target, event: &str, data: &Value, id: u64) -> String {
-    match target {
-        Target::Sockets => json!({"event": event, "data": data, "ack": id}).to_string(),
-        Target::Socketio => format!("42{id}{}", json!([event, data])),
-    }
+pub fn event_frame(target: Target, event: &str, data: &impl Serialize, id: u64) -> String {
+    let frame = match target {
+        Target::Sockets => serde_json::to_string(&ClientFrame {
+            event,
+            data,
+            ack: id,
+        }),
+        Target::Socketio => {
+            serde_json::to_string(&(event, data)).map(|json| format!("42{id}{json}"))
+        }
+    };
+    frame.expect("frames serialize")
+}
+
+#[derive(Serialize)]
+struct ClientFrame<'a, D> {
+    event: &'a str,
+    data: &'a D,
+    ack: u64,
+}
+
+/// A server frame of the sockets host (PROTOCOL.md §2), parsed no further
+/// than the runs look: typed and borrowed, so that the load generator's
+/// own cost per message stays small next to the server's.
+#[derive(Deserialize)]
+struct ServerFrame<'a> {
+    ack: Option<u64>,
+    ok: Option<bool>,
+    #[serde(borrow)]
+    event: Option<std::borrow::Cow<'a, str>>,
+    id: Option<IgnoredAny>,
+    data: Option<Box<RawValue>>,
+}
+
+/// The first argument of a Socket.IO ack.
+#[derive(Deserialize)]
+struct AckReply {
+    ok: Option<bool>,
 }
 
 /// Reads a text frame; answers Socket.IO's pings on the way.
@@ -119,19 +155,24 @@ pub async fn read(
     };
     Ok(match target {
         Target::Sockets => {
-            let frame: Value = serde_json::from_str(&text)?;
-            if let Some(id) = frame.get("ack").and_then(Value::as_u64) {
-                Incoming::Ack {
+            let frame: ServerFrame<'_> = serde_json::from_str(&text)?;
+            match frame {
+                ServerFrame {
+                    ack: Some(id), ok, ..
+                } => Incoming::Ack {
                     id,
-                    ok: frame["ok"] == true,
-                }
-            } else if let (Some(event), Some(_)) = (frame["event"].as_str(), frame.get("id")) {
-                Incoming::Push {
-                    event: event.to_owned(),
-                    data: frame["data"].clone(),
-                }
-            } else {
-                Incoming::Other
+                    ok: ok == Some(true),
+                },
+                ServerFrame {
+                    event: Some(event),
+                    id: Some(_),
+                    data,
+                    ..
+                } => Incoming::Push {
+                    event: event.into_owned(),
+                    data: data.unwrap_or_else(null),
+                },
+                _ => Incoming::Other,
             }
         }
         Target::Socketio => socketio_packet(&text, writer).await?,
@@ -146,20 +187,22 @@ async fn socketio_packet(text: &str, writer: &mut Writer) -> anyhow::Result<Inco
     if let Some(rest) = text.strip_prefix("43") {
         let digits = rest.find('[').context("an ack without payload")?;
         let id: u64 = rest[..digits].parse()?;
-        let payload: Value = serde_json::from_str(&rest[digits..])?;
+        let (reply,): (AckReply,) = serde_json::from_str(&rest[digits..])?;
         return Ok(Incoming::Ack {
             id,
-            ok: payload[0]["ok"] == true,
+            ok: reply.ok == Some(true),
         });
     }
     if let Some(rest) = text.strip_prefix("42") {
-        let payload: Value = serde_json::from_str(rest)?;
-        if let Some(event) = payload[0].as_str() {
-            return Ok(Incoming::Push {
-                event: event.to_owned(),
-                data: payload[1].clone(),
-            });
-        }
+        let (event, data): (std::borrow::Cow<'_, str>, Box<RawValue>) = serde_json::from_str(rest)?;
+        return Ok(Incoming::Push {
+            event: event.into_owned(),
+            data,
+        });
     }
     Ok(Incoming::Other)
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
