@@ -17,15 +17,6 @@ pub const TEST_PLUGINS: [&str; 7] = [
     "presence",
 ];
 
-/// Plugins are built like `scripts/build-plugins.sh` builds them: whole-program
-/// optimised, since guest code runs on every event.
-pub const PLUGIN_PROFILE: [&str; 4] = [
-    "--config",
-    "profile.release.lto=true",
-    "--config",
-    "profile.release.codegen-units=1",
-];
-
 /// The repository root.
 pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,8 +55,9 @@ fn run(mut command: Command, what: &str) {
 
 /// The compiled component of plugin crate `name` (one of [`TEST_PLUGINS`]).
 ///
-/// Plugins are built once per test process, in their own target directory:
-/// the outer `cargo test` holds the lock of the main one.
+/// Plugins are built once per test process, in their own target directory
+/// (the outer `cargo test` holds the lock of the main one), with the release
+/// profile's LTO like `scripts/build-plugins.sh` builds them.
 pub fn plugin_wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
