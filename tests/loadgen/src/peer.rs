@@ -187,18 +187,27 @@ async fn socketio_packet(text: &str, writer: &mut Writer) -> anyhow::Result<Inco
     if let Some(rest) = text.strip_prefix("43") {
         let digits = rest.find('[').context("an ack without payload")?;
         let id: u64 = rest[..digits].parse()?;
-        let (reply,): (AckReply,) = serde_json::from_str(&rest[digits..])?;
+        let args: Vec<&RawValue> = serde_json::from_str(&rest[digits..])?;
+        let reply = match args.first() {
+            Some(first) => serde_json::from_str::<AckReply>(first.get())?.ok,
+            None => None,
+        };
         return Ok(Incoming::Ack {
             id,
-            ok: reply.ok == Some(true),
+            ok: reply == Some(true),
         });
     }
     if let Some(rest) = text.strip_prefix("42") {
-        let (event, data): (std::borrow::Cow<'_, str>, Box<RawValue>) = serde_json::from_str(rest)?;
-        return Ok(Incoming::Push {
-            event: event.into_owned(),
-            data,
-        });
+        let args: Vec<&RawValue> = serde_json::from_str(rest)?;
+        let event = args
+            .first()
+            .and_then(|event| serde_json::from_str::<std::borrow::Cow<'_, str>>(event.get()).ok());
+        if let Some(event) = event {
+            return Ok(Incoming::Push {
+                event: event.into_owned(),
+                data: args.get(1).map_or_else(null, |data| (*data).to_owned()),
+            });
+        }
     }
     Ok(Incoming::Other)
 }
