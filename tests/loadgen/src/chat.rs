@@ -58,7 +58,11 @@ struct Seqs {
 }
 
 impl Seqs {
-    /// Adds `seq`; false if it was there already.
+    /// More than any bounded run sends per pair; a set stays under 512 MiB
+    /// even if a server garbled a sequence number.
+    const MAX: u64 = 1 << 32;
+
+    /// Adds `seq` (at most [`Seqs::MAX`]); false if it was there already.
     fn insert(&mut self, seq: u64) -> bool {
         let (word, bit) = Self::slot(seq);
         if word >= self.bits.len() {
@@ -352,6 +356,9 @@ async fn receive(
                     let Ok(message) = serde_json::from_str::<PushedMessage<'_>>(data.get()) else { continue };
                     let Some((seq, sent)) = message.text.split_once(':') else { continue };
                     let (Ok(seq), Ok(sent)) = (seq.parse::<u64>(), sent.parse::<u64>()) else { continue };
+                    if seq > Seqs::MAX {
+                        continue; // not a text this run sent
+                    }
                     if result.seen.insert(seq) {
                         let now = started.elapsed().as_micros() as u64;
                         result.delivery_latency.push(now.saturating_sub(sent));
