@@ -22,11 +22,11 @@
 #
 # Knobs (environment): PAIRS (16), WIDE_PAIRS (64), WINDOW (8), DURATION
 # seconds (10), FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000
-# is the most this machine's 20,000 open files allow), ROUNDS (3), PIN
-# (1: the server runs on CPU 0 and the load generator on CPU 1, so each
-# server gets one core whatever its threading -- Socket.IO's Node is
-# single-threaded -- and neither competes with the load generator; 0: no
-# pinning).
+# is the most this machine's 20,000 open files allow), ROUNDS (3; 0:
+# none), PIN (1: the server runs on CPU 0 and the load generator on CPU 1,
+# so each server gets one core whatever its threading -- Socket.IO's Node
+# is single-threaded -- and neither competes with the load generator; 0:
+# no pinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -170,7 +170,9 @@ half=$(broker_fanout | half_of events_per_s)
 stop_server
 step "sockets: fanout through RabbitMQ paced at half its peak ($half events/s)"
 start_broker_host; broker_fanout --rate "$half"; stop_server
-for pairs in $PAIRS $WIDE_PAIRS; do
+alternated_pairs=("$PAIRS" "$WIDE_PAIRS")
+[ "$ROUNDS" -gt 0 ] || alternated_pairs=()
+for pairs in "${alternated_pairs[@]}"; do
     ours=() peer=() ratios=()
     for round in $(seq 1 "$ROUNDS"); do
         step "chat alternated, round $round of $ROUNDS ($pairs pairs): sockets, then socketio"
