@@ -54,7 +54,6 @@ struct ReceiverResult {
 #[derive(Default)]
 struct Seqs {
     bits: Vec<u64>,
-    len: u64,
 }
 
 impl Seqs {
@@ -70,12 +69,14 @@ impl Seqs {
         }
         let fresh = self.bits[word] & bit == 0;
         self.bits[word] |= bit;
-        self.len += u64::from(fresh);
         fresh
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.bits
+            .iter()
+            .map(|bits| u64::from(bits.count_ones()))
+            .sum()
     }
 
     /// How many of these `other` lacks.
