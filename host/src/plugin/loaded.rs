@@ -158,7 +158,7 @@ impl LoadedPlugin {
         // A trapped instance is dropped here, never reused: its memory may be
         // in any state.
         let decision = guarded(&mut warm, &self.limits, |bindings, store| {
-            bindings.call_handle(store, &input)
+            bindings.call_handle(store, input)
         })?;
         self.put_back(warm);
 
@@ -269,22 +269,22 @@ fn refusal_code(code: wit::ErrorCode) -> RefusalCode {
     }
 }
 
-fn to_wit(event: &Event) -> wit::Event {
+fn to_wit(event: &Event) -> wit::Event<'_> {
     let origin = match &event.origin {
         Origin::Client(client) => wit::Origin::Client(wit::Client {
-            user_id: client.user_id.clone(),
-            role: client.role.clone(),
-            connection_id: client.connection_id.clone(),
+            user_id: &client.user_id,
+            role: &client.role,
+            connection_id: &client.connection_id,
         }),
         Origin::Broker => wit::Origin::Broker,
-        Origin::Api(service) => wit::Origin::Api(service.clone()),
+        Origin::Api(service) => wit::Origin::Api(service),
     };
     wit::Event {
-        id: event.id.clone(),
-        name: event.name.clone(),
+        id: &event.id,
+        name: &event.name,
         origin,
-        data: event.data.clone(),
-        received_at: event.received_at.clone(),
+        data: &event.data,
+        received_at: &event.received_at,
     }
 }
 
