@@ -157,7 +157,9 @@ pub fn push_frame(event: &str, data: &RawValue, id: &str) -> String {
         data: &'a RawValue,
         id: &'a str,
     }
-    serde_json::to_string(&Push { event, data, id }).expect("a push serializes")
+    // `{"event":"","data":,"id":""}` around the parts, unescaped.
+    let size = event.len() + data.get().len() + id.len() + 28;
+    to_string_sized(&Push { event, data, id }, size)
 }
 
 /// `{"event":"<name>","data":<data>}` — `connected` and `error` events.
@@ -178,12 +180,26 @@ pub fn ok_reply(ack: u64, data: &RawValue) -> String {
         ok: bool,
         data: &'a RawValue,
     }
-    serde_json::to_string(&Reply {
-        ack,
-        ok: true,
-        data,
-    })
-    .expect("a reply serializes")
+    // `{"ack":,"ok":true,"data":}` around the parts; an ack has at most 20
+    // digits.
+    let size = 26 + 20 + data.get().len();
+    to_string_sized(
+        &Reply {
+            ack,
+            ok: true,
+            data,
+        },
+        size,
+    )
+}
+
+/// Serializes a frame into a buffer sized for it up front: these run for
+/// every routed message, and `serde_json::to_string` starts at 128 bytes and
+/// grows, a reallocation or two per frame.
+fn to_string_sized(frame: &impl Serialize, size: usize) -> String {
+    let mut text = Vec::with_capacity(size);
+    serde_json::to_writer(&mut text, frame).expect("a frame serializes");
+    String::from_utf8(text).expect("serde_json writes UTF-8")
 }
 
 /// `{"ack":N,"ok":false,"error":{...}}`
