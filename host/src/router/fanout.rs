@@ -39,13 +39,25 @@ pub fn fan_out(
     frame: &OutboundFrame,
 ) -> Reached {
     // One recipient cannot name a connection or a user twice; several can,
-    // and only then is it worth remembering what was done.
-    let several = recipients.len() > 1;
+    // and only then is it worth remembering what was done (a direct
+    // message, to a user and `sender-others`, usually needs neither).
+    let counted = recipients
+        .iter()
+        .filter(|recipient| !matches!(recipient, Recipient::SenderOthers))
+        .count();
+    let may_reach_sender_twice = sender.is_some_and(|sender| {
+        recipients.contains(&Recipient::SenderOthers)
+            && recipients.iter().any(|recipient| match recipient {
+                Recipient::User(user) => user == sender.user,
+                Recipient::Connection(_) => true,
+                Recipient::SenderOthers => false,
+            })
+    });
     let mut fanout = Fanout {
         frame,
         sender_connection: sender.map(|sender| sender.connection),
-        offered: several.then(HashSet::new),
-        slots: several.then(HashMap::new),
+        offered: (counted > 1 || may_reach_sender_twice).then(HashSet::new),
+        slots: (counted > 1).then(HashMap::new),
         reached: Reached::default(),
     };
     for recipient in recipients {
@@ -237,6 +249,11 @@ mod tests {
         assert_eq!(node.frames(), vec![("a", 0), ("b", 1), ("c", 1)]);
 
         let reached = node.send(&[Recipient::SenderOthers, user("u1")], Some(SENDER));
+        assert_eq!(reached.users, vec![("u1".to_owned(), 1)]);
+        assert_eq!(node.frames(), vec![("a", 0), ("b", 1), ("c", 0)]);
+
+        // A sender's connection named by id is not pushed twice either.
+        let reached = node.send(&[connection("b"), Recipient::SenderOthers], Some(SENDER));
         assert_eq!(reached.users, vec![("u1".to_owned(), 1)]);
         assert_eq!(node.frames(), vec![("a", 0), ("b", 1), ("c", 0)]);
 
