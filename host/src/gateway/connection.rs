@@ -502,7 +502,7 @@ impl Connection {
                     role: claims.role.clone(),
                     connection_id: self.handle.id.to_string(),
                 }),
-                data: frame.data.get().to_owned(),
+                data: Box::<str>::from(frame.data).into_string(),
                 received_at: rfc3339(SystemTime::now()),
             },
             source: Source::Client,
