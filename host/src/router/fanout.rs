@@ -45,13 +45,14 @@ pub fn fan_out(
         .iter()
         .filter(|recipient| !matches!(recipient, Recipient::SenderOthers))
         .count();
-    let may_reach_sender_twice = sender.is_some_and(|sender| {
-        recipients.contains(&Recipient::SenderOthers)
-            && recipients.iter().any(|recipient| match recipient {
-                Recipient::User(user) => user == sender.user,
-                Recipient::Connection(_) => true,
-                Recipient::SenderOthers => false,
-            })
+    // The sender whose other connections get copies, if any.
+    let others_of = sender.filter(|_| recipients.contains(&Recipient::SenderOthers));
+    let may_reach_sender_twice = others_of.is_some_and(|sender| {
+        recipients.iter().any(|recipient| match recipient {
+            Recipient::User(user) => user == sender.user,
+            Recipient::Connection(_) => true,
+            Recipient::SenderOthers => false,
+        })
     });
     let mut fanout = Fanout {
         frame,
@@ -84,9 +85,7 @@ pub fn fan_out(
     }
     // After the counted recipients, so that a sender also addressed by id
     // has its connections counted.
-    if recipients.contains(&Recipient::SenderOthers)
-        && let Some(sender) = sender
-    {
+    if let Some(sender) = others_of {
         connections.for_each_of_user(sender.user, |connection| {
             fanout.offer(connection);
         });
@@ -97,9 +96,11 @@ pub fn fan_out(
 struct Fanout<'a> {
     frame: &'a OutboundFrame,
     sender_connection: Option<&'a str>,
-    /// Connections already offered the frame (only with several recipients).
+    /// Connections already offered the frame (only when recipients can
+    /// overlap).
     offered: Option<HashSet<Arc<str>>>,
-    /// Each user's index in `reached.users` (only with several recipients).
+    /// Each user's index in `reached.users` (only with several users or
+    /// connections named).
     slots: Option<HashMap<Arc<str>, usize>>,
     reached: Reached,
 }
