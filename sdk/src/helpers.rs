@@ -3,7 +3,7 @@
 use std::fmt;
 use std::ops::Deref;
 
-use serde::de::{DeserializeOwned, Deserializer, Error as _};
+use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize};
 
 use crate::{Client, Delivery, ErrorCode, Event, Failure, Origin, Outcome, Recipient, Reply};
@@ -40,8 +40,9 @@ impl Failure {
 
 impl Event {
     /// Parses the event's data into `T`; a mismatch is `bad_request` with
-    /// serde's explanation.
-    pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, Failure> {
+    /// serde's explanation. `T` may borrow from the data (`&str`, or
+    /// `Cow<str>` with `#[serde(borrow)]`), which saves a copy per field.
+    pub fn data_as<'a, T: Deserialize<'a>>(&'a self) -> Result<T, Failure> {
         serde_json::from_str(&self.data).map_err(|err| {
             Failure::bad_request(format!("invalid data: {}", without_position(&err)))
         })

@@ -9,6 +9,8 @@
 //! `"*"` matches any role. Without configuration only students and
 //! consultants may write to each other.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
 
@@ -19,9 +21,11 @@ const MAX_TEXT_CHARS: usize = 4000;
 pub struct Chat;
 
 #[derive(Deserialize)]
-struct SendMessage {
+struct SendMessage<'a> {
     to: NonEmptyString,
-    text: String,
+    /// Borrowed from the event unless it holds escapes: no copy per message.
+    #[serde(borrow)]
+    text: Cow<'a, str>,
 }
 
 #[derive(Deserialize, Default)]
@@ -32,24 +36,30 @@ struct Config {
 /// One allowed (sender role, recipient role) pair.
 #[derive(Deserialize)]
 struct Rule {
-    from: String,
-    to: String,
+    from: Cow<'static, str>,
+    to: Cow<'static, str>,
 }
 
 impl Rule {
+    const fn new(from: &'static str, to: &'static str) -> Self {
+        Self {
+            from: Cow::Borrowed(from),
+            to: Cow::Borrowed(to),
+        }
+    }
+
     fn permits(&self, from_role: &str, to_role: &str) -> bool {
         let matches = |pattern: &str, role: &str| pattern == "*" || pattern == role;
         matches(&self.from, from_role) && matches(&self.to, to_role)
     }
 }
 
-fn default_rules() -> Vec<Rule> {
-    let rule = |from: &str, to: &str| Rule {
-        from: from.to_owned(),
-        to: to.to_owned(),
-    };
-    vec![rule("student", "consultant"), rule("consultant", "student")]
-}
+/// Students and consultants write to each other. Static: the configuration
+/// is read per message, and most deployments set none.
+const DEFAULT_RULES: &[Rule] = &[
+    Rule::new("student", "consultant"),
+    Rule::new("consultant", "student"),
+];
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,7 +83,7 @@ impl Plugin for Chat {
 
     fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
         let sender = event.require_client()?;
-        let request: SendMessage = event.data_as()?;
+        let request: SendMessage<'_> = event.data_as()?;
         let text_chars = request.text.chars().count();
         if text_chars == 0 || text_chars > MAX_TEXT_CHARS {
             return Err(Failure::bad_request(format!(
@@ -88,7 +98,7 @@ impl Plugin for Chat {
             .get_user(&request.to)
             .ok_or_else(|| Failure::not_found(format!("user `{}` does not exist", request.to)))?;
         let config: Config = host.config_as()?;
-        let rules = config.allow.unwrap_or_else(default_rules);
+        let rules = config.allow.as_deref().unwrap_or(DEFAULT_RULES);
         if !rules
             .iter()
             .any(|rule| rule.permits(&sender.role, &recipient.role))
@@ -269,6 +279,20 @@ mod tests {
             let result = send(&directory(), "s_1", "student", data.clone());
             assert_eq!(code(result), ErrorCode::BadRequest, "data: {data}");
         }
+    }
+
+    #[test]
+    fn text_with_escapes_is_pushed_as_sent() {
+        let text = "say \"hi\"\n\tthen \\ and é";
+        let outcome = send(
+            &directory(),
+            "s_1",
+            "student",
+            json!({"to": "c_1", "text": text}),
+        )
+        .unwrap();
+        let data: Value = serde_json::from_str(&outcome.deliveries[0].data).unwrap();
+        assert_eq!(data["text"], text);
     }
 
     #[test]
