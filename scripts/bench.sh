@@ -12,7 +12,10 @@
 # RabbitMQ (started by scripts/services.sh), which the Socket.IO peer has
 # no counterpart for. Event runs too go as fast as they can, then paced at
 # half of that: at full speed a RabbitMQ run's latency is mostly the
-# backlog the publisher ran ahead by (confirms come once queued).
+# backlog the publisher ran ahead by (confirms come once queued). The
+# paced RabbitMQ run is followed by RabbitMQ alone at the same pace
+# (`loadgen broker`: a plain consumer on a quorum queue), the broker's own
+# share of that latency.
 #
 # Last, chat again at both pair counts, ROUNDS times each server, the two
 # alternated run by run: this VM's speed drifts over minutes, so the
@@ -170,6 +173,9 @@ half=$(broker_fanout | half_of events_per_s)
 stop_server
 step "sockets: fanout through RabbitMQ paced at half its peak ($half events/s)"
 start_broker_host; broker_fanout --rate "$half"; stop_server
+step "RabbitMQ alone at that pace: the same publishes to a quorum queue, a plain consumer (no server)"
+SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" broker --amqp "$AMQP_URL" --events "$FAN_EVENTS" --rate "$half" |
+    tee -a "$out/results.jsonl"
 alternated_pairs=("$PAIRS" "$WIDE_PAIRS")
 [ "$ROUNDS" -gt 0 ] || alternated_pairs=()
 for pairs in "${alternated_pairs[@]}"; do

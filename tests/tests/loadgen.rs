@@ -107,3 +107,29 @@ async fn fanout_through_rabbitmq_reaches_every_user_once() {
     assert_eq!(fanout["lost"], 0, "{fanout}");
     assert_eq!(fanout["duplicated"], 0, "{fanout}");
 }
+
+#[test]
+fn broker_baseline_consumes_every_event_once_at_its_pace() {
+    // No server: RabbitMQ alone, the floor under the RabbitMQ fanout.
+    let output = std::process::Command::new(loadgen_binary())
+        .args(["broker", "--amqp", &amqp_url(), "--events", "200"])
+        .args(["--rate", "400"])
+        .output()
+        .expect("loadgen runs");
+    assert!(
+        output.status.success(),
+        "loadgen broker failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let broker: Value = serde_json::from_slice(&output.stdout).expect("loadgen prints JSON");
+    assert_eq!(broker["run"], "broker", "{broker}");
+    assert_eq!(broker["refused"], 0, "{broker}");
+    assert_eq!(broker["received"], 200, "{broker}");
+    assert_eq!(broker["lost"], 0, "{broker}");
+    assert_eq!(broker["duplicated"], 0, "{broker}");
+    // Paced: 200 events at 400/s take about half a second.
+    let per_second = broker["events_per_s"].as_f64().unwrap();
+    assert!((300.0..=500.0).contains(&per_second), "{broker}");
+    let latency = &broker["publish_to_consume_latency"];
+    assert!(latency["p99_ms"].as_f64().unwrap() > 0.0, "{broker}");
+}

@@ -31,12 +31,29 @@ pub struct Options {
     pub target: Target,
     pub server: SocketAddr,
     pub users: usize,
+    pub schedule: Schedule,
+    /// Publish through RabbitMQ instead of the HTTP API.
+    pub amqp: Option<Amqp>,
+}
+
+/// How many events are published, how many at once, and how fast.
+pub struct Schedule {
     pub events: usize,
+    /// Publishes in flight (HTTP requests or unconfirmed AMQP publishes).
     pub concurrency: usize,
     /// Events per second; `None`: as fast as the concurrency allows.
     pub rate: Option<f64>,
-    /// Publish through RabbitMQ instead of the HTTP API.
-    pub amqp: Option<Amqp>,
+}
+
+impl Schedule {
+    /// At least one publish in flight; a rate of 0 means unpaced.
+    pub fn new(events: usize, concurrency: usize, rate: Option<f64>) -> Self {
+        Self {
+            events,
+            concurrency: concurrency.max(1),
+            rate: rate.filter(|rate| *rate > 0.0),
+        }
+    }
 }
 
 /// Where the host's broker intake consumes from.
@@ -47,6 +64,7 @@ pub struct Amqp {
 
 pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
     let started = Instant::now();
+    let schedule = &options.schedule;
     let mut receivers = Vec::new();
     for user in 0..options.users {
         let socket = peer::connect(
@@ -56,7 +74,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
             &tokens.mint(&format!("fan_{user}"), "student"),
         )
         .await?;
-        let expected = (0..options.events)
+        let expected = (0..schedule.events)
             .filter(|n| n % options.users == user)
             .count();
         receivers.push(tokio::spawn(receive(
@@ -66,10 +84,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
             started,
         )));
     }
-    let payment = |n: usize| {
-        json!({"paymentId": format!("{n}:{}", started.elapsed().as_micros()),
-            "studentId": format!("fan_{}", n % options.users), "amount": 4900})
-    };
+    let payment = |n: usize| payment(n, started, &format!("fan_{}", n % options.users));
     let (publishing, refused) = match &options.amqp {
         None => {
             let service = tokens.mint("bench-service", "service");
@@ -80,7 +95,14 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         Some(amqp) => {
             let (_connection, channel) = amqp_channel(&amqp.url).await?;
             let publishing = Instant::now();
-            let refused = publish_amqp(&options, &channel, &amqp.exchange, payment).await;
+            let refused = publish_amqp(
+                schedule,
+                &channel,
+                &amqp.exchange,
+                "PAYMENT_PROCESSED",
+                payment,
+            )
+            .await;
             (publishing, refused)
         }
     };
@@ -99,12 +121,12 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "target": format!("{:?}", options.target).to_lowercase(),
         "via": if options.amqp.is_some() { "rabbitmq" } else { "http" },
         "users": options.users,
-        "events": options.events,
-        "concurrency": options.concurrency,
-        "rate_per_s": options.rate,
+        "events": schedule.events,
+        "concurrency": schedule.concurrency,
+        "rate_per_s": schedule.rate,
         "refused": refused,
         "received": received,
-        "lost": options.events.saturating_sub(received + refused),
+        "lost": schedule.events.saturating_sub(received + refused),
         "duplicated": duplicated,
         "events_per_s": received as f64 / seconds,
         "publish_to_push_latency": latency.summary(),
@@ -131,14 +153,7 @@ async fn receive(
         .await;
         let Ok(incoming) = incoming else { break };
         if let Incoming::Push { data, .. } = incoming? {
-            let id = serde_json::from_str::<Value>(data.get())?["paymentId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let sent: u64 = id
-                .split_once(':')
-                .and_then(|(_, micros)| micros.parse().ok())
-                .unwrap_or(0);
+            let (id, sent) = payment_id(data.get())?;
             if seen.insert(id) {
                 latencies.push((started.elapsed().as_micros() as u64).saturating_sub(sent));
             } else {
@@ -149,10 +164,31 @@ async fn receive(
     Ok((seen.len(), duplicates, latencies))
 }
 
+/// The `n`th `PAYMENT_PROCESSED` payload, for `student`; its `paymentId`
+/// is `"<n>:<micros since started>"`.
+pub fn payment(n: usize, started: Instant, student: &str) -> Value {
+    json!({"paymentId": format!("{n}:{}", started.elapsed().as_micros()),
+        "studentId": student, "amount": 4900})
+}
+
+/// A payment payload's `paymentId` and the send time it carries (micros
+/// since the run started).
+pub fn payment_id(data: &str) -> anyhow::Result<(String, u64)> {
+    let id = serde_json::from_str::<Value>(data)?["paymentId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let sent = id
+        .split_once(':')
+        .and_then(|(_, micros)| micros.parse().ok())
+        .unwrap_or(0);
+    Ok((id, sent))
+}
+
 /// Publishes through `POST /api/events`, C requests in flight; how many
 /// were not accepted.
 async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) -> Value) -> usize {
-    publish_bounded(options, |n| {
+    publish_bounded(&options.schedule, |n| {
         let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
         async move { matches!(post(options.server, service, &body).await, Ok(202)) }
     })
@@ -162,19 +198,21 @@ async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) 
 /// Runs `publish(n)` for every event, at most C at once and, with a rate,
 /// not before its time; how many were not accepted (the future resolved to
 /// `false`).
-async fn publish_bounded<F>(options: &Options, publish: impl Fn(usize) -> F) -> usize
+async fn publish_bounded<F>(schedule: &Schedule, publish: impl Fn(usize) -> F) -> usize
 where
     F: Future<Output = bool>,
 {
     let started = tokio::time::Instant::now();
-    let interval = options.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let interval = schedule
+        .rate
+        .map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut in_flight: FuturesUnordered<F> = FuturesUnordered::new();
     let mut refused = 0usize;
-    for n in 0..options.events {
+    for n in 0..schedule.events {
         let due = interval.map(|interval| started + interval.mul_f64(n as f64));
         // Publishes in flight are driven while this one waits.
         loop {
-            let slot_free = in_flight.len() < options.concurrency;
+            let slot_free = in_flight.len() < schedule.concurrency;
             let due_now = due.is_none_or(|due| tokio::time::Instant::now() >= due);
             if slot_free && due_now {
                 break;
@@ -199,7 +237,7 @@ where
 }
 
 /// A connection and its channel with publisher confirms.
-async fn amqp_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+pub async fn amqp_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .map_err(|err| anyhow::anyhow!("RabbitMQ is not reachable at {url}: {err}"))?;
@@ -210,21 +248,22 @@ async fn amqp_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
     Ok((connection, channel))
 }
 
-/// Publishes to the exchange (routing key = event name), C unconfirmed at
-/// once; how many the broker did not confirm.
-async fn publish_amqp(
-    options: &Options,
+/// Publishes to the exchange with the routing key, C unconfirmed at once;
+/// how many the broker did not confirm.
+pub async fn publish_amqp(
+    schedule: &Schedule,
     channel: &Channel,
     exchange: &str,
+    routing_key: &str,
     payment: impl Fn(usize) -> Value,
 ) -> usize {
-    publish_bounded(options, |n| {
+    publish_bounded(schedule, |n| {
         let body = payment(n).to_string();
         async move {
             let published = channel
                 .basic_publish(
                     exchange.into(),
-                    "PAYMENT_PROCESSED".into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     body.as_bytes(),
                     BasicProperties::default().with_content_type("application/json".into()),

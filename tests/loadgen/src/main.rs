@@ -6,9 +6,11 @@
 //! loadgen --target sockets --server 127.0.0.1:8080 chat --pairs 16 --window 8 --duration 10 --server-pid PID
 //! loadgen --target socketio --server 127.0.0.1:8090 idle --connections 19000 --server-pid PID
 //! loadgen --target sockets --server 127.0.0.1:8080 fanout --users 100 --events 20000
+//! loadgen broker --amqp amqp://guest:guest@127.0.0.1:5672/%2f --events 10000 --rate 2500
 //! loadgen users-file --pairs 16 > users.json
 //! ```
 
+mod broker;
 mod chat;
 mod fanout;
 mod idle;
@@ -94,6 +96,26 @@ enum Run {
         /// The exchange the host consumes from.
         #[arg(long, default_value = "sockets.events")]
         exchange: String,
+    },
+    /// RabbitMQ alone: the fanout's publishes to a quorum queue of the
+    /// run's own, consumed and acked by a plain consumer (no server).
+    Broker {
+        /// The RabbitMQ to measure.
+        #[arg(long)]
+        amqp: String,
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// Unconfirmed publishes in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Events per second (published on a fixed schedule); default: as
+        /// fast as the concurrency allows.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Unacknowledged messages the consumer may hold (the host's
+        /// default prefetch).
+        #[arg(long, default_value_t = 64)]
+        prefetch: u16,
     },
     /// Prints a users file with the chat run's users (`bench_s_N`,
     /// `bench_c_N`) for the servers' directories.
@@ -190,12 +212,24 @@ async fn main() -> anyhow::Result<()> {
                 target: cli.target,
                 server: cli.server,
                 users: users.max(1),
-                events,
-                concurrency: concurrency.max(1),
-                rate: rate.filter(|rate| *rate > 0.0),
+                schedule: fanout::Schedule::new(events, concurrency, rate),
                 amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
             };
             fanout::run(options, &tokens()?).await?
+        }
+        Run::Broker {
+            amqp,
+            events,
+            concurrency,
+            rate,
+            prefetch,
+        } => {
+            let options = broker::Options {
+                url: amqp,
+                schedule: fanout::Schedule::new(events, concurrency, rate),
+                prefetch: prefetch.max(1),
+            };
+            broker::run(options).await?
         }
         Run::UsersFile { pairs } => {
             let users: Vec<_> = (0..pairs)
