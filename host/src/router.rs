@@ -179,7 +179,7 @@ impl Router {
         // One record per reached user; most deliveries reach one.
         let mut records = Vec::with_capacity(decision.deliveries.len());
         let mut delivered_to_users = 0u32;
-        for PluginDelivery { plugin, delivery } in &decision.deliveries {
+        for PluginDelivery { plugin, delivery } in decision.deliveries {
             let delivery_id = new_id();
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
@@ -196,22 +196,23 @@ impl Router {
                 // allocator's per-thread cache.
                 Box::pin(cluster.forward(delivery_id.clone(), frame, users)).await;
             }
-            for (user, connections) in reached {
-                delivered_to_users = delivered_to_users.saturating_add(connections);
-                records.push(NotificationRecord {
-                    id: NotificationRecord::record_id(&delivery_id, &user),
-                    event_id: inbound.event.id.clone(),
-                    event: delivery.event.clone(),
-                    trigger: inbound.event.name.clone(),
-                    source: source_name(inbound.source).to_owned(),
-                    from: inbound.from.clone(),
-                    to: user,
-                    plugin: plugin.to_string(),
-                    data: delivery.data.clone(),
-                    connections,
-                    created_at: created_at.clone(),
-                });
+            for (_, connections) in &reached {
+                delivered_to_users = delivered_to_users.saturating_add(*connections);
             }
+            let template = NotificationRecord {
+                id: String::new(),
+                event_id: inbound.event.id.clone(),
+                event: delivery.event,
+                trigger: inbound.event.name.clone(),
+                source: source_name(inbound.source).to_owned(),
+                from: inbound.from.clone(),
+                to: String::new(),
+                plugin: plugin.to_string(),
+                data: delivery.data,
+                connections: 0,
+                created_at: created_at.clone(),
+            };
+            push_records(&mut records, template, &delivery_id, reached);
         }
 
         let reply = match decision.reply {
@@ -307,6 +308,31 @@ fn sender(inbound: &Inbound) -> Option<Sender<'_>> {
 
 /// How many users the records name: one delivery names each user once,
 /// several deliveries may name one user each.
+/// Appends one log record per reached user, in order: `template` with the
+/// record id, the user and its connection count filled in. The last record
+/// takes `template` itself, so a delivery that reaches one user (most do)
+/// copies none of its payload.
+fn push_records(
+    records: &mut Vec<NotificationRecord>,
+    template: NotificationRecord,
+    delivery_id: &str,
+    mut reached: Vec<(String, u32)>,
+) {
+    let Some((last_user, last_connections)) = reached.pop() else {
+        return;
+    };
+    let record = |template, user: String, connections| NotificationRecord {
+        id: NotificationRecord::record_id(delivery_id, &user),
+        to: user,
+        connections,
+        ..template
+    };
+    for (user, connections) in reached {
+        records.push(record(template.clone(), user, connections));
+    }
+    records.push(record(template, last_user, last_connections));
+}
+
 fn distinct_users(records: &[NotificationRecord]) -> usize {
     if records.len() < 2 {
         return records.len();
@@ -386,6 +412,47 @@ mod tests {
             counted(r#"{"a":"delivered!"}"#, "delivered"),
             r#"{"a":"delivered!","delivered":2}"#
         );
+    }
+
+    #[test]
+    fn each_reached_user_gets_a_record_of_the_delivery() {
+        let template = NotificationRecord {
+            id: String::new(),
+            event_id: "e1".to_owned(),
+            event: "message".to_owned(),
+            trigger: "sendMessage".to_owned(),
+            source: "client".to_owned(),
+            from: "s_1".to_owned(),
+            to: String::new(),
+            plugin: "chat@0.1.0".to_owned(),
+            data: RawValue::from_string(r#"{"text":"hi"}"#.to_owned()).unwrap(),
+            connections: 0,
+            created_at: "2026-11-27T10:00:00Z".to_owned(),
+        };
+        let reached = vec![
+            ("a".to_owned(), 2),
+            ("b".to_owned(), 0),
+            ("c".to_owned(), 1),
+        ];
+        let mut records = Vec::new();
+        push_records(&mut records, template.clone(), "d1", reached);
+        let summary: Vec<_> = records
+            .iter()
+            .map(|record| (record.id.as_str(), record.to.as_str(), record.connections))
+            .collect();
+        assert_eq!(
+            summary,
+            [("d1:a", "a", 2), ("d1:b", "b", 0), ("d1:c", "c", 1)]
+        );
+        for record in &records {
+            assert_eq!(record.event, "message");
+            assert_eq!(record.data.get(), r#"{"text":"hi"}"#);
+            assert_eq!(record.plugin, "chat@0.1.0");
+            assert_eq!(record.created_at, template.created_at);
+        }
+
+        push_records(&mut records, template, "d2", Vec::new());
+        assert_eq!(records.len(), 3, "no user reached, no record");
     }
 
     #[test]
