@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use serde_json::{Value, json};
 
-use crate::fanout::{Schedule, amqp_channel, payment, payment_id, publish_amqp};
+use crate::fanout::{Schedule, add_counts, amqp_channel, payment, payment_id, publish_amqp};
 use crate::stats::Latencies;
 
 /// How long the consumer waits for a next message before giving up.
@@ -80,20 +80,21 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
-    Ok(json!({
+    let mut summary = json!({
         "run": "broker",
         "via": "rabbitmq",
-        "events": schedule.events,
-        "concurrency": schedule.concurrency,
-        "rate_per_s": schedule.rate,
         "prefetch": options.prefetch,
-        "refused": refused,
-        "received": received,
-        "lost": schedule.events.saturating_sub(received + refused),
-        "duplicated": duplicated,
-        "events_per_s": received as f64 / seconds,
-        "publish_to_consume_latency": latency.summary(),
-    }))
+    });
+    add_counts(
+        &mut summary,
+        schedule,
+        refused,
+        received,
+        duplicated,
+        seconds,
+    );
+    summary["publish_to_consume_latency"] = latency.summary();
+    Ok(summary)
 }
 
 /// A durable quorum queue, as the host's intake queue is.

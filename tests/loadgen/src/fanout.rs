@@ -116,11 +116,36 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         latency.extend(latencies);
     }
     let seconds = publishing.elapsed().as_secs_f64();
-    Ok(json!({
+    let mut summary = json!({
         "run": "fanout",
         "target": format!("{:?}", options.target).to_lowercase(),
         "via": if options.amqp.is_some() { "rabbitmq" } else { "http" },
         "users": options.users,
+    });
+    add_counts(
+        &mut summary,
+        schedule,
+        refused,
+        received,
+        duplicated,
+        seconds,
+    );
+    summary["publish_to_push_latency"] = latency.summary();
+    Ok(summary)
+}
+
+/// Adds what every publishing run reports to its `summary` object: the
+/// schedule, and how many events were refused, received, lost and
+/// duplicated, and how fast they came.
+pub fn add_counts(
+    summary: &mut Value,
+    schedule: &Schedule,
+    refused: usize,
+    received: usize,
+    duplicated: usize,
+    seconds: f64,
+) {
+    let counts = json!({
         "events": schedule.events,
         "concurrency": schedule.concurrency,
         "rate_per_s": schedule.rate,
@@ -129,8 +154,10 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "lost": schedule.events.saturating_sub(received + refused),
         "duplicated": duplicated,
         "events_per_s": received as f64 / seconds,
-        "publish_to_push_latency": latency.summary(),
-    }))
+    });
+    if let (Value::Object(summary), Value::Object(counts)) = (summary, counts) {
+        summary.extend(counts);
+    }
 }
 
 /// Reads pushes until `expected` distinct ones arrived (or none came for

@@ -80,15 +80,8 @@ enum Run {
     Fanout {
         #[arg(long, default_value_t = 100)]
         users: usize,
-        #[arg(long, default_value_t = 10_000)]
-        events: usize,
-        /// HTTP requests (or unconfirmed AMQP publishes) in flight.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// Events per second (published on a fixed schedule); default: as
-        /// fast as the concurrency allows.
-        #[arg(long)]
-        rate: Option<f64>,
+        #[command(flatten)]
+        schedule: ScheduleArgs,
         /// Publish to this RabbitMQ instead of the HTTP API (the sockets
         /// host only).
         #[arg(long)]
@@ -103,15 +96,8 @@ enum Run {
         /// The RabbitMQ to measure.
         #[arg(long)]
         amqp: String,
-        #[arg(long, default_value_t = 10_000)]
-        events: usize,
-        /// Unconfirmed publishes in flight.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// Events per second (published on a fixed schedule); default: as
-        /// fast as the concurrency allows.
-        #[arg(long)]
-        rate: Option<f64>,
+        #[command(flatten)]
+        schedule: ScheduleArgs,
         /// Unacknowledged messages the consumer may hold (the host's
         /// default prefetch).
         #[arg(long, default_value_t = 64)]
@@ -123,6 +109,26 @@ enum Run {
         #[arg(long, default_value_t = 16)]
         pairs: usize,
     },
+}
+
+/// How a `fanout` or `broker` run publishes.
+#[derive(clap::Args)]
+struct ScheduleArgs {
+    #[arg(long, default_value_t = 10_000)]
+    events: usize,
+    /// Publishes in flight: HTTP requests or unconfirmed AMQP publishes.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Events per second (published on a fixed schedule); default: as
+    /// fast as the concurrency allows.
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+impl From<ScheduleArgs> for fanout::Schedule {
+    fn from(args: ScheduleArgs) -> Self {
+        Self::new(args.events, args.concurrency, args.rate)
+    }
 }
 
 /// Mints the tokens a run connects with.
@@ -198,9 +204,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Run::Fanout {
             users,
-            events,
-            concurrency,
-            rate,
+            schedule,
             amqp,
             exchange,
         } => {
@@ -212,21 +216,19 @@ async fn main() -> anyhow::Result<()> {
                 target: cli.target,
                 server: cli.server,
                 users: users.max(1),
-                schedule: fanout::Schedule::new(events, concurrency, rate),
+                schedule: schedule.into(),
                 amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
             };
             fanout::run(options, &tokens()?).await?
         }
         Run::Broker {
             amqp,
-            events,
-            concurrency,
-            rate,
+            schedule,
             prefetch,
         } => {
             let options = broker::Options {
                 url: amqp,
-                schedule: fanout::Schedule::new(events, concurrency, rate),
+                schedule: schedule.into(),
                 prefetch: prefetch.max(1),
             };
             broker::run(options).await?
