@@ -8,10 +8,16 @@ use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir};
 
 /// Runs `loadgen <command line>` (split at spaces) against the server.
 fn loadgen(server: &Server, command_line: &str) -> Value {
-    let args: Vec<&str> = command_line.split_whitespace().collect();
+    let addr = server.addr.to_string();
+    let mut args = vec!["--target", "sockets", "--server", &addr];
+    args.extend(command_line.split_whitespace());
+    run_loadgen(&args)
+}
+
+/// Runs `loadgen <args>`; its JSON summary.
+fn run_loadgen(args: &[&str]) -> Value {
     let output = std::process::Command::new(loadgen_binary())
-        .args(["--target", "sockets", "--server", &server.addr.to_string()])
-        .args(&args)
+        .args(args)
         .env("SOCKETS_JWT_SECRET", SECRET)
         .output()
         .expect("loadgen runs");
@@ -111,17 +117,8 @@ async fn fanout_through_rabbitmq_reaches_every_user_once() {
 #[test]
 fn broker_baseline_consumes_every_event_once_at_its_pace() {
     // No server: RabbitMQ alone, the floor under the RabbitMQ fanout.
-    let output = std::process::Command::new(loadgen_binary())
-        .args(["broker", "--amqp", &amqp_url(), "--events", "200"])
-        .args(["--rate", "400"])
-        .output()
-        .expect("loadgen runs");
-    assert!(
-        output.status.success(),
-        "loadgen broker failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let broker: Value = serde_json::from_slice(&output.stdout).expect("loadgen prints JSON");
+    let url = amqp_url();
+    let broker = run_loadgen(&["broker", "--amqp", &url, "--events", "200", "--rate", "400"]);
     assert_eq!(broker["run"], "broker", "{broker}");
     assert_eq!(broker["refused"], 0, "{broker}");
     assert_eq!(broker["received"], 200, "{broker}");
