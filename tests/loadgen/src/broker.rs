@@ -3,8 +3,8 @@
 //! of the run's own, declared as the host declares its intake queue, and a
 //! plain lapin consumer with the host's default prefetch acks each as it
 //! arrives: events/s and publish-to-consume latency. What `fanout --amqp`
-//! measures beyond this is the gateway's part (plugin, push, durable log
-//! before the ack).
+//! measures beyond this is the gateway's part (its consumer, the plugin
+//! call, the WebSocket push and its read).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -97,13 +97,16 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
     Ok(summary)
 }
 
-/// A durable quorum queue, as the host's intake queue is.
+/// A durable quorum queue, as the host's intake queue is. The broker
+/// deletes it a minute after its last use, should the run fail before
+/// deleting it.
 async fn declare_quorum_queue(channel: &Channel, queue: &str) -> lapin::Result<()> {
     let mut quorum = FieldTable::default();
     quorum.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
+    quorum.insert("x-expires".into(), AMQPValue::LongInt(60_000));
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
