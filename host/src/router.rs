@@ -306,8 +306,6 @@ fn sender(inbound: &Inbound) -> Option<Sender<'_>> {
     }
 }
 
-/// How many users the records name: one delivery names each user once,
-/// several deliveries may name one user each.
 /// Appends one log record per reached user, in order: `template` with the
 /// record id, the user and its connection count filled in. The last record
 /// takes `template` itself, so a delivery that reaches one user (most do)
@@ -333,6 +331,8 @@ fn push_records(
     records.push(record(template, last_user, last_connections));
 }
 
+/// How many users the records name: one delivery names each user once,
+/// several deliveries may name one user each.
 fn distinct_users(records: &[NotificationRecord]) -> usize {
     if records.len() < 2 {
         return records.len();
