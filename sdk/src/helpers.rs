@@ -40,8 +40,9 @@ impl Failure {
 
 impl Event {
     /// Parses the event's data into `T`; a mismatch is `bad_request` with
-    /// serde's explanation. `T` may borrow from the data (`&str`, or
-    /// `Cow<str>` with `#[serde(borrow)]`), which saves a copy per field.
+    /// serde's explanation. `T` may borrow from the data: a `Cow<str>`
+    /// field with `#[serde(borrow)]` borrows a string without escapes and
+    /// copies one with them (a plain `&str` field refuses the latter).
     pub fn data_as<'a, T: Deserialize<'a>>(&'a self) -> Result<T, Failure> {
         serde_json::from_str(&self.data).map_err(|err| {
             Failure::bad_request(format!("invalid data: {}", without_position(&err)))
