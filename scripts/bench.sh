@@ -113,7 +113,16 @@ start_peer() {
     wait_for "$PEER"
 }
 
-stop_server() { kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; }
+# Stops the server; says so when our host moved a plugin off its async
+# workers during the run (slower until reloaded: the figures are skewed).
+stop_server() {
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null || true
+    if grep -h "off the async workers" "$work/ours.log" >&2 2>/dev/null; then
+        echo "WARNING: in the run above a plugin ran off the async workers" >&2
+    fi
+    : > "$work/ours.log"
+}
 
 run() {
     local target=$1 addr=$2

@@ -102,6 +102,8 @@ pub struct VersionReport {
     pub config: String,
     /// Its counters.
     pub counters: StatsSnapshot,
+    /// Whether its calls have left the async workers (until reloaded).
+    pub off_workers: bool,
 }
 
 impl Version {
@@ -116,6 +118,7 @@ impl Version {
             loaded_at: rfc3339(self.loaded_at),
             config: plugin.config().to_owned(),
             counters: plugin.stats().snapshot(),
+            off_workers: plugin.runs_off_workers(),
         }
     }
 }

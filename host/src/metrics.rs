@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::plugin::PluginSet;
+use crate::plugin::{LoadedPlugin, PluginSet};
 
 /// Upper bounds (seconds) of the plugin dispatch latency buckets.
 const DISPATCH_BUCKETS: [f64; 14] = [
@@ -212,18 +212,13 @@ impl Metrics {
             read(&self.dispatch_nanos) as f64 / 1e9
         );
 
-        let _ = writeln!(
-            out,
-            "# HELP sockets_plugin_calls_total Calls to a plugin's handle.\n# TYPE sockets_plugin_calls_total counter"
+        per_plugin(
+            &mut out,
+            plugins,
+            ("sockets_plugin_calls_total", "counter"),
+            "Calls to a plugin's handle.",
+            |plugin| plugin.stats().snapshot().calls,
         );
-        for plugin in plugins.iter() {
-            let _ = writeln!(
-                out,
-                "sockets_plugin_calls_total{{plugin=\"{}\"}} {}",
-                plugin.label(),
-                plugin.stats().snapshot().calls
-            );
-        }
         let _ = writeln!(
             out,
             "# HELP sockets_plugin_failures_total Failed plugin calls, by kind.\n# TYPE sockets_plugin_failures_total counter"
@@ -244,19 +239,40 @@ impl Metrics {
                 );
             }
         }
+        per_plugin(
+            &mut out,
+            plugins,
+            ("sockets_plugin_off_workers", "gauge"),
+            "1 if a plugin's calls run off the async workers (slower; until reloaded).",
+            |plugin| u8::from(plugin.runs_off_workers()),
+        );
+        per_plugin(
+            &mut out,
+            plugins,
+            ("sockets_plugin_busy_seconds_total", "counter"),
+            "Time spent inside a plugin.",
+            |plugin| plugin.stats().snapshot().busy_nanos as f64 / 1e9,
+        );
+        out
+    }
+}
+
+/// Writes a metric with one series per plugin version.
+fn per_plugin<V: std::fmt::Display>(
+    out: &mut String,
+    plugins: &PluginSet,
+    (name, kind): (&str, &str),
+    help: &str,
+    value: impl Fn(&LoadedPlugin) -> V,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for plugin in plugins.iter() {
         let _ = writeln!(
             out,
-            "# HELP sockets_plugin_busy_seconds_total Time spent inside a plugin.\n# TYPE sockets_plugin_busy_seconds_total counter"
+            "{name}{{plugin=\"{}\"}} {}",
+            plugin.label(),
+            value(plugin)
         );
-        for plugin in plugins.iter() {
-            let busy = plugin.stats().snapshot().busy_nanos as f64 / 1e9;
-            let _ = writeln!(
-                out,
-                "sockets_plugin_busy_seconds_total{{plugin=\"{}\"}} {busy}",
-                plugin.label()
-            );
-        }
-        out
     }
 }
 

@@ -308,6 +308,7 @@ async fn the_admin_api_needs_the_admin_role() {
     assert_eq!(chat["current"]["subscriptions"], json!(["sendMessage"]));
     assert!(chat["current"]["counters"]["calls"].is_u64());
     assert!(chat["current"]["loadedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(chat["current"]["offWorkers"], false);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -37,6 +37,7 @@ async fn health_readiness_and_metrics() {
         "sockets_frames_in_total 1",
         "sockets_deliveries_total 1",
         "sockets_plugin_calls_total{plugin=\"chat@0.1.0\"} 1",
+        "sockets_plugin_off_workers{plugin=\"chat@0.1.0\"} 0",
         "sockets_plugin_dispatch_seconds_count 1",
     ] {
         assert!(

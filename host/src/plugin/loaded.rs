@@ -134,6 +134,13 @@ impl LoadedPlugin {
         &self.stats
     }
 
+    /// Whether this version's calls have left the async workers (it prints,
+    /// or its calls were measured slow again and again); they stay off, a
+    /// little slower, until the plugin is reloaded.
+    pub fn runs_off_workers(&self) -> bool {
+        self.placement.is_off_worker()
+    }
+
     /// Hands one event to the plugin, under the deadline and memory limit,
     /// and validates what it returns. Blocking for at most the deadline
     /// (plus instantiation when no warm instance is free), on the calling
