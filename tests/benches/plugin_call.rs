@@ -48,8 +48,14 @@ fn event() -> Event {
     }
 }
 
+/// Set to a `chat.wasm` to measure that build instead of the workspace's
+/// (two builds of the plugin, compared with the same bench binary).
+const CHAT_WASM_VAR: &str = "PLUGIN_CALL_CHAT_WASM";
+
 fn plugin_call(c: &mut Criterion) {
-    let wasm = std::fs::read(plugin_wasm("chat")).expect("chat plugin built");
+    let chat_path = std::env::var_os(CHAT_WASM_VAR).map_or_else(|| plugin_wasm("chat"), Into::into);
+    let wasm = std::fs::read(&chat_path)
+        .unwrap_or_else(|err| panic!("chat plugin {}: {err}", chat_path.display()));
     let event = event();
     let mut group = c.benchmark_group("chat_handle");
 
