@@ -135,8 +135,8 @@ impl LoadedPlugin {
     }
 
     /// Whether this version's calls have left the async workers (it prints,
-    /// or its calls were measured slow again and again); they stay off, a
-    /// little slower, until the plugin is reloaded.
+    /// or its calls were measured slow again and again); they stay off,
+    /// slower, until the plugin is reloaded.
     pub fn runs_off_workers(&self) -> bool {
         self.placement.is_off_worker()
     }
