@@ -175,7 +175,8 @@ impl Response {
     }
 }
 
-/// The value of an unlabelled counter on the server's `/metrics`.
+/// The value of a counter or gauge on the server's `/metrics`; `name` is
+/// the whole series, labels included (`name{plugin="x@1"}`) if it has any.
 pub async fn counter(server: &Server, name: &str) -> u64 {
     let metrics = http(server, "GET", "/metrics", &[], b"").await.body;
     metrics

@@ -26,10 +26,9 @@
 //!   page faults), and the chat plugin (~2 us a call) was moved for good
 //!   in two of ~40 chat benchmark runs, one of which then cost ~2.7x the
 //!   server CPU per message. A plugin that is slow stays slow: it leaves a
-//!   few calls later. The
-//!   watch ends because on a busy core every version is eventually
-//!   preempted mid-call: a watch for good made every call of every plugin
-//!   read the clock again within seconds.
+//!   few calls later. The watch ends because on a busy core every version
+//!   is eventually preempted mid-call: a watch for good made every call of
+//!   every plugin read the clock again within seconds.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
