@@ -114,7 +114,7 @@ start_peer() {
 }
 
 # Stops the server; says so when our host moved a plugin off its async
-# workers during the run (slower until reloaded: the figures are skewed).
+# workers during the run (slower for a while: the figures are skewed).
 stop_server() {
     kill "$server_pid"
     wait "$server_pid" 2>/dev/null || true

@@ -102,7 +102,7 @@ pub struct VersionReport {
     pub config: String,
     /// Its counters.
     pub counters: StatsSnapshot,
-    /// Whether its calls have left the async workers (until reloaded).
+    /// Whether its calls run off the async workers now (slower).
     pub off_workers: bool,
 }
 

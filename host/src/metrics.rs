@@ -243,7 +243,7 @@ impl Metrics {
             &mut out,
             plugins,
             ("sockets_plugin_off_workers", "gauge"),
-            "1 if a plugin's calls run off the async workers (slower; until reloaded).",
+            "1 while a plugin's calls run off the async workers (slower): for good if it printed, for a minute after slow calls.",
             |plugin| u8::from(plugin.runs_off_workers()),
         );
         per_plugin(

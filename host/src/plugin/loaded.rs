@@ -134,9 +134,9 @@ impl LoadedPlugin {
         &self.stats
     }
 
-    /// Whether this version's calls have left the async workers (it prints,
-    /// or its calls were measured slow again and again); they stay off,
-    /// slower, until the plugin is reloaded.
+    /// Whether this version's calls run off the async workers now (slower):
+    /// for good once it printed, for a minute after its calls were
+    /// measured slow again and again.
     pub fn runs_off_workers(&self) -> bool {
         self.placement.is_off_worker()
     }

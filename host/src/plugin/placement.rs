@@ -4,35 +4,41 @@
 //! A warm call takes a microsecond or two. Handing the worker's other tasks
 //! to a fresh thread around every call (`block_in_place`) cost ~30% of chat
 //! throughput (README, "Benchmarks"). Two kinds of plugin version leave the
-//! worker for good:
-//! - one that uses WASI's blocking I/O (printing, e.g. its panic message):
-//!   wasmtime-wasi runs it by blocking on the ambient tokio runtime, which a
-//!   worker may not do. Tokio panics, the panic unwinds out of the guest,
-//!   and the abandoned call is made again off the worker, on a fresh
-//!   instance (an unwound instance is never reused).
-//! - one whose call was slow: a busy worker stalls every connection it
-//!   serves. Slow means CPU time of the calling thread, not wall time: on a
-//!   loaded machine a thread can be preempted in the middle of a quick call.
-//!   Reading that clock is a syscall, which around every call cost 14% of
-//!   the host's CPU in the chat benchmark; the wall clock is read from
-//!   memory, and a call never uses more CPU than wall time. So the CPU
-//!   clock is read only while a version is watched: for the next
-//!   `WATCHED_CALLS` calls after one took longer than `SLOW_CALL` of wall
-//!   time. Its first slow call stays on the worker; the
+//! workers:
+//! - for good, one that uses WASI's blocking I/O (printing, e.g. its panic
+//!   message): wasmtime-wasi runs it by blocking on the ambient tokio
+//!   runtime, which a worker may not do. Tokio panics, the panic unwinds
+//!   out of the guest, and the abandoned call is made again off the worker,
+//!   on a fresh instance (an unwound instance is never reused).
+//! - for `SLOW_OFF_FOR`, one whose calls were slow: a busy worker stalls
+//!   every connection it serves. Slow means CPU time of the calling thread,
+//!   not wall time: on a loaded machine a thread can be preempted in the
+//!   middle of a quick call. Reading that clock is a syscall, which around
+//!   every call cost 14% of the host's CPU in the chat benchmark; the wall
+//!   clock is read from memory, and a call never uses more CPU than wall
+//!   time. So the CPU clock is read only while a version is watched: for
+//!   the next `WATCHED_CALLS` calls after one took longer than `SLOW_CALL`
+//!   of wall time. Its first slow call stays on the worker; the
 //!   `SLOW_CALLS_TO_LEAVE`th call measured slow in that window moves it.
-//!   One is not enough: the thread's CPU clock also counts work that is
-//!   not the plugin's (interrupts served meanwhile, on kernels without IRQ
-//!   time accounting like the benchmark VM's; a recycled instance's fresh
-//!   page faults), and the chat plugin (~2 us a call) was moved for good
-//!   in two of ~40 chat benchmark runs, one of which then cost ~2.7x the
-//!   server CPU per message. A plugin that is slow stays slow: it leaves a
-//!   few calls later. The watch ends because on a busy core every version
-//!   is eventually preempted mid-call: a watch for good made every call of
-//!   every plugin read the clock again within seconds.
+//!   The watch ends because on a busy core every version is eventually
+//!   preempted mid-call: a watch for good made every call of every plugin
+//!   read the clock again within seconds.
+//!
+//! The thread's CPU clock also counts work that is not the plugin's
+//! (interrupts served meanwhile, on kernels without IRQ time accounting
+//! like the benchmark VM's; a recycled instance's fresh page faults). One
+//! slow call moved the chat plugin (~2 us a call) for good in two of ~40
+//! chat benchmark runs, one of which then cost ~2.7x the server CPU per
+//! message; three in one watch still moved it in two of eight runs of a
+//! build with mimalloc as the host's allocator (cause not pinned down; few
+//! page faults). Hence the return after `SLOW_OFF_FOR`: a quick plugin
+//! misjudged is slower for a minute, not until it is reloaded, and a slow
+//! one is moved again a few calls after its return.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cpu_time::ThreadTime;
@@ -51,13 +57,28 @@ const WATCHED_CALLS: u32 = 1_000;
 /// a one-off (an interrupt, a fresh instance's page faults) does not.
 const SLOW_CALLS_TO_LEAVE: u32 = 3;
 
+/// How long a version moved off the workers for slow calls stays off
+/// before its calls are made on the workers again. A slow plugin is moved
+/// again a few calls later: it stalls the worker for those few calls a
+/// minute.
+const SLOW_OFF_FOR: Duration = Duration::from_secs(60);
+
+/// The instant [`Placement::off_until`] counts from.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
 /// What tokio says when something blocks on it from one of its workers.
 const BLOCKED_ON_WORKER: &str = "Cannot start a runtime from within a runtime";
 
 /// One plugin version's choice of thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Placement {
-    off_worker: AtomicBool,
+    /// For good: the version uses WASI's blocking I/O.
+    blocks_on_runtime: AtomicBool,
+    /// Until when calls run off the workers because they were slow, in
+    /// nanoseconds since `EPOCH` (0: they do not).
+    off_until: AtomicU64,
+    /// How long slow calls keep the version off the workers.
+    slow_off_for: Duration,
     /// Calls left that have their CPU time measured (a call took longer
     /// than `SLOW_CALL` of wall time shortly before).
     watch_left: AtomicU32,
@@ -65,7 +86,23 @@ pub(crate) struct Placement {
     slow_in_watch: AtomicU32,
 }
 
+impl Default for Placement {
+    fn default() -> Self {
+        Self::with_slow_off_for(SLOW_OFF_FOR)
+    }
+}
+
 impl Placement {
+    fn with_slow_off_for(slow_off_for: Duration) -> Self {
+        Self {
+            blocks_on_runtime: AtomicBool::new(false),
+            off_until: AtomicU64::new(0),
+            slow_off_for,
+            watch_left: AtomicU32::new(0),
+            slow_in_watch: AtomicU32::new(0),
+        }
+    }
+
     /// Runs `call` (twice, if the first attempt had to be abandoned);
     /// returns its result and the wall time it took.
     pub(crate) fn run<R>(&self, plugin: &str, call: impl Fn() -> R) -> (R, Duration) {
@@ -76,7 +113,7 @@ impl Placement {
         if !on_worker() {
             return timed(call());
         }
-        if self.off_worker.load(Ordering::Relaxed) {
+        if self.stays_off_workers(plugin, started) {
             return timed(tokio::task::block_in_place(call));
         }
         let cpu_started = self
@@ -92,7 +129,9 @@ impl Placement {
                 (result, took)
             }
             Err(panic) if blocked_on_worker(&*panic) => {
-                self.leave_workers(plugin, "it uses WASI's blocking I/O (it prints?)");
+                if !self.blocks_on_runtime.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%plugin, "plugin calls now run off the async workers (slower): it uses WASI's blocking I/O (it prints?)");
+                }
                 // The worker hands its tasks to another thread first.
                 timed(tokio::task::block_in_place(call))
             }
@@ -111,7 +150,7 @@ impl Placement {
             Some(Ok(used)) if used > SLOW_CALL => {
                 let slow = self.slow_in_watch.fetch_add(1, Ordering::Relaxed) + 1;
                 if slow >= SLOW_CALLS_TO_LEAVE {
-                    self.leave_workers(plugin, "calls used more than 2 ms of CPU");
+                    self.leave_workers_for_a_while(plugin);
                 }
             }
             Some(_) => {}
@@ -131,9 +170,36 @@ impl Placement {
                 .is_ok()
     }
 
-    /// Whether calls run off the async workers.
+    /// Whether calls run off the async workers now.
     pub(crate) fn is_off_worker(&self) -> bool {
-        self.off_worker.load(Ordering::Relaxed)
+        self.blocks_on_runtime.load(Ordering::Relaxed)
+            || since_epoch(Instant::now()) < self.off_until.load(Ordering::Relaxed)
+    }
+
+    /// Whether a call starting at `now` runs off the workers; the first
+    /// call after a stay off for slow calls ends it.
+    fn stays_off_workers(&self, plugin: &str, now: Instant) -> bool {
+        if self.blocks_on_runtime.load(Ordering::Relaxed) {
+            return true;
+        }
+        let until = self.off_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if since_epoch(now) < until {
+            return true;
+        }
+        if self
+            .off_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            // Judged afresh: the calls that moved it do not count again.
+            self.watch_left.store(0, Ordering::Relaxed);
+            self.slow_in_watch.store(0, Ordering::Relaxed);
+            tracing::info!(%plugin, "plugin calls run on the async workers again");
+        }
+        false
     }
 
     /// Whether calls have their CPU time measured.
@@ -142,11 +208,22 @@ impl Placement {
         self.watch_left.load(Ordering::Relaxed) > 0
     }
 
-    fn leave_workers(&self, plugin: &str, why: &str) {
-        if !self.off_worker.swap(true, Ordering::Relaxed) {
-            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower): {why}");
+    fn leave_workers_for_a_while(&self, plugin: &str) {
+        let until = since_epoch(Instant::now()).saturating_add(nanos(self.slow_off_for));
+        if self.off_until.swap(until, Ordering::Relaxed) == 0 {
+            let off_for = self.slow_off_for;
+            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower) for {off_for:?}: calls used more than 2 ms of CPU");
         }
     }
+}
+
+/// `at` in nanoseconds since `EPOCH`, at least 1 (0 means "not off").
+fn since_epoch(at: Instant) -> u64 {
+    nanos(at.saturating_duration_since(*EPOCH)).max(1)
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Whether this thread is a worker of a multi-threaded runtime (or a
@@ -234,6 +311,36 @@ mod tests {
         }
         placement.run("busy", compute);
         assert!(placement.is_off_worker());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_plugin_moved_for_slow_calls_returns_to_the_workers_after_a_while() {
+        let off_for = Duration::from_millis(50);
+        let placement = Placement::with_slow_off_for(off_for);
+        let move_off = || {
+            // The first opens the watch, the others are measured slow.
+            for _ in 0..=SLOW_CALLS_TO_LEAVE {
+                assert!(!placement.is_off_worker());
+                placement.run("busy", compute);
+            }
+            assert!(placement.is_off_worker());
+        };
+        move_off();
+        assert!(placement.stays_off_workers("busy", Instant::now()));
+        std::thread::sleep(off_for);
+        assert!(!placement.is_off_worker());
+        assert!(!placement.stays_off_workers("busy", Instant::now()));
+        // Back on the workers it is judged afresh, and moved again.
+        move_off();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_plugin_that_blocks_on_the_runtime_stays_off_for_good() {
+        let placement = Placement::with_slow_off_for(Duration::ZERO);
+        placement.run("printer", || Handle::current().block_on(async {}));
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(placement.is_off_worker());
+        assert!(placement.stays_off_workers("printer", Instant::now()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
