@@ -129,9 +129,7 @@ impl Placement {
                 (result, took)
             }
             Err(panic) if blocked_on_worker(&*panic) => {
-                if !self.blocks_on_runtime.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(%plugin, "plugin calls now run off the async workers (slower): it uses WASI's blocking I/O (it prints?)");
-                }
+                self.leave_workers_for_good(plugin);
                 // The worker hands its tasks to another thread first.
                 timed(tokio::task::block_in_place(call))
             }
@@ -206,6 +204,12 @@ impl Placement {
     #[cfg(test)]
     fn is_watched(&self) -> bool {
         self.watch_left.load(Ordering::Relaxed) > 0
+    }
+
+    fn leave_workers_for_good(&self, plugin: &str) {
+        if !self.blocks_on_runtime.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower): it uses WASI's blocking I/O (it prints?)");
+        }
     }
 
     fn leave_workers_for_a_while(&self, plugin: &str) {
