@@ -6,7 +6,6 @@
 //! measures beyond this is the gateway's part (its consumer, the plugin
 //! call, the WebSocket push and its read).
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -18,8 +17,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use serde_json::{Value, json};
 
-use crate::fanout::{Schedule, add_counts, amqp_channel, payment, payment_id, publish_amqp};
-use crate::stats::Latencies;
+use crate::fanout::{Arrivals, Schedule, amqp_channel, payment, publish_amqp};
 
 /// How long the consumer waits for a next message before giving up.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,8 +57,8 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
         .await?;
     let events = schedule.events;
     let consumed = tokio::spawn(async move {
-        let counts = consume(&mut consumer, events, started).await;
-        (counts, consumer)
+        let arrivals = consume(&mut consumer, events, started).await;
+        (arrivals, consumer)
     });
 
     let publishing = Instant::now();
@@ -68,8 +66,8 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
         payment(n, started, "broker")
     })
     .await;
-    let (counts, consumer) = consumed.await?;
-    let (received, duplicated, latency) = counts?;
+    let (arrivals, consumer) = consumed.await?;
+    let arrivals = arrivals?;
     let seconds = publishing.elapsed().as_secs_f64();
     // Cancelled and confirmed before the queue goes: a consumer dropped
     // while its queue is deleted makes lapin fail the connection.
@@ -85,15 +83,13 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
         "via": "rabbitmq",
         "prefetch": options.prefetch,
     });
-    add_counts(
+    arrivals.report(
         &mut summary,
         schedule,
         refused,
-        received,
-        duplicated,
         seconds,
+        "publish_to_consume_latency",
     );
-    summary["publish_to_consume_latency"] = latency.summary();
     Ok(summary)
 }
 
@@ -116,28 +112,21 @@ async fn declare_quorum_queue(channel: &Channel, queue: &str) -> lapin::Result<(
 }
 
 /// Acks messages until `expected` distinct ones arrived (or none came for
-/// a while): (distinct, duplicates, latencies).
+/// a while).
 async fn consume(
     consumer: &mut Consumer,
     expected: usize,
     started: Instant,
-) -> anyhow::Result<(usize, usize, Latencies)> {
-    let mut seen = HashSet::new();
-    let mut duplicates = 0;
-    let mut latencies = Latencies::default();
-    while seen.len() < expected {
+) -> anyhow::Result<Arrivals> {
+    let mut arrivals = Arrivals::default();
+    while arrivals.distinct() < expected {
         let Ok(next) = tokio::time::timeout(RECEIVE_TIMEOUT, consumer.next()).await else {
             break;
         };
         let Some(delivery) = next else { break };
         let delivery = delivery?;
-        let (id, sent) = payment_id(std::str::from_utf8(&delivery.data)?)?;
-        if seen.insert(id) {
-            latencies.push((started.elapsed().as_micros() as u64).saturating_sub(sent));
-        } else {
-            duplicates += 1;
-        }
+        arrivals.note(std::str::from_utf8(&delivery.data)?, started)?;
         delivery.ack(BasicAckOptions::default()).await?;
     }
-    Ok((seen.len(), duplicates, latencies))
+    Ok(arrivals)
 }

@@ -106,14 +106,9 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
             (publishing, refused)
         }
     };
-    let mut latency = Latencies::default();
-    let mut duplicated = 0;
-    let mut received = 0;
+    let mut arrivals = Arrivals::default();
     for receiver in receivers {
-        let (seen, duplicates, latencies) = receiver.await??;
-        received += seen;
-        duplicated += duplicates;
-        latency.extend(latencies);
+        arrivals.merge(receiver.await??);
     }
     let seconds = publishing.elapsed().as_secs_f64();
     let mut summary = json!({
@@ -122,57 +117,90 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "via": if options.amqp.is_some() { "rabbitmq" } else { "http" },
         "users": options.users,
     });
-    add_counts(
+    arrivals.report(
         &mut summary,
         schedule,
         refused,
-        received,
-        duplicated,
         seconds,
+        "publish_to_push_latency",
     );
-    summary["publish_to_push_latency"] = latency.summary();
     Ok(summary)
 }
 
-/// Adds what every publishing run reports to its `summary` object: the
-/// schedule, and how many events were refused, received, lost and
-/// duplicated, and how fast they came.
-pub fn add_counts(
-    summary: &mut Value,
-    schedule: &Schedule,
-    refused: usize,
-    received: usize,
+/// The payments a run received: each distinct one's latency, and how many
+/// came more than once.
+#[derive(Default)]
+pub struct Arrivals {
+    seen: HashSet<String>,
     duplicated: usize,
-    seconds: f64,
-) {
-    let counts = json!({
-        "events": schedule.events,
-        "concurrency": schedule.concurrency,
-        "rate_per_s": schedule.rate,
-        "refused": refused,
-        "received": received,
-        "lost": schedule.events.saturating_sub(received + refused),
-        "duplicated": duplicated,
-        "events_per_s": received as f64 / seconds,
-    });
-    if let (Value::Object(summary), Value::Object(counts)) = (summary, counts) {
-        summary.extend(counts);
+    latencies: Latencies,
+}
+
+impl Arrivals {
+    /// Counts a payment payload (`payment`) that arrived just now.
+    pub fn note(&mut self, data: &str, started: Instant) -> anyhow::Result<()> {
+        let (id, sent) = payment_id(data)?;
+        if self.seen.insert(id) {
+            let now = started.elapsed().as_micros() as u64;
+            self.latencies.push(now.saturating_sub(sent));
+        } else {
+            self.duplicated += 1;
+        }
+        Ok(())
+    }
+
+    /// How many distinct payments arrived.
+    pub fn distinct(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn merge(&mut self, other: Arrivals) {
+        self.seen.extend(other.seen);
+        self.duplicated += other.duplicated;
+        self.latencies.extend(other.latencies);
+    }
+
+    /// Adds what every publishing run reports to its `summary` object: the
+    /// schedule; how many events were refused, received, lost and
+    /// duplicated; how fast they came over `seconds`; and their latency
+    /// under `latency_key`.
+    pub fn report(
+        self,
+        summary: &mut Value,
+        schedule: &Schedule,
+        refused: usize,
+        seconds: f64,
+        latency_key: &str,
+    ) {
+        let received = self.distinct();
+        let counts = json!({
+            "events": schedule.events,
+            "concurrency": schedule.concurrency,
+            "rate_per_s": schedule.rate,
+            "refused": refused,
+            "received": received,
+            "lost": schedule.events.saturating_sub(received + refused),
+            "duplicated": self.duplicated,
+            "events_per_s": received as f64 / seconds,
+        });
+        if let (Value::Object(summary), Value::Object(counts)) = (&mut *summary, counts) {
+            summary.extend(counts);
+        }
+        summary[latency_key] = self.latencies.summary();
     }
 }
 
 /// Reads pushes until `expected` distinct ones arrived (or none came for
-/// a while): (distinct, duplicates, latencies).
+/// a while).
 async fn receive(
     target: Target,
     socket: peer::Socket,
     expected: usize,
     started: Instant,
-) -> anyhow::Result<(usize, usize, Latencies)> {
+) -> anyhow::Result<Arrivals> {
     let (mut writer, mut reader) = socket.split();
-    let mut seen = HashSet::new();
-    let mut duplicates = 0;
-    let mut latencies = Latencies::default();
-    while seen.len() < expected {
+    let mut arrivals = Arrivals::default();
+    while arrivals.distinct() < expected {
         let incoming = tokio::time::timeout(
             RECEIVE_TIMEOUT,
             peer::read(target, &mut reader, &mut writer),
@@ -180,15 +208,10 @@ async fn receive(
         .await;
         let Ok(incoming) = incoming else { break };
         if let Incoming::Push { data, .. } = incoming? {
-            let (id, sent) = payment_id(data.get())?;
-            if seen.insert(id) {
-                latencies.push((started.elapsed().as_micros() as u64).saturating_sub(sent));
-            } else {
-                duplicates += 1;
-            }
+            arrivals.note(data.get(), started)?;
         }
     }
-    Ok((seen.len(), duplicates, latencies))
+    Ok(arrivals)
 }
 
 /// The `n`th `PAYMENT_PROCESSED` payload, for `student`; its `paymentId`
@@ -200,7 +223,7 @@ pub fn payment(n: usize, started: Instant, student: &str) -> Value {
 
 /// A payment payload's `paymentId` and the send time it carries (micros
 /// since the run started).
-pub fn payment_id(data: &str) -> anyhow::Result<(String, u64)> {
+fn payment_id(data: &str) -> anyhow::Result<(String, u64)> {
     let id = serde_json::from_str::<Value>(data)?["paymentId"]
         .as_str()
         .unwrap_or_default()
