@@ -124,7 +124,7 @@ impl Placement {
             Ok(result) => {
                 let took = started.elapsed();
                 if took > SLOW_CALL {
-                    self.judge_slow_call(plugin, cpu_started);
+                    self.judge_slow_call(plugin, took, cpu_started);
                 }
                 (result, took)
             }
@@ -142,13 +142,14 @@ impl Placement {
     /// counts it if it also used that much CPU, and leaves the workers at
     /// `SLOW_CALLS_TO_LEAVE`. Either way the watch runs its full length
     /// from here.
-    fn judge_slow_call(&self, plugin: &str, cpu_started: Option<ThreadTime>) {
+    fn judge_slow_call(&self, plugin: &str, took: Duration, cpu_started: Option<ThreadTime>) {
         match cpu_started.map(|started| started.try_elapsed()) {
             None => self.slow_in_watch.store(0, Ordering::Relaxed),
             Some(Ok(used)) if used > SLOW_CALL => {
                 let slow = self.slow_in_watch.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::debug!(%plugin, ?used, ?took, slow, "plugin call used more than 2 ms of CPU");
                 if slow >= SLOW_CALLS_TO_LEAVE {
-                    self.leave_workers_for_a_while(plugin);
+                    self.leave_workers_for_a_while(plugin, used, took);
                 }
             }
             Some(_) => {}
@@ -212,11 +213,13 @@ impl Placement {
         }
     }
 
-    fn leave_workers_for_a_while(&self, plugin: &str) {
+    /// `used` and `took`: the CPU and wall time of the call that tipped it,
+    /// for the log.
+    fn leave_workers_for_a_while(&self, plugin: &str, used: Duration, took: Duration) {
         let until = since_epoch(Instant::now()).saturating_add(nanos(self.slow_off_for));
         if self.off_until.swap(until, Ordering::Relaxed) == 0 {
             let off_for = self.slow_off_for;
-            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower) for {off_for:?}: calls used more than 2 ms of CPU");
+            tracing::warn!(%plugin, "plugin calls now run off the async workers (slower) for {off_for:?}: {SLOW_CALLS_TO_LEAVE} calls used more than 2 ms of CPU (the last {used:?} in {took:?})");
         }
     }
 }
