@@ -24,7 +24,9 @@ pub fn workspace_root() -> &'static Path {
         .expect("tests/ lives in the workspace root")
 }
 
-fn cargo() -> Command {
+/// A `cargo` command in the workspace root, for a build or run nested in a
+/// test.
+pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
     // Cargo describes the test binary to it in these variables; a nested
@@ -88,40 +90,50 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
 /// debug profile, or release when `SOCKETS_TEST_HOST_PROFILE=release`
 /// (benchmarks).
 pub fn host_binary() -> PathBuf {
+    if std::env::var("SOCKETS_TEST_HOST_PROFILE").as_deref() != Ok("release") {
+        return debug_binaries().join("sockets-host");
+    }
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let release = std::env::var("SOCKETS_TEST_HOST_PROFILE").as_deref() == Ok("release");
             let mut command = cargo();
-            command.args(["build", "-p", "sockets-host", "--bin", "sockets-host"]);
-            if release {
-                command.arg("--release");
-            }
+            command.args([
+                "build",
+                "--release",
+                "-p",
+                "sockets-host",
+                "--bin",
+                "sockets-host",
+            ]);
             run(command, "sockets-host");
-            let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"));
-            target_dir
-                .join(if release { "release" } else { "debug" })
-                .join("sockets-host")
+            target_dir().join("release/sockets-host")
         })
         .clone()
 }
 
 /// The `loadgen` binary (`tests/loadgen`), built from this checkout.
 pub fn loadgen_binary() -> PathBuf {
+    debug_binaries().join("loadgen")
+}
+
+/// The debug profile's folder, once the host's and the load generator's
+/// binaries are built in it. One cargo call builds both: built apart,
+/// tokio has fewer features for the load generator alone, and everything
+/// above tokio was compiled twice (~3 minutes of a CI run).
+fn debug_binaries() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let mut command = cargo();
-            command.args(["build", "-p", "loadgen"]);
-            run(command, "loadgen");
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace_root().join("target"))
-                .join("debug/loadgen")
-        })
-        .clone()
+    BUILT.get_or_init(|| {
+        let mut command = cargo();
+        command.args(["build", "-p", "sockets-host", "-p", "loadgen", "--bins"]);
+        run(command, "sockets-host and loadgen");
+        target_dir().join("debug")
+    })
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `wait`;
