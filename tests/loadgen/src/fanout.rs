@@ -9,7 +9,8 @@
 //! are published on a fixed schedule (still at most C at once) and the
 //! latency is the path's own.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -131,33 +132,41 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
 /// came more than once.
 #[derive(Default)]
 pub struct Arrivals {
-    seen: HashSet<String>,
+    /// Microseconds from publish to the first arrival, by payment id.
+    latency_by_id: HashMap<String, u64>,
     duplicated: usize,
-    latencies: Latencies,
 }
 
 impl Arrivals {
     /// Counts a payment payload (`payment`) that arrived just now.
     pub fn note(&mut self, data: &str, started: Instant) -> anyhow::Result<()> {
         let (id, sent) = payment_id(data)?;
-        if self.seen.insert(id) {
-            let now = started.elapsed().as_micros() as u64;
-            self.latencies.push(now.saturating_sub(sent));
-        } else {
-            self.duplicated += 1;
-        }
+        let latency = (started.elapsed().as_micros() as u64).saturating_sub(sent);
+        self.add(id, latency);
         Ok(())
+    }
+
+    fn add(&mut self, id: String, latency: u64) {
+        match self.latency_by_id.entry(id) {
+            Entry::Vacant(first) => {
+                first.insert(latency);
+            }
+            Entry::Occupied(_) => self.duplicated += 1,
+        }
     }
 
     /// How many distinct payments arrived.
     pub fn distinct(&self) -> usize {
-        self.seen.len()
+        self.latency_by_id.len()
     }
 
+    /// Adds another receiver's arrivals; a payment both saw (one of them
+    /// was not its recipient) counts as duplicated.
     pub fn merge(&mut self, other: Arrivals) {
-        self.seen.extend(other.seen);
+        for (id, latency) in other.latency_by_id {
+            self.add(id, latency);
+        }
         self.duplicated += other.duplicated;
-        self.latencies.extend(other.latencies);
     }
 
     /// Adds what every publishing run reports to its `summary` object: the
@@ -186,7 +195,11 @@ impl Arrivals {
         if let (Value::Object(summary), Value::Object(counts)) = (&mut *summary, counts) {
             summary.extend(counts);
         }
-        summary[latency_key] = self.latencies.summary();
+        let mut latencies = Latencies::default();
+        for latency in self.latency_by_id.into_values() {
+            latencies.push(latency);
+        }
+        summary[latency_key] = latencies.summary();
     }
 }
 
