@@ -45,5 +45,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "Bundled plugins for wasm32-wasip2"
 scripts/build-plugins.sh
 
+step "The Socket.IO peer of the benchmark (Node.js, packages from npm)"
+# tests/tests/loadgen.rs checks that the peer does the jobs the host does.
+node --version
+(cd tests/loadgen/socketio && npm ci --no-audit --no-fund)
+
 step "Tests"
 cargo test --workspace --locked

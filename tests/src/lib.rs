@@ -160,3 +160,4 @@ pub mod broker;
 pub mod client;
 pub mod mongo;
 pub mod server;
+pub mod socketio;

@@ -67,6 +67,37 @@ pub struct Server {
     stderr_log: PathBuf,
 }
 
+/// Reads `child`'s stdout until the line `<prefix><address>`, for at most
+/// `wait`; panics with the log at `stderr_log` if it does not come. The
+/// rest of stdout is drained, so the child never blocks on a full pipe.
+pub(crate) async fn listening_addr(
+    child: &mut Child,
+    prefix: &str,
+    wait: Duration,
+    stderr_log: &Path,
+) -> SocketAddr {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let addr = tokio::time::timeout(wait, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addr) = line.strip_prefix(prefix) {
+                return Some(addr.parse::<SocketAddr>().unwrap());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        panic!(
+            "no `{prefix}…` line: it did not start; its log:\n{}",
+            std::fs::read_to_string(stderr_log).unwrap_or_default()
+        )
+    });
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    addr
+}
+
 /// A fresh, unique folder under `target/`.
 pub fn scratch_dir(label: &str) -> PathBuf {
     let dir = workspace_root()
@@ -110,27 +141,13 @@ impl Server {
             .stderr(std::fs::File::create(&stderr_log).unwrap())
             .kill_on_drop(true);
         let mut child = command.spawn().expect("sockets-host starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line.strip_prefix("sockets-host listening on http://") {
-                    return Some(addr.parse::<SocketAddr>().unwrap());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "sockets-host did not start; its log:\n{}",
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            )
-        });
-        // Keep draining stdout so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = listening_addr(
+            &mut child,
+            "sockets-host listening on http://",
+            Duration::from_secs(60),
+            &stderr_log,
+        )
+        .await;
         Server {
             child,
             addr,

@@ -1,17 +1,38 @@
 //! The benchmark's load generator against the real server, in short runs:
 //! it keeps speaking PROTOCOL.md, and its summaries count what they claim.
 
-use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
 use sockets_tests::broker::{Names, amqp_url, consuming};
 use sockets_tests::loadgen_binary;
-use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir};
+use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir, token, token_with};
+use sockets_tests::socketio::{SocketioClient, SocketioPeer};
 
 /// Runs `loadgen <command line>` (split at spaces) against the server.
 fn loadgen(server: &Server, command_line: &str) -> Value {
-    let addr = server.addr.to_string();
-    let mut args = vec!["--target", "sockets", "--server", &addr];
+    loadgen_against("sockets", server.addr, command_line)
+}
+
+/// Runs `loadgen --target <target>` against the server at `addr`.
+fn loadgen_against(target: &str, addr: SocketAddr, command_line: &str) -> Value {
+    let addr = addr.to_string();
+    let mut args = vec!["--target", target, "--server", &addr];
     args.extend(command_line.split_whitespace());
     run_loadgen(&args)
+}
+
+/// `loadgen users-file --pairs <pairs>`, written to a fresh file.
+fn users_file(pairs: u32) -> PathBuf {
+    let users = std::process::Command::new(loadgen_binary())
+        .args(["users-file", "--pairs", &pairs.to_string()])
+        .output()
+        .expect("loadgen runs");
+    assert!(users.status.success(), "loadgen users-file failed");
+    let file = scratch_dir("loadgen").join("users.json");
+    std::fs::write(&file, &users.stdout).unwrap();
+    file
 }
 
 /// Runs `loadgen <args>`; its JSON summary.
@@ -31,12 +52,7 @@ fn run_loadgen(args: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_fanout_and_idle_runs_report_what_happened() {
-    let users = std::process::Command::new(loadgen_binary())
-        .args(["users-file", "--pairs", "2"])
-        .output()
-        .expect("loadgen runs");
-    let users_file = scratch_dir("loadgen").join("users.json");
-    std::fs::write(&users_file, &users.stdout).unwrap();
+    let users_file = users_file(2);
     let server = Server::start_with(
         ServerConfig::default()
             .env("SOCKETS_USERS_FILE", users_file.to_string_lossy())
@@ -91,6 +107,68 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
         &format!("idle --connections 200 --server-pid {pid}"),
     );
     assert_eq!(idle["connections"], 200, "{idle}");
+    assert_eq!(idle["failed"], 0, "{idle}");
+    assert!(idle["server_rss_after_kib"].as_u64().unwrap() > 0, "{idle}");
+}
+
+/// The benchmark compares against this peer: it must do the same jobs, or
+/// the ratios mean nothing. It checks tokens and the chat rules, and the
+/// load generator's Socket.IO side counts what it delivers.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
+    let users_file = users_file(2);
+    let peer = SocketioPeer::start(&users_file).await;
+
+    let (_, refused) = SocketioClient::connect(&peer, "not-a-token").await;
+    assert!(refused.starts_with("44"), "{refused}");
+    let expired = token_with(json!({"sub": "bench_s_0", "role": "student", "exp": 1}));
+    let (_, refused) = SocketioClient::connect(&peer, &expired).await;
+    assert!(refused.starts_with("44"), "{refused}");
+
+    let (mut student, accepted) =
+        SocketioClient::connect(&peer, &token("bench_s_0", "student")).await;
+    assert!(accepted.starts_with("40"), "{accepted}");
+    for (data, code) in [
+        (json!({"to": "bench_c_0"}), "bad_request"),
+        (json!({"to": "bench_s_0", "text": "hi"}), "bad_request"),
+        (
+            json!({"to": "bench_c_0", "text": "é".repeat(4001)}),
+            "bad_request",
+        ),
+        (json!({"to": "nobody", "text": "hi"}), "not_found"),
+        (json!({"to": "bench_s_1", "text": "hi"}), "forbidden"),
+    ] {
+        let reply = student.emit_with_ack("sendMessage", &data, 1).await;
+        assert_eq!(reply["ok"], false, "{data}: {reply}");
+        assert_eq!(reply["error"]["code"], code, "{data}: {reply}");
+    }
+    let longest = json!({"to": "bench_c_0", "text": "😀".repeat(4000)});
+    let reply = student.emit_with_ack("sendMessage", &longest, 2).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["data"]["delivered"], 0, "{reply}");
+
+    let chat = loadgen_against(
+        "socketio",
+        peer.addr,
+        "chat --pairs 2 --window 4 --duration 1",
+    );
+    assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
+    assert_eq!(chat["delivered"], chat["acked"], "{chat}");
+    assert_eq!(chat["failed"], 0, "{chat}");
+    assert_eq!(chat["lost"], 0, "{chat}");
+    assert_eq!(chat["duplicated"], 0, "{chat}");
+
+    let fanout = loadgen_against("socketio", peer.addr, "fanout --users 5 --events 200");
+    assert_eq!(fanout["received"], 200, "{fanout}");
+    assert_eq!(fanout["lost"], 0, "{fanout}");
+    assert_eq!(fanout["duplicated"], 0, "{fanout}");
+
+    let idle = loadgen_against(
+        "socketio",
+        peer.addr,
+        &format!("idle --connections 100 --server-pid {}", peer.pid()),
+    );
+    assert_eq!(idle["connections"], 100, "{idle}");
     assert_eq!(idle["failed"], 0, "{idle}");
     assert!(idle["server_rss_after_kib"].as_u64().unwrap() > 0, "{idle}");
 }

@@ -3,10 +3,10 @@
 // - JWT (HS256) checked by a middleware from `auth.token`;
 // - one room per user; `sendMessage` with an ack callback, pushed as
 //   `message` to the recipient's room and the sender's other sockets,
-//   after the same checks as the chat plugin (recipient in the users file,
-//   student <-> consultant);
+//   after the same checks as the chat plugin (`to` another user, `text` of
+//   1-4000 characters, recipient in the users file, student <-> consultant);
 // - `POST /api/events` (service token) for PAYMENT_PROCESSED.
-// Environment: SOCKETS_JWT_SECRET, SOCKETS_LISTEN (127.0.0.1:8090),
+// Environment: SOCKETS_JWT_SECRET, SOCKETS_LISTEN (127.0.0.1:8090; port 0: any),
 // SOCKETS_USERS_FILE (JSON array of {id, role}).
 'use strict';
 
@@ -27,6 +27,12 @@ const allowed = new Set(['student>consultant', 'consultant>student']);
 
 function verify(token) {
   return jwt.verify(token, secret, { algorithms: ['HS256'] });
+}
+
+// More than 4000 characters (code points); a string's length counts UTF-16
+// units, never fewer than its code points, so most texts need no count.
+function tooLong(text) {
+  return text.length > 4000 && [...text].length > 4000;
 }
 
 function json(res, status, body) {
@@ -82,7 +88,8 @@ io.on('connection', (socket) => {
   socket.join(socket.data.user);
   socket.on('sendMessage', (data, ack) => {
     const reply = typeof ack === 'function' ? ack : () => {};
-    if (!data || typeof data.to !== 'string' || typeof data.text !== 'string' || !data.text) {
+    if (!data || typeof data.to !== 'string' || !data.to || data.to === socket.data.user
+        || typeof data.text !== 'string' || !data.text || tooLong(data.text)) {
       return reply({ ok: false, error: { code: 'bad_request' } });
     }
     const recipient = users.get(data.to);
@@ -101,6 +108,7 @@ io.on('connection', (socket) => {
   });
 });
 
+// Port 0 picks a free port: the line says the one taken (the tests read it).
 server.listen(Number(port), host, () => {
-  console.log(`socket.io listening on http://${host}:${port}`);
+  console.log(`socket.io listening on http://${host}:${server.address().port}`);
 });
