@@ -1,6 +1,7 @@
 //! A real WebSocket client (tokio-tungstenite) and a minimal HTTP/1.1
 //! client, with timeouts so a test never hangs.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -193,11 +194,21 @@ pub async fn http(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> Response {
+    http_at(server.addr, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request with `Connection: close` to any server at `addr`.
+pub async fn http_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Response {
     let exchange = async {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
         let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            server.addr,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
         );
         for (name, value) in headers {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, amqp_url, consuming};
+use sockets_tests::client::http_at;
 use sockets_tests::loadgen_binary;
 use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir, token, token_with};
 use sockets_tests::socketio::{SocketioClient, SocketioPeer};
@@ -146,6 +147,42 @@ async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
     let reply = student.emit_with_ack("sendMessage", &longest, 2).await;
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["data"]["delivered"], 0, "{reply}");
+
+    // Its endpoint for backend events answers as the host's does.
+    let service = token("billing", "service");
+    for (bearer, body, status) in [
+        (String::new(), json!({}), 401),
+        (token("bench_s_0", "student"), json!({}), 403),
+        (service.clone(), json!({"event": "NOPE", "data": {}}), 422),
+        (service.clone(), json!(null), 400),
+        (
+            service.clone(),
+            json!({"event": "PAYMENT_PROCESSED", "data": {"paymentId": "p"}}),
+            400,
+        ),
+        (
+            service.clone(),
+            json!({"event": "PAYMENT_PROCESSED",
+                   "data": {"paymentId": "p", "studentId": "bench_s_0", "amount": "4900"}}),
+            400,
+        ),
+        (
+            service.clone(),
+            json!({"event": "PAYMENT_PROCESSED",
+                   "data": {"paymentId": "p", "studentId": "bench_s_0", "amount": 4900}}),
+            202,
+        ),
+    ] {
+        let response = http_at(
+            peer.addr,
+            "POST",
+            "/api/events",
+            &[("authorization", format!("Bearer {bearer}"))],
+            body.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(response.status, status, "{body}: {}", response.body);
+    }
 
     let chat = loadgen_against(
         "socketio",

@@ -5,7 +5,8 @@
 //   `message` to the recipient's room and the sender's other sockets,
 //   after the same checks as the chat plugin (`to` another user, `text` of
 //   1-4000 characters, recipient in the users file, student <-> consultant);
-// - `POST /api/events` (service token) for PAYMENT_PROCESSED.
+// - `POST /api/events` (service token) for PAYMENT_PROCESSED, with the
+//   payments plugin's checks and the host's status codes.
 // Environment: SOCKETS_JWT_SECRET, SOCKETS_LISTEN (127.0.0.1:8090; port 0: any),
 // SOCKETS_USERS_FILE (JSON array of {id, role}).
 'use strict';
@@ -40,8 +41,21 @@ function json(res, status, body) {
   res.end(JSON.stringify(body));
 }
 
+// The payments plugin's checks: the required ids, and the listed optional
+// fields of the right type when present (null counts as absent).
+function validPayment(p) {
+  const optional = (value, type) => value == null || typeof value === type;
+  return p !== null && typeof p === 'object' && !Array.isArray(p)
+    && typeof p.paymentId === 'string' && p.paymentId !== ''
+    && typeof p.studentId === 'string' && p.studentId !== ''
+    && optional(p.consultantId, 'string') && optional(p.currency, 'string')
+    && optional(p.status, 'string') && optional(p.amount, 'number');
+}
+
 const server = http.createServer((req, res) => {
-  if (req.method !== 'POST' || req.url !== '/api/events') return json(res, 404, {});
+  if (req.method !== 'POST' || req.url !== '/api/events') {
+    return json(res, 404, { error: { code: 'not_found' } });
+  }
   let claims;
   try {
     claims = verify((req.headers.authorization || '').replace(/^Bearer /i, ''));
@@ -58,16 +72,17 @@ const server = http.createServer((req, res) => {
     } catch {
       return json(res, 400, { error: { code: 'bad_request' } });
     }
-    if (event.event !== 'PAYMENT_PROCESSED') return json(res, 404, { error: { code: 'unknown_event' } });
-    const p = event.data || {};
-    if (typeof p.paymentId !== 'string' || typeof p.studentId !== 'string') {
+    if (event === null || typeof event !== 'object' || typeof event.event !== 'string') {
       return json(res, 400, { error: { code: 'bad_request' } });
     }
+    if (event.event !== 'PAYMENT_PROCESSED') return json(res, 422, { error: { code: 'unknown_event' } });
+    const p = event.data;
+    if (!validPayment(p)) return json(res, 400, { error: { code: 'bad_request' } });
     io.to(p.studentId).emit('paymentProcessed', {
       paymentId: p.paymentId, amount: p.amount, currency: p.currency,
       status: p.status, consultantId: p.consultantId,
     });
-    json(res, 202, { eventId: event.id || crypto.randomUUID(), recipients: 1 });
+    json(res, 202, { id: event.id || crypto.randomUUID(), recipients: 1 });
   });
 });
 
