@@ -274,8 +274,13 @@ fn dechunk(mut body: &str) -> String {
 
 /// `POST /api/events` with a bearer token and a JSON body.
 pub async fn publish(server: &Server, token: &str, body: &Value) -> Response {
-    http(
-        server,
+    publish_at(server.addr, token, body).await
+}
+
+/// `POST /api/events` to any server at `addr` (the benchmark's peer too).
+pub async fn publish_at(addr: SocketAddr, token: &str, body: &Value) -> Response {
+    http_at(
+        addr,
         "POST",
         "/api/events",
         &[

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, amqp_url, consuming};
-use sockets_tests::client::http_at;
+use sockets_tests::client::publish_at;
 use sockets_tests::loadgen_binary;
 use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir, token, token_with};
 use sockets_tests::socketio::{SocketioClient, SocketioPeer};
@@ -173,14 +173,7 @@ async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
             202,
         ),
     ] {
-        let response = http_at(
-            peer.addr,
-            "POST",
-            "/api/events",
-            &[("authorization", format!("Bearer {bearer}"))],
-            body.to_string().as_bytes(),
-        )
-        .await;
+        let response = publish_at(peer.addr, &bearer, &body).await;
         assert_eq!(response.status, status, "{body}: {}", response.body);
     }
 
