@@ -112,6 +112,18 @@ impl SocketioClient {
         }
     }
 
+    /// The next event the server pushed: its name and data (acks and other
+    /// packets on the way are skipped).
+    pub async fn next_event(&mut self) -> (String, Value) {
+        loop {
+            let packet = self.recv().await;
+            if let Some(event) = packet.strip_prefix("42") {
+                let (name, data): (String, Value) = serde_json::from_str(event).unwrap();
+                return (name, data);
+            }
+        }
+    }
+
     async fn send(&mut self, packet: String) {
         self.ws.send(Message::text(packet)).await.unwrap();
     }

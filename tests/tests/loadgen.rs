@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, amqp_url, consuming};
-use sockets_tests::client::publish_at;
+use sockets_tests::client::{http_at, publish_at};
 use sockets_tests::loadgen_binary;
 use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir, token, token_with};
 use sockets_tests::socketio::{SocketioClient, SocketioPeer};
@@ -175,6 +175,50 @@ async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
     ] {
         let response = publish_at(peer.addr, &bearer, &body).await;
         assert_eq!(response.status, status, "{body}: {}", response.body);
+        if status != 202 {
+            let error: Value = serde_json::from_str(&response.body).unwrap();
+            let code = match status {
+                401 => "unauthorized",
+                403 => "forbidden",
+                422 => "unknown_event",
+                _ => "bad_request",
+            };
+            assert_eq!(error["error"]["code"], code, "{body}: {error}");
+            assert!(error["error"]["message"].is_string(), "{error}");
+        }
+    }
+    let huge = format!(
+        r#"{{"event":"PAYMENT_PROCESSED","data":"{}"}}"#,
+        "x".repeat((1 << 20) + 10)
+    );
+    let headers = [("authorization", format!("Bearer {service}"))];
+    let too_large = http_at(peer.addr, "POST", "/api/events", &headers, huge.as_bytes()).await;
+    assert_eq!(too_large.status, 413, "{}", too_large.body);
+    assert!(too_large.body.contains("too_large"), "{}", too_large.body);
+
+    // A repeated idempotency key is answered as the first call was, and
+    // delivers nothing again: after the earlier event (`p`) the student
+    // gets `pay-1` once, then `pay-2`.
+    let payment = |id: &str| {
+        json!({"event": "PAYMENT_PROCESSED", "id": id,
+               "data": {"paymentId": id, "studentId": "bench_s_0"}})
+    };
+    let first = publish_at(peer.addr, &service, &payment("pay-1")).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let first: Value = serde_json::from_str(&first.body).unwrap();
+    assert_eq!(first, json!({"id": "pay-1", "recipients": 1}));
+    let again = publish_at(peer.addr, &service, &payment("pay-1")).await;
+    let again: Value = serde_json::from_str(&again.body).unwrap();
+    assert_eq!(
+        again,
+        json!({"id": "pay-1", "recipients": 1, "duplicate": true})
+    );
+    let next = publish_at(peer.addr, &service, &payment("pay-2")).await;
+    assert_eq!(next.status, 202, "{}", next.body);
+    for id in ["p", "pay-1", "pay-2"] {
+        let (name, data) = student.next_event().await;
+        assert_eq!(name, "paymentProcessed");
+        assert_eq!(data["paymentId"], id, "{data}");
     }
 
     let chat = loadgen_against(

@@ -6,7 +6,8 @@
 //   after the same checks as the chat plugin (`to` another user, `text` of
 //   1-4000 characters, recipient in the users file, student <-> consultant);
 // - `POST /api/events` (service token) for PAYMENT_PROCESSED, with the
-//   payments plugin's checks and the host's status codes.
+//   payments plugin's checks, the host's status codes and error bodies,
+//   its 1 MiB body limit and its idempotency keys (10 minutes).
 // Environment: SOCKETS_JWT_SECRET, SOCKETS_LISTEN (127.0.0.1:8090; port 0: any),
 // SOCKETS_USERS_FILE (JSON array of {id, role}).
 'use strict';
@@ -41,6 +42,31 @@ function json(res, status, body) {
   res.end(JSON.stringify(body));
 }
 
+// PROTOCOL.md's HTTP error body; the code is fixed by the status.
+const errorCodes = {
+  400: 'bad_request', 401: 'unauthorized', 403: 'forbidden', 404: 'not_found',
+  413: 'too_large', 422: 'unknown_event',
+};
+function fail(res, status, message) {
+  json(res, status, { error: { code: errorCodes[status] || 'bad_request', message } });
+}
+
+const bodyLimit = 1 << 20;
+const eventName = /^[A-Za-z0-9_.:-]{1,64}$/;
+
+// Idempotency keys answered in the last 10 minutes, oldest first (a Map
+// keeps insertion order, so expired keys are pruned from its front).
+const rememberFor = 10 * 60 * 1000;
+const answered = new Map();
+function remembered(id) {
+  const now = Date.now();
+  for (const [key, entry] of answered) {
+    if (now - entry.at < rememberFor) break;
+    answered.delete(key);
+  }
+  return answered.get(id);
+}
+
 // The payments plugin's checks: the required ids, and the listed optional
 // fields of the right type when present (null counts as absent).
 function validPayment(p) {
@@ -53,36 +79,52 @@ function validPayment(p) {
 }
 
 const server = http.createServer((req, res) => {
-  if (req.method !== 'POST' || req.url !== '/api/events') {
-    return json(res, 404, { error: { code: 'not_found' } });
-  }
+  if (req.url !== '/api/events') return fail(res, 404, 'no such route');
+  if (req.method !== 'POST') return fail(res, 405, 'method not allowed');
   let claims;
   try {
     claims = verify((req.headers.authorization || '').replace(/^Bearer /i, ''));
   } catch {
-    return json(res, 401, { error: { code: 'unauthorized' } });
+    return fail(res, 401, 'missing or invalid token');
   }
-  if (claims.role !== 'service') return json(res, 403, { error: { code: 'forbidden' } });
-  let body = '';
-  req.on('data', (chunk) => { body += chunk; });
+  if (claims.role !== 'service') return fail(res, 403, 'the service role is required');
+  if (Number(req.headers['content-length']) > bodyLimit) {
+    req.resume();
+    return fail(res, 413, 'the body is over 1 MiB');
+  }
+  const chunks = [];
+  let size = 0;
+  req.on('data', (chunk) => {
+    size += chunk.length;
+    if (size <= bodyLimit) chunks.push(chunk);
+  });
   req.on('end', () => {
+    if (size > bodyLimit) return fail(res, 413, 'the body is over 1 MiB');
     let event;
     try {
-      event = JSON.parse(body);
+      event = JSON.parse(Buffer.concat(chunks).toString('utf8'));
     } catch {
-      return json(res, 400, { error: { code: 'bad_request' } });
+      return fail(res, 400, 'the body is not JSON');
     }
-    if (event === null || typeof event !== 'object' || typeof event.event !== 'string') {
-      return json(res, 400, { error: { code: 'bad_request' } });
+    if (event === null || typeof event !== 'object' || Array.isArray(event)
+        || typeof event.event !== 'string' || !eventName.test(event.event)
+        || (event.id != null && (typeof event.id !== 'string' || event.id === ''))) {
+      return fail(res, 400, 'not an event');
     }
-    if (event.event !== 'PAYMENT_PROCESSED') return json(res, 422, { error: { code: 'unknown_event' } });
+    // As the host: a remembered key is answered before any plugin runs.
+    const earlier = event.id != null && remembered(event.id);
+    if (earlier) return json(res, 202, { ...earlier.reply, duplicate: true });
+    if (event.event !== 'PAYMENT_PROCESSED') return fail(res, 422, 'no plugin handles the event');
     const p = event.data;
-    if (!validPayment(p)) return json(res, 400, { error: { code: 'bad_request' } });
+    if (!validPayment(p)) return fail(res, 400, 'not a valid PAYMENT_PROCESSED');
     io.to(p.studentId).emit('paymentProcessed', {
       paymentId: p.paymentId, amount: p.amount, currency: p.currency,
       status: p.status, consultantId: p.consultantId,
     });
-    json(res, 202, { id: event.id || crypto.randomUUID(), recipients: 1 });
+    // The payments plugin addresses one user, the student, online or not.
+    const reply = { id: event.id || crypto.randomUUID(), recipients: 1 };
+    if (event.id != null) answered.set(event.id, { reply, at: Date.now() });
+    json(res, 202, reply);
   });
 });
 
