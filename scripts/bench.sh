@@ -3,7 +3,8 @@
 # host (release), the plugins and the load generator, installs the
 # Socket.IO peer from npm, starts both servers on 127.0.0.1 and runs the
 # same bounded load against each, side by side. Prints one JSON object per
-# run and writes them all to target/bench/results.jsonl.
+# run and writes them all to target/bench/results.jsonl, after a first
+# line that says where they come from (commit, machine, versions, knobs).
 #
 # Runs per server: idle connections; chat as fast as acks come (peak),
 # then paced at half of that peak, then with WIDE_PAIRS pairs (enough
@@ -63,7 +64,23 @@ step "Installing the Socket.IO peer (npm ci)"
 work=$(mktemp -d)
 out=target/bench
 mkdir -p "$out"
-: > "$out/results.jsonl"
+# A JSON string of $1.
+json_string() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
+# Where the figures come from: the code, the machine, the versions, the knobs.
+sitting() {
+    local commit dirty=false cpu socketio
+    commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    [ -z "$(git status --porcelain 2>/dev/null)" ] || dirty=true
+    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+    socketio=$(node -p "require('./tests/loadgen/socketio/node_modules/socket.io/package.json').version")
+    printf '{"run":"sitting","at":%s,"commit":%s,"dirty":%s,"cpu":%s,"cores":%s,"kernel":%s,"rustc":%s,"node":%s,"socketio":%s,' \
+        "$(json_string "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" "$(json_string "$commit")" "$dirty" "$(json_string "$cpu")" \
+        "$(nproc)" "$(json_string "$(uname -sr)")" "$(json_string "$(rustc --version)")" \
+        "$(json_string "$(node --version)")" "$(json_string "$socketio")"
+    printf '"pairs":%s,"wide_pairs":%s,"window":%s,"duration_s":%s,"fan_users":%s,"fan_events":%s,"idle":%s,"rounds":%s,"pin":%s}\n' \
+        "$PAIRS" "$WIDE_PAIRS" "$WINDOW" "$DURATION" "$FAN_USERS" "$FAN_EVENTS" "$IDLE" "$ROUNDS" "$PIN"
+}
+sitting | tee "$out/results.jsonl"
 loadgen=target/release/loadgen
 "$loadgen" users-file --pairs $((PAIRS > WIDE_PAIRS ? PAIRS : WIDE_PAIRS)) > "$work/users.json"
 
@@ -120,6 +137,7 @@ stop_server() {
     wait "$server_pid" 2>/dev/null || true
     if grep -h "off the async workers" "$work/ours.log" >&2 2>/dev/null; then
         echo "WARNING: in the run above a plugin ran off the async workers" >&2
+        echo '{"run":"warning","text":"in the run above a plugin ran off the async workers: its figures are skewed"}' >>"$out/results.jsonl"
     fi
     : > "$work/ours.log"
 }
