@@ -157,6 +157,17 @@ async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
         (service.clone(), json!(null), 400),
         (
             service.clone(),
+            json!({"event": "bad name", "data": {}}),
+            400,
+        ),
+        (
+            service.clone(),
+            json!({"event": "PAYMENT_PROCESSED", "id": 7,
+                   "data": {"paymentId": "p", "studentId": "bench_s_0"}}),
+            400,
+        ),
+        (
+            service.clone(),
             json!({"event": "PAYMENT_PROCESSED", "data": {"paymentId": "p"}}),
             400,
         ),
@@ -187,6 +198,9 @@ async fn the_socketio_peer_checks_what_the_host_checks_and_loses_nothing() {
             assert!(error["error"]["message"].is_string(), "{error}");
         }
     }
+    let get = http_at(peer.addr, "GET", "/api/events", &[], b"").await;
+    assert_eq!(get.status, 405, "{}", get.body);
+    assert!(get.body.contains("bad_request"), "{}", get.body);
     let huge = format!(
         r#"{{"event":"PAYMENT_PROCESSED","data":"{}"}}"#,
         "x".repeat((1 << 20) + 10)
