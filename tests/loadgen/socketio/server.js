@@ -79,7 +79,7 @@ function validPayment(p) {
 }
 
 const server = http.createServer((req, res) => {
-  if (req.url !== '/api/events') return fail(res, 404, 'no such route');
+  if (req.url.split('?')[0] !== '/api/events') return fail(res, 404, 'no such route');
   if (req.method !== 'POST') return fail(res, 405, 'method not allowed');
   let claims;
   try {
