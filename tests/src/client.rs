@@ -174,6 +174,15 @@ impl Response {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|err| panic!("body is not JSON ({err}): {}", self.body))
     }
+
+    /// Asserts PROTOCOL.md's HTTP error answer: `status`, and the body
+    /// `{"error":{"code": code, "message": <text>}}`.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
 }
 
 /// The value of a counter or gauge on the server's `/metrics`; `name` is

@@ -123,10 +123,7 @@ async fn a_repeated_id_is_answered_like_the_first_and_delivered_once() {
 async fn errors_have_the_protocol_statuses_and_bodies() {
     let server = Server::start().await;
     let expect = |response: sockets_tests::client::Response, status: u16, code: &str| {
-        assert_eq!(response.status, status, "{}", response.body);
-        let body = response.json();
-        assert_eq!(body["error"]["code"], code, "{body}");
-        assert!(body["error"]["message"].is_string());
+        response.assert_error(status, code);
     };
 
     let no_token = http(
