@@ -15,25 +15,21 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::{NotificationLog, NotificationRecord, StoreError};
+use sync_pace::SyncPace;
+
+mod sync_pace;
 
 /// A segment that reached this size is closed and the next one started, so
 /// operators can archive or delete old segments.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Most appends committed in one write: what 2 ms bring at 2M appends/s.
 const MAX_BATCH: usize = 4096;
-/// The least time from one sync to the next. A sync costs about the same
-/// CPU whatever it carries, most of it in the kernel: syncing as soon as
-/// the previous one ended made it 2,900 syncs/s and a quarter of the host's
-/// core under load (~80 us each; README, "Profile-driven fixes"). Paced, a
-/// busy log syncs 500 times a second and an ack waits 2 ms at most for it;
-/// a lone append after a quiet spell does not wait.
-const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
 /// The folder's lock file: one process writes a log at a time.
 const LOCK_FILE: &str = "LOCK";
 const SEGMENT_SUFFIX: &str = ".jsonl";
@@ -123,12 +119,20 @@ impl Drop for EmbeddedLog {
 }
 
 /// Takes appends as they come, commits everything waiting in one write,
-/// then answers each, at most once per [`MIN_SYNC_INTERVAL`]. Ends when the
-/// log is dropped.
+/// then answers each. Ends when the log is dropped.
+///
+/// Syncs are paced (`SyncPace`: 1 ms apart while the process has CPU to
+/// spare, up to 2 ms once busy). A sync costs about the same CPU whatever
+/// it carries, most of it in the kernel: syncing as soon as the previous
+/// one ended made it 2,900 syncs/s and a quarter of the host's core under
+/// load (~80 us each; README, "Profile-driven fixes"). Paced, a busy log
+/// syncs 500 times a second and an ack waits 2 ms at most for it; a lone
+/// append after a quiet spell does not wait.
 fn write_loop(mut journal: Journal, queue: &mpsc::Receiver<Append>) {
+    let mut pace = SyncPace::new();
     let mut last_sync: Option<Instant> = None;
     while let Ok(first) = queue.recv() {
-        if let Some(wait) = last_sync.and_then(|at| MIN_SYNC_INTERVAL.checked_sub(at.elapsed())) {
+        if let Some(wait) = last_sync.and_then(|at| pace.interval().checked_sub(at.elapsed())) {
             thread::sleep(wait);
         }
         last_sync = Some(Instant::now());
