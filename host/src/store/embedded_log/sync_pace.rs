@@ -1,8 +1,8 @@
 //! How long the embedded log waits from one sync to the next.
 //!
-//! A sync costs about the same CPU whatever it carries (~100–250 µs on this
-//! project's machines, most of it in the kernel), and every ack waits for
-//! its sync. Waiting longer between syncs saves CPU and adds latency: worth
+//! A sync costs about the same CPU whatever it carries (with its write,
+//! ~120–260 µs of the log thread's CPU on this project's VM, more than half
+//! of it in the kernel), and every ack waits for its sync. Waiting longer between syncs saves CPU and adds latency: worth
 //! it only when the CPU is needed. So the wait is [`SHORT`] while the
 //! process has cores to spare and grows to [`LONG`] as it gets busy.
 //! Measured (README, "Why not 5×"): a fixed 1 ms lifted a latency-bound
