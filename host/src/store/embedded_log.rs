@@ -121,13 +121,9 @@ impl Drop for EmbeddedLog {
 /// Takes appends as they come, commits everything waiting in one write,
 /// then answers each. Ends when the log is dropped.
 ///
-/// Syncs are paced (`SyncPace`: 1 ms apart while the process has CPU to
-/// spare, up to 2 ms once busy). A sync costs about the same CPU whatever
-/// it carries, most of it in the kernel: syncing as soon as the previous
-/// one ended made it 2,900 syncs/s and a quarter of the host's core under
-/// load (~80 us each; README, "Profile-driven fixes"). Paced, a busy log
-/// syncs 500 times a second and an ack waits 2 ms at most for it; a lone
-/// append after a quiet spell does not wait.
+/// Syncs are paced by [`SyncPace`] (1 ms apart while the process has CPU
+/// to spare, up to 2 ms once busy), so an ack waits 2 ms at most for its
+/// sync.
 fn write_loop(mut journal: Journal, queue: &mpsc::Receiver<Append>) {
     let mut pace = SyncPace::new();
     let mut last_sync: Option<Instant> = None;
