@@ -69,7 +69,12 @@ async fn chat_fanout_and_idle_runs_report_what_happened() {
     assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
     // The server did work for those messages, on at most the machine's cores.
     let cpu = &chat["server_cpu"];
-    assert!(cpu["us_per_delivered"].as_f64().unwrap() > 0.0, "{chat}");
+    let per_message = cpu["us_per_delivered"].as_f64().unwrap();
+    assert!(per_message > 0.0, "{chat}");
+    // The user/kernel split adds up to the total (each rounded to 0.1 µs).
+    let split = cpu["user_us_per_delivered"].as_f64().unwrap()
+        + cpu["kernel_us_per_delivered"].as_f64().unwrap();
+    assert!((split - per_message).abs() <= 0.15, "{chat}");
     let share = cpu["share_of_one_core"].as_f64().unwrap();
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
     assert!(share > 0.0 && share <= cores * 1.1, "{chat}");
