@@ -52,6 +52,7 @@ function fail(res, status, message) {
 }
 
 const bodyLimit = 1 << 20;
+const tooLarge = (res) => fail(res, 413, 'the body is over 1 MiB');
 const eventName = /^[A-Za-z0-9_.:-]{1,64}$/;
 
 // Idempotency keys answered in the last 10 minutes, oldest first (a Map
@@ -90,7 +91,7 @@ const server = http.createServer((req, res) => {
   if (claims.role !== 'service') return fail(res, 403, 'the service role is required');
   if (Number(req.headers['content-length']) > bodyLimit) {
     req.resume();
-    return fail(res, 413, 'the body is over 1 MiB');
+    return tooLarge(res);
   }
   const chunks = [];
   let size = 0;
@@ -99,7 +100,7 @@ const server = http.createServer((req, res) => {
     if (size <= bodyLimit) chunks.push(chunk);
   });
   req.on('end', () => {
-    if (size > bodyLimit) return fail(res, 413, 'the body is over 1 MiB');
+    if (size > bodyLimit) return tooLarge(res);
     let event;
     try {
       event = JSON.parse(Buffer.concat(chunks).toString('utf8'));
