@@ -42,6 +42,9 @@ cargo fmt --all --check
 step "Lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "API documentation (rustdoc warnings are errors: broken or private links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "Bundled plugins for wasm32-wasip2"
 scripts/build-plugins.sh
 

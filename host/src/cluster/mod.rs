@@ -7,11 +7,11 @@
 //! node that made the delivery ignores its own copy (it pushed locally).
 //!
 //! Each node also announces its per-user connection counts to the others
-//! (see [`presence`]), so that `delivered` counts connections cluster-wide.
+//! (module `presence`), so that `delivered` counts connections cluster-wide.
 //!
 //! Copies go through an in-memory outbox: the router does not wait for the
 //! broker; whatever is waiting when the link publishes goes out as one
-//! message (see [`batch`]); unconfirmed batches are published again after a
+//! message (module `batch`); unconfirmed batches are published again after a
 //! reconnect, and receivers drop a delivery id they have already pushed.
 
 mod batch;

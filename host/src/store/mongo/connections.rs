@@ -201,7 +201,7 @@ impl ConnectionStore for MongoConnections {
 
 impl Presence for MongoConnections {
     /// Counts the user's records on every node. Called mid-plugin-call, so
-    /// bounded by [`COUNT_TIMEOUT`]; falls back to this node's count.
+    /// bounded by `COUNT_TIMEOUT` (20 ms); falls back to this node's count.
     fn count_of_user(&self, user_id: &str) -> usize {
         let count = tokio::runtime::Handle::try_current()
             .ok()
