@@ -8,6 +8,7 @@
 //! loadgen --target sockets --server 127.0.0.1:8080 fanout --users 100 --events 20000
 //! loadgen broker --amqp amqp://guest:guest@127.0.0.1:5672/%2f --events 10000 --rate 2500
 //! loadgen users-file --pairs 16 > users.json
+//! perf report --stdio -g none -t $'\t' -F overhead,sample,comm,dso,sym | loadgen profile-shares
 //! ```
 
 mod broker;
@@ -15,6 +16,7 @@ mod chat;
 mod fanout;
 mod idle;
 mod peer;
+mod profile;
 mod server;
 mod stats;
 
@@ -108,6 +110,15 @@ enum Run {
     UsersFile {
         #[arg(long, default_value_t = 16)]
         pairs: usize,
+    },
+    /// Sums a `perf report` of the server read from stdin (tab-separated
+    /// `overhead,sample,comm,dso,sym` rows) into shares of its samples by
+    /// thread, by kind of code and for the WASM routing
+    /// (`scripts/profile.sh`).
+    ProfileShares {
+        /// The file name perf gives the host's executable.
+        #[arg(long, default_value = "sockets-host")]
+        host_binary: String,
     },
 }
 
@@ -243,6 +254,9 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             json!(users)
+        }
+        Run::ProfileShares { host_binary } => {
+            profile::summarize_report(std::io::stdin().lock(), &host_binary)?
         }
     };
     println!("{summary}");
