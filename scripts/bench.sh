@@ -33,6 +33,7 @@
 # no pinning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-host.sh
 
 PAIRS=${PAIRS:-16}
 WIDE_PAIRS=${WIDE_PAIRS:-64}
@@ -51,32 +52,20 @@ SECRET=bench-secret-$RANDOM$RANDOM
 OURS=127.0.0.1:18080
 PEER=127.0.0.1:18090
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-
 step "Starting RabbitMQ"
 scripts/services.sh >&2
-step "Building the host (release), the plugins and the load generator"
-scripts/build-plugins.sh >&2
-cargo build --release --locked -p sockets-host -p loadgen >&2
+build_for_bench
 step "Installing the Socket.IO peer (npm ci)"
 (cd tests/loadgen/socketio && npm ci --no-audit --no-fund --silent >&2)
 
 work=$(mktemp -d)
 out=target/bench
 mkdir -p "$out"
-# A JSON string of $1.
-json_string() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
 # Where the figures come from: the code, the machine, the versions, the knobs.
 sitting() {
-    local commit dirty=false cpu socketio
-    commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git status --porcelain 2>/dev/null)" ] || dirty=true
-    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+    local socketio
     socketio=$(node -p "require('./tests/loadgen/socketio/node_modules/socket.io/package.json').version")
-    printf '{"run":"sitting","at":%s,"commit":%s,"dirty":%s,"cpu":%s,"cores":%s,"kernel":%s,"rustc":%s,"node":%s,"socketio":%s,' \
-        "$(json_string "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" "$(json_string "$commit")" "$dirty" "$(json_string "$cpu")" \
-        "$(nproc)" "$(json_string "$(uname -sr)")" "$(json_string "$(rustc --version)")" \
-        "$(json_string "$(node --version)")" "$(json_string "$socketio")"
+    printf '{%s,"node":%s,"socketio":%s,' "$(sitting_fields)" "$(json_string "$(node --version)")" "$(json_string "$socketio")"
     printf '"pairs":%s,"wide_pairs":%s,"window":%s,"duration_s":%s,"fan_users":%s,"fan_events":%s,"idle":%s,"rounds":%s,"pin":%s}\n' \
         "$PAIRS" "$WIDE_PAIRS" "$WINDOW" "$DURATION" "$FAN_USERS" "$FAN_EVENTS" "$IDLE" "$ROUNDS" "$PIN"
 }
@@ -87,15 +76,6 @@ loadgen=target/release/loadgen
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-
-wait_for() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 
 # Until GET /readyz answers 200 (the broker intake consumes).
 wait_ready() {
@@ -112,16 +92,6 @@ wait_ready() {
     exit 1
 }
 
-start_ours() {
-    env "$@" SOCKETS_LISTEN=$OURS SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$RANDOM" \
-        SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_USERS_FILE="$work/users.json" \
-        SOCKETS_RATE_LIMIT=0 SOCKETS_LOG=warn \
-        "${server_cpu[@]}" target/release/sockets-host serve >"$work/ours.log" 2>&1 &
-    pids+=($!)
-    server_pid=$!
-    wait_for "$OURS"
-}
-
 start_peer() {
     SOCKETS_LISTEN=$PEER SOCKETS_JWT_SECRET=$SECRET SOCKETS_USERS_FILE="$work/users.json" \
         "${server_cpu[@]}" node tests/loadgen/socketio/server.js >"$work/peer.log" 2>&1 &
@@ -135,7 +105,7 @@ start_peer() {
 stop_server() {
     kill "$server_pid"
     wait "$server_pid" 2>/dev/null || true
-    if grep -h "off the async workers" "$work/ours.log" >&2 2>/dev/null; then
+    if ours_left_workers; then
         echo "WARNING: in the run above a plugin ran off the async workers" >&2
         echo '{"run":"warning","text":"in the run above a plugin ran off the async workers: its figures are skewed"}' >>"$out/results.jsonl"
     fi

@@ -16,6 +16,7 @@
 # per second (999).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-host.sh
 
 PAIRS=${PAIRS:-64}
 WINDOW=${WINDOW:-8}
@@ -28,8 +29,8 @@ if [ "$SAMPLE" -ge "$DURATION" ]; then
 fi
 SECRET=profile-secret-$RANDOM$RANDOM
 OURS=127.0.0.1:18080
+server_cpu=(taskset -c 0)
 
-step() { printf '\n==> %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 step "perf (Debian's linux-perf)"
@@ -44,53 +45,39 @@ if [ "$(id -u)" != 0 ] && [ "$(cat /proc/sys/kernel/perf_event_paranoid)" -gt 1 
     exit 1
 fi
 
-step "Building the host (release), the plugins and the load generator"
-scripts/build-plugins.sh >&2
-cargo build --release --locked -p sockets-host -p loadgen >&2
+build_for_bench
 
 work=$(mktemp -d)
 out=target/bench
 mkdir -p "$out"
 loadgen=target/release/loadgen
-host_pid= chat_pid=
+pids=()
 cleanup() {
-    for pid in $chat_pid $host_pid; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 "$loadgen" users-file --pairs "$PAIRS" > "$work/users.json"
-SOCKETS_LISTEN=$OURS SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data" \
-    SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_USERS_FILE="$work/users.json" \
-    SOCKETS_RATE_LIMIT=0 SOCKETS_LOG=warn \
-    taskset -c 0 target/release/sockets-host serve >"$work/host.log" 2>&1 &
-host_pid=$!
-for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/${OURS%:*}/${OURS#*:}") 2>/dev/null && break
-    sleep 0.1
-done
-kill -0 "$host_pid" 2>/dev/null || { cat "$work/host.log" >&2; exit 1; }
+start_ours
 
 step "Chat ($PAIRS pairs, window $WINDOW, ${DURATION}s); perf records ${SAMPLE}s of the host from its middle"
 SOCKETS_JWT_SECRET=$SECRET taskset -c 1 "$loadgen" --target sockets --server "$OURS" \
-    chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$host_pid" >"$work/chat.json" &
+    chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" >"$work/chat.json" &
 chat_pid=$!
+pids+=("$chat_pid")
 sleep $(((DURATION - SAMPLE) / 2))
-perf record -g -F "$FREQ" -p "$host_pid" -o "$out/perf.data" -- sleep "$SAMPLE" 2>"$work/perf.log" ||
+perf record -g -F "$FREQ" -p "$server_pid" -o "$out/perf.data" -- sleep "$SAMPLE" 2>"$work/perf.log" ||
     { cat "$work/perf.log" >&2; exit 1; }
 wait "$chat_pid"
-chat_pid=
 
-dirty=false
-[ -z "$(git status --porcelain 2>/dev/null)" ] || dirty=true
 {
-    printf '{"run":"sitting","at":"%s","commit":"%s","dirty":%s,"cores":%s,"kernel":"%s","pairs":%s,"window":%s,"duration_s":%s,"sample_s":%s,"freq":%s}\n' \
-        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" "$dirty" "$(nproc)" \
-        "$(uname -sr)" "$PAIRS" "$WINDOW" "$DURATION" "$SAMPLE" "$FREQ"
+    printf '{%s,"pairs":%s,"window":%s,"duration_s":%s,"sample_s":%s,"freq":%s}\n' \
+        "$(sitting_fields)" "$PAIRS" "$WINDOW" "$DURATION" "$SAMPLE" "$FREQ"
     cat "$work/chat.json"
     perf report -i "$out/perf.data" --no-children --stdio -g none -t $'\t' -F overhead,sample,comm,dso,sym 2>/dev/null |
         "$loadgen" profile-shares
 } | tee -a "$out/profile.jsonl"
-if grep -h "off the async workers" "$work/host.log" >&2; then
+if ours_left_workers; then
     echo "WARNING: a plugin ran off the async workers during the run: its figures are skewed" >&2
 fi
