@@ -80,7 +80,9 @@ trap cleanup EXIT
 # Until GET /readyz answers 200 (the broker intake consumes).
 wait_ready() {
     for _ in $(seq 1 100); do
-        if exec 3<>"/dev/tcp/${1%:*}/${1#*:}" 2>/dev/null; then
+        # Braces: a redirection on `exec` itself would send the script's
+        # stderr to /dev/null for good.
+        if { exec 3<>"/dev/tcp/${1%:*}/${1#*:}"; } 2>/dev/null; then
             printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
             read -r _ status _ <&3 || true
             exec 3<&-
@@ -121,8 +123,15 @@ run() {
 # Half of a figure of the run whose summary is on stdin (shown on stderr):
 # the rate of the paced run that follows it.
 half_of() { value_of "$1" | awk '{ printf "%d", $1 / 2 }'; }
-# A figure of the run whose summary is on stdin (shown on stderr).
-value_of() { tee /dev/stderr | grep -o "\"$1\":[0-9.]*" | cut -d: -f2; }
+# A figure of the run whose summary is on stdin (shown on stderr, written to
+# the inherited descriptor: `tee /dev/stderr` would open a log file that
+# stderr is redirected to anew, truncating it or writing over it).
+value_of() {
+    local summary
+    summary=$(cat)
+    printf '%s\n' "$summary" >&2
+    grep -o "\"$1\":[0-9.]*" <<<"$summary" | cut -d: -f2
+}
 # The numbers given as a JSON array.
 json_list() { local IFS=,; echo "[$*]"; }
 # The median of the numbers given.
