@@ -9,6 +9,17 @@
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+# BUILD: the cargo profile of the host and the load generator. `release`
+# (the default) is what the figures are taken with; `dev` skips the
+# minutes of fat LTO for a smoke run of the scripts (scripts/test.sh),
+# whose figures mean nothing. The plugins are always built for release.
+BUILD=${BUILD:-release}
+case $BUILD in
+    release) bin_dir=target/release ;;
+    dev) bin_dir=target/debug ;;
+    *) echo "BUILD must be release or dev, not '$BUILD'" >&2; exit 1 ;;
+esac
+
 # A JSON string of $1.
 json_string() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
 
@@ -19,15 +30,15 @@ sitting_fields() {
     commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     [ -z "$(git status --porcelain 2>/dev/null)" ] || dirty=true
     cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-    printf '"run":"sitting","at":%s,"commit":%s,"dirty":%s,"cpu":%s,"cores":%s,"kernel":%s,"rustc":%s' \
-        "$(json_string "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" "$(json_string "$commit")" "$dirty" "$(json_string "$cpu")" \
-        "$(nproc)" "$(json_string "$(uname -sr)")" "$(json_string "$(rustc --version)")"
+    printf '"run":"sitting","at":%s,"commit":%s,"dirty":%s,"build":%s,"cpu":%s,"cores":%s,"kernel":%s,"rustc":%s' \
+        "$(json_string "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" "$(json_string "$commit")" "$dirty" "$(json_string "$BUILD")" \
+        "$(json_string "$cpu")" "$(nproc)" "$(json_string "$(uname -sr)")" "$(json_string "$(rustc --version)")"
 }
 
 build_for_bench() {
-    step "Building the host (release), the plugins and the load generator"
+    step "Building the host ($BUILD), the plugins and the load generator"
     scripts/build-plugins.sh >&2
-    cargo build --release --locked -p sockets-host -p loadgen >&2
+    cargo build --profile "$BUILD" --locked -p sockets-host -p loadgen >&2
 }
 
 # Until something listens on $1 (host:port).
@@ -47,7 +58,7 @@ start_ours() {
     env "$@" SOCKETS_LISTEN=$OURS SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$RANDOM" \
         SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_USERS_FILE="$work/users.json" \
         SOCKETS_RATE_LIMIT=0 SOCKETS_LOG=warn \
-        "${server_cpu[@]}" target/release/sockets-host serve >"$work/ours.log" 2>&1 &
+        "${server_cpu[@]}" "$bin_dir/sockets-host" serve >"$work/ours.log" 2>&1 &
     pids+=($!)
     server_pid=$!
     wait_for "$OURS"

@@ -30,7 +30,11 @@
 # none), PIN (1: the server runs on CPU 0 and the load generator on CPU 1,
 # so each server gets one core whatever its threading -- Socket.IO's Node
 # is single-threaded -- and neither competes with the load generator; 0:
-# no pinning).
+# no pinning), OUT (target/bench: where results.jsonl goes), BUILD
+# (release; dev: a smoke run of this script, see scripts/bench-host.sh).
+#
+# Ends with `loadgen check-results`: the script fails, naming the runs,
+# when any run lost, duplicated, failed or refused something.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-host.sh
@@ -59,7 +63,7 @@ step "Installing the Socket.IO peer (npm ci)"
 (cd tests/loadgen/socketio && npm ci --no-audit --no-fund --silent >&2)
 
 work=$(mktemp -d)
-out=target/bench
+out=${OUT:-target/bench}
 mkdir -p "$out"
 # Where the figures come from: the code, the machine, the versions, the knobs.
 sitting() {
@@ -70,7 +74,7 @@ sitting() {
         "$PAIRS" "$WIDE_PAIRS" "$WINDOW" "$DURATION" "$FAN_USERS" "$FAN_EVENTS" "$IDLE" "$ROUNDS" "$PIN"
 }
 sitting | tee "$out/results.jsonl"
-loadgen=target/release/loadgen
+loadgen=$bin_dir/loadgen
 "$loadgen" users-file --pairs $((PAIRS > WIDE_PAIRS ? PAIRS : WIDE_PAIRS)) > "$work/users.json"
 
 pids=()
@@ -200,4 +204,6 @@ for pairs in "${alternated_pairs[@]}"; do
         "$pairs" "$WINDOW" "$DURATION" "$(json_list "${ours[@]}")" "$(json_list "${peer[@]}")" "$(json_list "${ratios[@]}")" "$(median "${ratios[@]}")" |
         tee -a "$out/results.jsonl"
 done
-step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN"
+step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN, BUILD=$BUILD"
+step "Nothing lost, duplicated, failed or refused in any run?"
+"$loadgen" check-results "$out/results.jsonl"

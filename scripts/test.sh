@@ -55,3 +55,12 @@ node --version
 
 step "Tests"
 cargo test --workspace --locked
+
+step "The benchmark scripts end to end (debug build, tiny load: the figures mean nothing)"
+# What a user runs to reproduce the README's figures, at a size that takes
+# a few minutes: every run against both servers (scripts/bench.sh fails if
+# any lost, duplicated, failed or refused something) and the profile
+# (perf record, summed by loadgen profile-shares). Results: target/bench-smoke.
+smoke=(BUILD=dev OUT=target/bench-smoke)
+env "${smoke[@]}" PAIRS=2 WIDE_PAIRS=4 WINDOW=2 DURATION=2 FAN_USERS=5 FAN_EVENTS=200 IDLE=50 ROUNDS=1 scripts/bench.sh
+env "${smoke[@]}" PAIRS=4 WINDOW=2 DURATION=3 SAMPLE=1 scripts/profile.sh

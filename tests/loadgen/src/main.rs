@@ -9,6 +9,7 @@
 //! loadgen broker --amqp amqp://guest:guest@127.0.0.1:5672/%2f --events 10000 --rate 2500
 //! loadgen users-file --pairs 16 > users.json
 //! perf report --stdio -g none -t $'\t' -F overhead,sample,comm,dso,sym | loadgen profile-shares
+//! loadgen check-results target/bench/results.jsonl
 //! ```
 
 mod broker;
@@ -17,12 +18,14 @@ mod fanout;
 mod idle;
 mod peer;
 mod profile;
+mod results;
 mod server;
 mod stats;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -119,6 +122,12 @@ enum Run {
         /// The file name perf gives the host's executable.
         #[arg(long, default_value = "sockets-host")]
         host_binary: String,
+    },
+    /// Checks a results file of `scripts/bench.sh`: fails, naming the
+    /// runs, when any run lost, duplicated, failed or refused something.
+    CheckResults {
+        /// The results file (one JSON object per line).
+        file: std::path::PathBuf,
     },
 }
 
@@ -257,6 +266,20 @@ async fn main() -> anyhow::Result<()> {
         }
         Run::ProfileShares { host_binary } => {
             profile::summarize_report(std::io::stdin().lock(), &host_binary)?
+        }
+        Run::CheckResults { file } => {
+            let opened = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let verdict = results::check(std::io::BufReader::new(opened))?;
+            println!("{}", verdict.summary());
+            anyhow::ensure!(
+                verdict.passed(),
+                "{}: {} problems (lost, duplicated, failed or refused) in {} runs",
+                file.display(),
+                verdict.problems.len(),
+                verdict.runs
+            );
+            return Ok(());
         }
     };
     println!("{summary}");
