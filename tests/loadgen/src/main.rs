@@ -272,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("opening {}", file.display()))?;
             let verdict = results::check(std::io::BufReader::new(opened))?;
             println!("{}", verdict.summary());
+            anyhow::ensure!(verdict.runs > 0, "{}: no run summaries", file.display());
             anyhow::ensure!(
                 verdict.passed(),
                 "{}: {} problems (lost, duplicated, failed or refused) in {} runs",
