@@ -258,7 +258,25 @@ pub struct Config {
 
 /// The plugins folder a newcomer gets: what `scripts/build-plugins.sh` builds.
 pub fn default_plugins_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/wasm32-wasip2/release")
+    let host_crate = Path::new(env!("CARGO_MANIFEST_DIR"));
+    host_crate
+        .parent()
+        .unwrap_or(host_crate)
+        .join("target/plugins/wasm32-wasip2/release")
+}
+
+/// `path` made absolute against the working directory, once at start: a
+/// relative path would otherwise mean something else to each library that
+/// opens it (wasmtime's cache refuses relative ones outright) and to the
+/// plugins folder watcher.
+pub fn absolute(path: &Path, setting: &'static str) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(path).map_err(|err| ConfigError::Invalid {
+        setting,
+        why: format!(
+            "cannot resolve {} against the working directory: {err}",
+            path.display()
+        ),
+    })
 }
 
 /// The `[plugins.NAME]` tables as JSON text, by plugin name.
@@ -290,8 +308,9 @@ impl Config {
     pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
         let public_key_pem = match &settings.jwt_public_key {
             Some(path) => {
+                let path = absolute(path, "SOCKETS_JWT_PUBLIC_KEY")?;
                 Some(
-                    std::fs::read_to_string(path).map_err(|err| ConfigError::Invalid {
+                    std::fs::read_to_string(&path).map_err(|err| ConfigError::Invalid {
                         setting: "SOCKETS_JWT_PUBLIC_KEY",
                         why: format!("cannot read {}: {err}", path.display()),
                     })?,
@@ -335,11 +354,18 @@ impl Config {
                 algorithms: settings.jwt_algorithms.as_deref().map(comma_list),
                 leeway: Duration::from_secs(settings.jwt_leeway.unwrap_or(30)),
             },
-            plugins_dir: settings.plugins_dir.unwrap_or_else(default_plugins_dir),
-            data_dir: settings.data_dir.unwrap_or_else(|| PathBuf::from("./data")),
-            users_file: settings
-                .users_file
-                .unwrap_or_else(|| crate::directory::demo_users_file().to_owned()),
+            plugins_dir: match &settings.plugins_dir {
+                Some(dir) => absolute(dir, "SOCKETS_PLUGINS_DIR")?,
+                None => default_plugins_dir(),
+            },
+            data_dir: absolute(
+                settings.data_dir.as_deref().unwrap_or(Path::new("data")),
+                "SOCKETS_DATA_DIR",
+            )?,
+            users_file: match &settings.users_file {
+                Some(file) => absolute(file, "SOCKETS_USERS_FILE")?,
+                None => crate::directory::demo_users_file().to_owned(),
+            },
             amqp: settings.amqp_url.map(|url| AmqpSettings {
                 url,
                 exchange: settings
@@ -402,6 +428,26 @@ mod tests {
         assert_eq!(config.limits.rate_limit, 100);
         assert_eq!(config.mongo_db, "sockets");
         assert!(config.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_working_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let config = Config::from_settings(Settings {
+            plugins_dir: Some("./plugins".into()),
+            users_file: Some("users.json".into()),
+            ..Settings::default()
+        })
+        .unwrap();
+        assert_eq!(config.data_dir, cwd.join("data"));
+        assert_eq!(config.plugins_dir, cwd.join("plugins"));
+        assert_eq!(config.users_file, cwd.join("users.json"));
+        assert!(default_plugins_dir().is_absolute());
+        assert!(
+            !default_plugins_dir()
+                .components()
+                .any(|part| part == std::path::Component::ParentDir)
+        );
     }
 
     #[test]

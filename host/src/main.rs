@@ -11,15 +11,34 @@ use sockets_host::config::{Config, Settings};
 use sockets_host::server;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let file = match &cli.config {
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            // One line a newcomer can act on; the backtrace only on request.
+            eprintln!("error: {err:#}");
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+                eprintln!("{}", err.backtrace());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_file = cli
+        .config
+        .as_deref()
+        .map(|path| sockets_host::config::absolute(path, "--config"))
+        .transpose()?;
+    let file = match &config_file {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
     };
     let settings = cli.settings.clone().or(file);
     let mut config = Config::from_settings(settings)?;
-    config.config_file = cli.config.clone();
+    config.config_file = config_file;
 
     let filter = EnvFilter::try_new(&config.log).context("invalid SOCKETS_LOG filter")?;
     tracing_subscriber::fmt()
@@ -61,7 +80,7 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
     let dev_mode = server::apply_dev_mode(&mut config)?;
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = server::bind(config.listen)?;
         let addr = listener.local_addr()?;
@@ -72,8 +91,10 @@ fn serve(mut config: Config) -> anyhow::Result<ExitCode> {
                 config.data_dir.join("dev-jwt-secret").display()
             );
         }
+        let server = server::start(config, listener).await?;
+        // Only now: everything that can fail at start has succeeded.
         println!("sockets-host listening on http://{addr}");
-        server::run(config, listener, shutdown_signal()).await
+        server.serve(shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

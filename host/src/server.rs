@@ -49,9 +49,9 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket.bind(&addr.into()).with_context(|| {
+        format!("cannot listen on {addr} (SOCKETS_LISTEN; is another server using it?)")
+    })?;
     socket.listen(4096)?;
     Ok(TcpListener::from_std(socket.into())?)
 }
@@ -66,8 +66,12 @@ pub fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
             return Ok(secret);
         }
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir).with_context(|| {
+        format!(
+            "cannot create the data folder {} (SOCKETS_DATA_DIR)",
+            data_dir.display()
+        )
+    })?;
     let secret = format!(
         "{}{}",
         uuid::Uuid::new_v4().simple(),
@@ -94,6 +98,44 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    start(config, listener).await?.serve(shutdown).await
+}
+
+/// A server whose stores, plugins and links are set up: it answers as soon
+/// as [`Server::serve`] runs. Split from serving so that a caller can say
+/// "listening" only once everything that can fail at start has succeeded.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    log: Arc<dyn NotificationLog>,
+    /// The MongoDB node maintenance task, which removes this node's lease
+    /// and records when it ends.
+    maintenance: Option<tokio::task::JoinHandle<()>>,
+    broker: Option<(Arc<Health>, tokio::task::JoinHandle<()>)>,
+    cluster_link: Option<tokio::task::JoinHandle<()>>,
+    /// Keeps the plugins folder watched for as long as the server runs.
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets up everything the server needs (stores, plugins, broker links) on
+/// `config`; the first failure is returned with what failed and where.
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Server> {
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        plugins_dir = %config.plugins_dir.display(),
+        users_file = %config.users_file.display(),
+        config_file = %config.config_file.as_deref().map(|file| file.display().to_string()).unwrap_or_else(|| "none".into()),
+        "starting",
+    );
     let config = Arc::new(config);
     let auth = Arc::new(Authenticator::new(&config.jwt).context("JWT configuration")?);
     let connections = Arc::new(Connections::new());
@@ -118,14 +160,23 @@ pub async fn run(
         }),
         None => store.presence,
     };
-    let runtime = Arc::new(PluginRuntime::new(
-        PluginLimits::default(),
-        Arc::new(PluginServices {
-            directory: store.directory,
-            presence,
-        }),
-        Some(&config.data_dir.join("plugin-cache")),
-    )?);
+    let cache_dir = config.data_dir.join("plugin-cache");
+    let runtime = Arc::new(
+        PluginRuntime::new(
+            PluginLimits::default(),
+            Arc::new(PluginServices {
+                directory: Arc::clone(&store.directory),
+                presence,
+            }),
+            Some(&cache_dir),
+        )
+        .with_context(|| {
+            format!(
+                "plugin runtime with its compilation cache in {} (SOCKETS_DATA_DIR)",
+                cache_dir.display()
+            )
+        })?,
+    );
     let plugins = Arc::new(PluginRegistry::new());
     let manager = Arc::new(PluginManager::new(
         runtime,
@@ -134,8 +185,20 @@ pub async fn run(
         config.plugin_configs.clone(),
     ));
     manager.load_all().await;
-    let _watcher = hotswap::watch(Arc::clone(&manager), config.config_file.clone())
-        .context("watching the plugins folder")?;
+    if plugins.snapshot().iter().next().is_none() {
+        tracing::warn!(
+            "no plugin loaded from {} (SOCKETS_PLUGINS_DIR): every event is unknown_event \
+             until one is; build the bundled ones with scripts/build-plugins.sh",
+            config.plugins_dir.display()
+        );
+    }
+    let watcher =
+        hotswap::watch(Arc::clone(&manager), config.config_file.clone()).with_context(|| {
+            format!(
+                "watching the plugins folder {} (SOCKETS_PLUGINS_DIR)",
+                config.plugins_dir.display()
+            )
+        })?;
 
     let cluster = cluster_settings.map(|(settings, remote_presence)| {
         Cluster::start(
@@ -185,41 +248,77 @@ pub async fn run(
         connection_tasks: connection_tasks.clone(),
         instance_id,
     };
+    Ok(Server {
+        listener,
+        state,
+        stop,
+        log: store.log,
+        maintenance: store.maintenance,
+        broker,
+        cluster_link: cluster.map(|(_, link)| link),
+        _watcher: watcher,
+    })
+}
 
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    // Frames are small and written as they come: Nagle's algorithm would
-    // hold one back behind an unacknowledged one (up to a delayed ACK, 40 ms).
-    let listener = listener.tap_io(|socket| {
-        if let Err(err) = socket.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {err}");
+impl Server {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, closes every
+    /// WebSocket with 1001 and waits for in-flight work.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Server {
+            listener,
+            state,
+            stop,
+            log,
+            maintenance,
+            broker,
+            cluster_link,
+            _watcher,
+        } = self;
+        let connections = Arc::clone(&state.connections);
+        let connection_tasks = state.connection_tasks.clone();
+        let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+        // Frames are small and written as they come: Nagle's algorithm would
+        // hold one back behind an unacknowledged one (up to a delayed ACK, 40 ms).
+        let listener = listener.tap_io(|socket| {
+            if let Err(err) = socket.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {err}");
+            }
+        });
+        axum::serve(listener, service)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections, closing sockets with 1001");
+                let _ = stop.send(true);
+            })
+            .await?;
+
+        if let Some((_, intake)) = broker {
+            // Stops consuming; unacknowledged messages go back to the queue.
+            let _ = intake.await;
         }
-    });
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, closing sockets with 1001");
-            let _ = stop.send(true);
-        })
-        .await?;
-
-    if let Some((_, intake)) = broker {
-        // Stops consuming; unacknowledged messages go back to the queue.
-        let _ = intake.await;
+        // Upgraded connections outlive axum's graceful shutdown: wait until
+        // each has written its close frame.
+        connection_tasks.close();
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;
+        if let Some(link) = cluster_link {
+            let _ = link.await;
+        }
+        flush_log(log.as_ref()).await;
+        if let Some(maintenance) = maintenance {
+            // Removes this node's lease and records.
+            let _ = maintenance.await;
+        }
+        tracing::info!(open = connections.len(), "stopped");
+        Ok(())
     }
-    // Upgraded connections outlive axum's graceful shutdown: wait until
-    // each has written its close frame.
-    connection_tasks.close();
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;
-    if let Some((_, link)) = cluster {
-        let _ = link.await;
-    }
-    flush_log(store.log.as_ref()).await;
-    if let Some(maintenance) = store.maintenance {
-        // Removes this node's lease and records.
-        let _ = maintenance.await;
-    }
-    tracing::info!(open = connections.len(), "stopped");
-    Ok(())
 }
 
 /// Writes the notification log records still queued, e.g. those of clients
@@ -250,9 +349,17 @@ impl Store {
     /// The log on disk, connection records in memory, the users file.
     fn embedded(config: &Config, connections: &Arc<Connections>) -> anyhow::Result<Self> {
         Ok(Self {
-            log: Arc::new(EmbeddedLog::open(&config.data_dir).context("notification log")?),
+            log: Arc::new(EmbeddedLog::open(&config.data_dir).with_context(|| {
+                format!(
+                    "notification log in {} (SOCKETS_DATA_DIR)",
+                    config.data_dir.display()
+                )
+            })?),
             connections: Arc::new(MemoryConnections::new()),
-            directory: Arc::new(FileDirectory::load(&config.users_file)?),
+            directory: Arc::new(
+                FileDirectory::load(&config.users_file)
+                    .context("users file (SOCKETS_USERS_FILE)")?,
+            ),
             presence: Arc::clone(connections) as Arc<dyn Presence>,
             health: None,
             maintenance: None,

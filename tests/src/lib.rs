@@ -29,10 +29,15 @@ pub fn workspace_root() -> &'static Path {
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
-    // Cargo describes the test binary to it in these variables; a nested
-    // build must not see them: some build scripts (ring's) rerun when
-    // `CARGO_MANIFEST_DIR` changes, which would rebuild half the
-    // dependencies on every alternation with the outer `cargo test`.
+    without_test_env(&mut command);
+    command
+}
+
+/// Removes what cargo tells a test binary about itself from `command`'s
+/// environment. A nested build must not see it: some build scripts (ring's)
+/// rerun when `CARGO_MANIFEST_DIR` changes, which would rebuild half the
+/// dependencies on every alternation with the outer `cargo test`.
+pub fn without_test_env(command: &mut Command) {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         if name.starts_with("CARGO_PKG_")
@@ -43,6 +48,19 @@ pub fn cargo() -> Command {
             || name == "CARGO_TARGET_TMPDIR"
         {
             command.env_remove(name.as_ref());
+        }
+    }
+}
+
+/// A command run the way a newcomer runs it: no `SOCKETS_*` setting, no
+/// backtrace request, nothing cargo tells a test about itself.
+pub fn as_newcomer(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    without_test_env(&mut command);
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        if text.starts_with("SOCKETS_") || text.starts_with("RUST_BACKTRACE") {
+            command.env_remove(&name);
         }
     }
     command

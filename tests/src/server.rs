@@ -70,7 +70,7 @@ pub struct Server {
 /// Reads `child`'s stdout until the line `<prefix><address>`, for at most
 /// `wait`; panics with the log at `stderr_log` if it does not come. The
 /// rest of stdout is drained, so the child never blocks on a full pipe.
-pub(crate) async fn listening_addr(
+pub async fn listening_addr(
     child: &mut Child,
     prefix: &str,
     wait: Duration,
@@ -148,6 +148,25 @@ impl Server {
             &stderr_log,
         )
         .await;
+        Server {
+            child,
+            addr,
+            data_dir,
+            plugins_dir,
+            stderr_log,
+        }
+    }
+
+    /// A server started some other way (a script, the binary with no
+    /// settings), once it printed its listening line; stopped like any
+    /// other.
+    pub fn adopt(
+        child: Child,
+        addr: SocketAddr,
+        data_dir: PathBuf,
+        plugins_dir: PathBuf,
+        stderr_log: PathBuf,
+    ) -> Server {
         Server {
             child,
             addr,
