@@ -144,7 +144,8 @@ median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 
 # The broker intake of our host, on exchanges and a queue of its own.
 AMQP_URL=${SOCKETS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 with_broker=(SOCKETS_AMQP_URL="$AMQP_URL" SOCKETS_AMQP_EXCHANGE=bench.events SOCKETS_AMQP_QUEUE=bench.intake
-    SOCKETS_AMQP_DEAD_EXCHANGE=bench.dead SOCKETS_AMQP_NODES_EXCHANGE=bench.nodes)
+    SOCKETS_AMQP_DEAD_EXCHANGE=bench.dead SOCKETS_AMQP_NODES_EXCHANGE=bench.nodes
+    SOCKETS_CLUSTER_KEY=bench-cluster-key-not-secret)
 
 for target in sockets socketio; do
     if [ "$target" = sockets ]; then start=start_ours addr=$OURS; else start=start_peer addr=$PEER; fi

@@ -14,6 +14,11 @@ use crate::config::JwtConfig;
 /// The role given to tokens without a `role` claim.
 pub const DEFAULT_ROLE: &str = "user";
 
+/// The latest `exp` taken as given (9999-12-31T23:59:59Z): a later one is
+/// clamped to it, so that no expiry arithmetic (a `SystemTime`, a timer, an
+/// RFC 3339 date) can overflow on a value a token chose.
+pub const MAX_EXP: u64 = 253_402_300_799;
+
 /// What a verified token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
@@ -87,6 +92,7 @@ pub struct Authenticator {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
+    max_sub_bytes: usize,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -161,6 +167,7 @@ impl Authenticator {
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway,
+            max_sub_bytes: config.max_sub_bytes,
         })
     }
 
@@ -210,6 +217,9 @@ impl Authenticator {
             Some(serde_json::Value::String(sub)) if !sub.is_empty() => sub,
             _ => return Err(AuthError::Invalid("`sub` must be a non-empty string")),
         };
+        if sub.len() > self.max_sub_bytes {
+            return Err(AuthError::Invalid("`sub` is longer than the user id limit"));
+        }
         let role = match claims.role {
             None | Some(serde_json::Value::Null) => DEFAULT_ROLE.to_owned(),
             Some(serde_json::Value::String(role)) if !role.is_empty() => role,
@@ -219,7 +229,8 @@ impl Authenticator {
             .exp
             .as_u64()
             .or_else(|| claims.exp.as_f64().map(|secs| secs.max(0.0) as u64))
-            .ok_or(AuthError::Invalid("`exp` must be a number"))?;
+            .ok_or(AuthError::Invalid("`exp` must be a number"))?
+            .min(MAX_EXP);
         Ok(Claims { sub, role, exp })
     }
 
@@ -245,7 +256,7 @@ impl Authenticator {
             sub,
             role,
             iat: now,
-            exp: now + ttl.as_secs(),
+            exp: now.saturating_add(ttl.as_secs()).min(MAX_EXP),
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
@@ -282,7 +293,11 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
     };
-    Ok(Duration::from_secs(number * seconds))
+    number
+        .checked_mul(seconds)
+        .filter(|&secs| secs <= MAX_EXP)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long a lifetime"))
 }
 
 #[cfg(test)]
@@ -297,6 +312,7 @@ mod tests {
             audience: None,
             algorithms: None,
             leeway: Duration::from_secs(30),
+            max_sub_bytes: 256,
         }
     }
 

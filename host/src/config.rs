@@ -75,6 +75,15 @@ pub struct Settings {
     /// delivery.
     #[arg(long, env = "SOCKETS_AMQP_CLUSTER", global = true)]
     pub amqp_cluster: Option<bool>,
+    /// Shared secret that signs every message between nodes (HMAC-SHA256);
+    /// required when the cluster link is on.
+    #[arg(
+        long,
+        env = "SOCKETS_CLUSTER_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub cluster_key: Option<String>,
     /// MongoDB URL.
     #[arg(long, env = "SOCKETS_MONGO_URL", global = true, hide_env_values = true)]
     pub mongo_url: Option<String>,
@@ -97,6 +106,15 @@ pub struct Settings {
     /// Seconds without a frame or pong before a connection is closed.
     #[arg(long, env = "SOCKETS_IDLE_TIMEOUT", global = true)]
     pub idle_timeout: Option<u64>,
+    /// Open connections (WebSocket and HTTP) before new ones get 503.
+    #[arg(long, env = "SOCKETS_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "SOCKETS_HEADER_TIMEOUT", global = true)]
+    pub header_timeout: Option<u64>,
+    /// Longest user id (`sub`, or one a client names), bytes.
+    #[arg(long, env = "SOCKETS_MAX_USER_ID_BYTES", global = true)]
+    pub max_user_id_bytes: Option<usize>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "SOCKETS_LOG", global = true)]
     pub log: Option<String>,
@@ -141,6 +159,10 @@ impl Settings {
             amqp_prefetch: self.amqp_prefetch.or(lower.amqp_prefetch),
             amqp_nodes_exchange: self.amqp_nodes_exchange.or(lower.amqp_nodes_exchange),
             amqp_cluster: self.amqp_cluster.or(lower.amqp_cluster),
+            cluster_key: self.cluster_key.or(lower.cluster_key),
+            max_connections: self.max_connections.or(lower.max_connections),
+            header_timeout: self.header_timeout.or(lower.header_timeout),
+            max_user_id_bytes: self.max_user_id_bytes.or(lower.max_user_id_bytes),
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
             node_lease: self.node_lease.or(lower.node_lease),
@@ -182,6 +204,8 @@ pub struct JwtConfig {
     pub algorithms: Option<Vec<String>>,
     /// Clock leeway for `exp`/`nbf`.
     pub leeway: Duration,
+    /// Longest accepted `sub`, bytes (a longer one is refused, `401`).
+    pub max_sub_bytes: usize,
 }
 
 /// Per-connection limits (PROTOCOL.md §6).
@@ -205,6 +229,12 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest plugin upload on the admin API, bytes.
     pub max_plugin_bytes: usize,
+    /// Open connections (HTTP and WebSocket) before new ones get `503`.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Longest user id, bytes (`sub`; plugins check the ids clients name).
+    pub max_user_id_bytes: usize,
 }
 
 impl Default for Limits {
@@ -219,6 +249,9 @@ impl Default for Limits {
             max_details_bytes: 4096,
             max_body_bytes: 1 << 20,
             max_plugin_bytes: 16 << 20,
+            max_connections: 100_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_user_id_bytes: 256,
         }
     }
 }
@@ -340,8 +373,39 @@ impl Config {
             rate_limit: settings.rate_limit.unwrap_or(100),
             ping_interval: seconds(settings.ping_interval, 25, "SOCKETS_PING_INTERVAL")?,
             idle_timeout: seconds(settings.idle_timeout, 60, "SOCKETS_IDLE_TIMEOUT")?,
+            header_read_timeout: seconds(settings.header_timeout, 10, "SOCKETS_HEADER_TIMEOUT")?,
+            max_connections: match settings.max_connections {
+                Some(0) => {
+                    return Err(ConfigError::Invalid {
+                        setting: "SOCKETS_MAX_CONNECTIONS",
+                        why: "must be at least 1".into(),
+                    });
+                }
+                Some(max) => max,
+                None => Limits::default().max_connections,
+            },
+            max_user_id_bytes: match settings.max_user_id_bytes {
+                Some(0) => {
+                    return Err(ConfigError::Invalid {
+                        setting: "SOCKETS_MAX_USER_ID_BYTES",
+                        why: "must be at least 1".into(),
+                    });
+                }
+                Some(max) => max,
+                None => Limits::default().max_user_id_bytes,
+            },
             ..Limits::default()
         };
+        let cluster_on = settings.amqp_url.is_some() && settings.amqp_cluster.unwrap_or(true);
+        if cluster_on && settings.cluster_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid {
+                setting: "SOCKETS_CLUSTER_KEY",
+                why: "the cluster link (SOCKETS_AMQP_URL) signs every message between nodes: \
+                      set the same secret on every node, or SOCKETS_AMQP_CLUSTER=false for a \
+                      single node"
+                    .into(),
+            });
+        }
         Ok(Self {
             listen: settings
                 .listen
@@ -352,7 +416,16 @@ impl Config {
                 issuer: settings.jwt_issuer,
                 audience: settings.jwt_audience,
                 algorithms: settings.jwt_algorithms.as_deref().map(comma_list),
-                leeway: Duration::from_secs(settings.jwt_leeway.unwrap_or(30)),
+                leeway: match settings.jwt_leeway.unwrap_or(30) {
+                    leeway @ 0..=86_400 => Duration::from_secs(leeway),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            setting: "SOCKETS_JWT_LEEWAY",
+                            why: "at most 86400 seconds (a day)".into(),
+                        });
+                    }
+                },
+                max_sub_bytes: limits.max_user_id_bytes,
             },
             plugins_dir: match &settings.plugins_dir {
                 Some(dir) => absolute(dir, "SOCKETS_PLUGINS_DIR")?,
@@ -381,6 +454,7 @@ impl Config {
                     .amqp_nodes_exchange
                     .unwrap_or_else(|| "sockets.nodes".to_owned()),
                 cluster: settings.amqp_cluster.unwrap_or(true),
+                cluster_key: settings.cluster_key,
                 prefetch: settings.amqp_prefetch.unwrap_or(64),
                 max_attempts: 3,
             }),

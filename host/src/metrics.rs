@@ -26,6 +26,9 @@ pub struct Metrics {
     cluster_received: AtomicU64,
     cluster_dropped: AtomicU64,
     presence_received: AtomicU64,
+    connections_over_cap: AtomicU64,
+    connection_panics: AtomicU64,
+    cluster_rejected: AtomicU64,
     dispatch_buckets: [AtomicU64; DISPATCH_BUCKETS.len()],
     dispatch_count: AtomicU64,
     dispatch_nanos: AtomicU64,
@@ -44,6 +47,22 @@ impl Metrics {
     /// A connection ended.
     pub fn connection_closed(&self) {
         add(&self.connections_closed, 1);
+    }
+
+    /// A connection beyond `SOCKETS_MAX_CONNECTIONS` was answered `503`.
+    pub fn connection_refused_over_cap(&self) {
+        add(&self.connections_over_cap, 1);
+    }
+
+    /// A connection's task panicked (it was closed with 1011 and
+    /// unregistered all the same).
+    pub fn connection_panicked(&self) {
+        add(&self.connection_panics, 1);
+    }
+
+    /// A cluster message without a valid cluster key signature was ignored.
+    pub fn cluster_message_rejected(&self) {
+        add(&self.cluster_rejected, 1);
     }
 
     /// A client frame arrived.
@@ -133,6 +152,24 @@ impl Metrics {
             "counter",
             "WebSocket connections ended.",
             read(&self.connections_closed),
+        );
+        metric(
+            "sockets_connections_over_capacity_total",
+            "counter",
+            "Connections answered 503 because SOCKETS_MAX_CONNECTIONS were open.",
+            read(&self.connections_over_cap),
+        );
+        metric(
+            "sockets_connection_panics_total",
+            "counter",
+            "Connection tasks that panicked (closed with 1011).",
+            read(&self.connection_panics),
+        );
+        metric(
+            "sockets_cluster_messages_rejected_total",
+            "counter",
+            "Cluster messages ignored: no valid signature with the cluster key, or malformed.",
+            read(&self.cluster_rejected),
         );
         metric(
             "sockets_frames_in_total",
@@ -239,6 +276,13 @@ impl Metrics {
                 );
             }
         }
+        per_plugin(
+            &mut out,
+            plugins,
+            ("sockets_plugin_log_lines_dropped_total", "counter"),
+            "Plugin log lines dropped by the per-plugin log rate limit.",
+            LoadedPlugin::log_lines_dropped,
+        );
         per_plugin(
             &mut out,
             plugins,

@@ -105,15 +105,40 @@ pub struct PluginServices {
     pub directory: Arc<dyn UserDirectory>,
     /// Connections per user (the cluster's when the store knows them).
     pub presence: Arc<dyn Presence>,
+    /// Longest user id; longer ones name no user and are not looked up
+    /// (plugins pass on ids that clients chose).
+    pub max_user_id_bytes: usize,
+}
+
+impl PluginServices {
+    fn can_be_user_id(&self, id: &str) -> bool {
+        !id.is_empty() && id.len() <= self.max_user_id_bytes
+    }
 }
 
 impl HostServices for PluginServices {
     fn get_user(&self, id: &str) -> Option<User> {
+        if !self.can_be_user_id(id) {
+            return None;
+        }
         self.directory.get_user(id)
     }
 
     fn connection_count(&self, user_id: &str) -> u32 {
+        if !self.can_be_user_id(user_id) {
+            return 0;
+        }
         u32::try_from(self.presence.count_of_user(user_id)).unwrap_or(u32::MAX)
+    }
+}
+
+fn route_error(err: DispatchError) -> RouteError {
+    match err {
+        DispatchError::NoHandler(name) => RouteError::UnknownEvent(name),
+        DispatchError::Plugin { plugin, error } => match error {
+            CallError::Refused { code, message } => RouteError::Refused { code, message },
+            error => RouteError::PluginFailed { plugin, error },
+        },
     }
 }
 
@@ -153,6 +178,16 @@ impl Router {
         self.record(delivered).await
     }
 
+    /// Asks the plugins whether they accept the event, and delivers
+    /// nothing: the validation of a repeated publication.
+    pub fn check(&self, inbound: &Inbound) -> Result<(), RouteError> {
+        self.plugins
+            .snapshot()
+            .dispatch(&inbound.event)
+            .map(drop)
+            .map_err(route_error)
+    }
+
     /// The first half of [`Router::route`]: asks the plugins, pushes the
     /// deliveries and forwards them to the other nodes. Callers that must
     /// keep deliveries in order run this in order and may overlap the
@@ -164,15 +199,13 @@ impl Router {
         // on this worker unless the plugin must not (plugin/placement.rs).
         let decision = plugins.dispatch(&inbound.event);
         self.metrics.observe_dispatch(started.elapsed());
-        let decision = decision.map_err(|err| match err {
-            DispatchError::NoHandler(name) => RouteError::UnknownEvent(name),
-            DispatchError::Plugin { plugin, error } => match error {
-                CallError::Refused { code, message } => RouteError::Refused { code, message },
-                error => {
-                    tracing::warn!(%plugin, event = %inbound.event.name, kind = error.kind(), "plugin failed: {error}");
-                    RouteError::PluginFailed { plugin, error }
-                }
-            },
+        let decision = decision.map_err(|err| {
+            if let DispatchError::Plugin { plugin, error } = &err
+                && !matches!(error, CallError::Refused { .. })
+            {
+                tracing::warn!(%plugin, event = %inbound.event.name, kind = error.kind(), "plugin failed: {error}");
+            }
+            route_error(err)
         })?;
 
         let created_at = rfc3339(SystemTime::now());

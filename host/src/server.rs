@@ -8,18 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::cluster::{Cluster, ClusterPresence, RemotePresence};
+use crate::cluster::{Cluster, ClusterKey, ClusterPresence, RemotePresence};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
 use crate::directory::UserDirectory;
-use crate::gateway::{AppState, app};
+use crate::gateway::{self, AppState, ConnectionLimits, app};
 use crate::health::Health;
 use crate::hotswap::{self, PluginManager};
 use crate::intake::Idempotency;
@@ -167,6 +166,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
             Arc::new(PluginServices {
                 directory: Arc::clone(&store.directory),
                 presence,
+                max_user_id_bytes: config.limits.max_user_id_bytes,
             }),
             Some(&cache_dir),
         )
@@ -200,16 +200,26 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
             )
         })?;
 
-    let cluster = cluster_settings.map(|(settings, remote_presence)| {
-        Cluster::start(
-            settings,
-            Arc::clone(&instance_id),
-            Arc::clone(&connections),
-            remote_presence,
-            Arc::clone(&metrics),
-            stopped.clone(),
-        )
-    });
+    let cluster_key = match &cluster_settings {
+        Some((settings, _)) => Some(
+            ClusterKey::new(settings.cluster_key.as_deref().unwrap_or_default())
+                .context("cluster link")?,
+        ),
+        None => None,
+    };
+    let cluster = cluster_settings
+        .zip(cluster_key)
+        .map(|((settings, remote_presence), key)| {
+            Cluster::start(
+                settings,
+                key,
+                Arc::clone(&instance_id),
+                Arc::clone(&connections),
+                remote_presence,
+                Arc::clone(&metrics),
+                stopped.clone(),
+            )
+        });
     let router = Arc::new(Router::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),
@@ -284,27 +294,23 @@ impl Server {
         } = self;
         let connections = Arc::clone(&state.connections);
         let connection_tasks = state.connection_tasks.clone();
-        let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-        // Frames are small and written as they come: Nagle's algorithm would
-        // hold one back behind an unacknowledged one (up to a delayed ACK, 40 ms).
-        let listener = listener.tap_io(|socket| {
-            if let Err(err) = socket.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {err}");
-            }
-        });
-        axum::serve(listener, service)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: no new connections, closing sockets with 1001");
-                let _ = stop.send(true);
-            })
-            .await?;
+        let limits = ConnectionLimits {
+            max_connections: state.config.limits.max_connections,
+            header_read_timeout: state.config.limits.header_read_timeout,
+        };
+        let metrics = Arc::clone(&state.metrics);
+        gateway::serve(listener, app(state), limits, metrics, async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, closing sockets with 1001");
+            let _ = stop.send(true);
+        })
+        .await;
 
         if let Some((_, intake)) = broker {
             // Stops consuming; unacknowledged messages go back to the queue.
             let _ = intake.await;
         }
-        // Upgraded connections outlive axum's graceful shutdown: wait until
+        // Upgraded connections outlive the HTTP graceful shutdown: wait until
         // each has written its close frame.
         connection_tasks.close();
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;

@@ -39,11 +39,20 @@ impl Failure {
 }
 
 impl Event {
-    /// Parses the event's data into `T`; a mismatch is `bad_request` with
-    /// serde's explanation. `T` may borrow from the data: a `Cow<str>`
-    /// field with `#[serde(borrow)]` borrows a string without escapes and
-    /// copies one with them (a plain `&str` field refuses the latter).
+    /// Parses the event's data, which must be a JSON object, into `T`; a
+    /// mismatch is `bad_request` with serde's explanation. `T` may borrow
+    /// from the data: a `Cow<str>` field with `#[serde(borrow)]` borrows a
+    /// string without escapes and copies one with them (a plain `&str` field
+    /// refuses the latter).
+    ///
+    /// The object check matters: serde fills a struct from a JSON array too
+    /// (its fields in order), so `["c_1","hi"]` would pass for
+    /// `{"to":"c_1","text":"hi"}`. Data of another shape is read from
+    /// [`Event::data`] directly.
     pub fn data_as<'a, T: Deserialize<'a>>(&'a self) -> Result<T, Failure> {
+        if !self.data.trim_start().starts_with('{') {
+            return Err(Failure::bad_request("`data` must be a JSON object"));
+        }
         serde_json::from_str(&self.data).map_err(|err| {
             Failure::bad_request(format!("invalid data: {}", without_position(&err)))
         })
@@ -175,6 +184,52 @@ impl NonEmptyString {
     /// The inner string.
     pub fn into_inner(self) -> String {
         self.0
+    }
+}
+
+/// Longest user id, bytes (PROTOCOL §6: user ids are 1–256 bytes).
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+/// A user id named in event data (e.g. a message's `to`): a non-empty
+/// string of at most [`MAX_USER_ID_BYTES`] bytes; anything else fails to
+/// deserialize (so `data_as` answers `bad_request`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct UserId(String);
+
+impl UserId {
+    /// The inner string.
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        if value.is_empty() {
+            return Err(D::Error::custom("a user id is empty"));
+        }
+        if value.len() > MAX_USER_ID_BYTES {
+            return Err(D::Error::custom(format!(
+                "a user id is at most {MAX_USER_ID_BYTES} bytes"
+            )));
+        }
+        Ok(Self(value))
+    }
+}
+
+impl Deref for UserId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

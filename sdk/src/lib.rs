@@ -38,7 +38,7 @@ mod helpers;
 mod host;
 pub mod testing;
 
-pub use helpers::NonEmptyString;
+pub use helpers::{MAX_USER_ID_BYTES, NonEmptyString, UserId};
 pub use host::Host;
 
 /// Bindings generated from `wit/plugin.wit`; plugin authors use the

@@ -16,6 +16,10 @@ use crate::{host_binary, plugin_wasm, workspace_root};
 /// The HS256 secret every test server uses.
 pub const SECRET: &str = "test-secret-please-change";
 
+/// The cluster key every test server uses (it signs messages between
+/// nodes; only read when a broker is configured).
+pub const CLUSTER_KEY: &str = "test-cluster-key-please-change";
+
 /// How a test server is started.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -133,6 +137,7 @@ impl Server {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SOCKETS_LISTEN", "127.0.0.1:0")
             .env("SOCKETS_JWT_SECRET", SECRET)
+            .env("SOCKETS_CLUSTER_KEY", CLUSTER_KEY)
             .env("SOCKETS_DATA_DIR", &data_dir)
             .env("SOCKETS_PLUGINS_DIR", &plugins_dir)
             .env("SOCKETS_LOG", "info,sockets_host=debug")

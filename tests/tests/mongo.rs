@@ -446,3 +446,104 @@ async fn records_queued_during_an_outage_are_written_before_shutdown_ends() {
         "the queued record was written before the process ended"
     );
 }
+
+/// A connection record with these details, as the gateway would store it.
+fn record(id: &str, details: serde_json::Value) -> sockets_host::store::ConnectionRecord {
+    sockets_host::store::ConnectionRecord {
+        id: id.to_owned(),
+        user_id: format!("user-{id}"),
+        role: "student".to_owned(),
+        instance_id: "node-poison".to_owned(),
+        connected_at: "2026-12-06T10:00:00Z".to_owned(),
+        last_seen_at: "2026-12-06T10:00:00Z".to_owned(),
+        details: details.as_object().cloned().unwrap_or_default(),
+        remote_addr: None,
+        user_agent: None,
+    }
+}
+
+/// The gateway refuses details MongoDB cannot keep (`edge.rs`), but a
+/// record the database refuses must still not hold back the others, nor
+/// mark the database unhealthy, nor be retried forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_the_database_refuses_holds_back_no_other() {
+    use sockets_host::store::ConnectionStore;
+    use sockets_host::store::mongo::{Mongo, MongoConnections};
+    let db = TestDb::unique().await;
+    let mongo = Mongo::connect(&sockets_tests::mongo::mongo_url(), &db.name)
+        .await
+        .unwrap();
+    let store = MongoConnections::start(&mongo, "node-poison".into());
+    store
+        .insert(record("0-poison", json!({"bad\u{0}key": 1})))
+        .await
+        .unwrap();
+    store
+        .insert(record("fine", json!({"device": "ios"})))
+        .await
+        .unwrap();
+    let stored = eventually(WAIT, "the good record is written", || async {
+        let found = db.find("userConnections", doc! {"_id": "fine"}).await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(stored[0].get_str("userId").unwrap(), "user-fine");
+    assert!(
+        db.find("userConnections", doc! {"_id": "0-poison"})
+            .await
+            .is_empty(),
+        "the refused record is not stored"
+    );
+    assert_eq!(
+        mongo.health().problem(),
+        None,
+        "a refused record says nothing of the database's health"
+    );
+    // Later writes go through too.
+    store.insert(record("later", json!({}))).await.unwrap();
+    eventually(WAIT, "a later record is written", || async {
+        (!db.find("userConnections", doc! {"_id": "later"})
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+
+    // Reconciliation (the node's first lease marks its records for it)
+    // writes every other record back, wherever the refused one falls in
+    // its order.
+    let mut good = vec!["fine".to_owned(), "later".to_owned()];
+    for n in 0..20 {
+        let id = format!("good-{n}");
+        store.insert(record(&id, json!({"n": n}))).await.unwrap();
+        good.push(id);
+    }
+    eventually(WAIT, "every good record is written", || async {
+        (db.find("userConnections", doc! {}).await.len() == good.len()).then_some(())
+    })
+    .await;
+    db.db
+        .collection::<Document>("userConnections")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let maintenance = tokio::spawn(
+        sockets_host::store::mongo::Maintenance {
+            mongo: mongo.clone(),
+            instance_id: "node-poison".into(),
+            lease: Duration::from_secs(30),
+            connections: std::sync::Arc::clone(&store),
+        }
+        .run(stopped),
+    );
+    eventually(
+        WAIT,
+        "reconciliation writes every good record back",
+        || async { (db.find("userConnections", doc! {}).await.len() == good.len()).then_some(()) },
+    )
+    .await;
+    assert_eq!(mongo.health().problem(), None);
+    let _ = stop.send(true);
+    let _ = maintenance.await;
+}

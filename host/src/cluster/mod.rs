@@ -16,6 +16,9 @@
 
 mod batch;
 mod presence;
+mod signing;
+
+pub use signing::ClusterKey;
 
 pub use presence::{ClusterPresence, RemotePresence};
 
@@ -59,6 +62,9 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest routing key AMQP allows, in bytes.
 const MAX_ROUTING_KEY: usize = 255;
 
+/// The signed kind of a batch of delivery copies (which has no AMQP type).
+const BATCH_KIND: &str = "batch";
+
 enum Command {
     /// Bind or unbind the user as its local connections say; answer when
     /// done.
@@ -90,6 +96,7 @@ impl Cluster {
     /// keeps `remote` up to date with the other nodes' announcements.
     pub fn start(
         settings: AmqpSettings,
+        key: ClusterKey,
         instance_id: Arc<str>,
         connections: Arc<Connections>,
         remote: Arc<RemotePresence>,
@@ -106,6 +113,8 @@ impl Cluster {
             connections,
             metrics,
             status: Arc::clone(&status),
+            key,
+            rejected: 0,
             outbox: VecDeque::new(),
             seen: Seen::default(),
             remote: Arc::clone(&remote),
@@ -212,6 +221,10 @@ struct Link {
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
     status: Arc<Health>,
+    /// Signs what this node publishes and checks what it consumes.
+    key: ClusterKey,
+    /// Rejected messages so far, to log the first of a burst only.
+    rejected: u64,
     /// Batches not yet confirmed by the broker, oldest first.
     outbox: VecDeque<Vec<DeliveryCopy>>,
     seen: Seen,
@@ -383,6 +396,9 @@ impl Link {
                 delivery = incoming.next() => match delivery {
                     Some(delivery) => {
                         let delivery = delivery?;
+                        if !self.authentic(&delivery) {
+                            continue;
+                        }
                         match message_type(&delivery) {
                             Some(presence::MESSAGE_TYPE) => self.hear(&channel, &delivery).await?,
                             Some(presence::ACK_TYPE) => self.answered(&delivery),
@@ -563,15 +579,17 @@ impl Link {
     /// its own) and waits until the broker has routed it. A nack is not
     /// retried: the next snapshot makes up for it.
     async fn announce(&self, channel: &Channel, announcement: Announcement) -> lapin::Result<()> {
+        let body = announcement.encode();
         let properties = BasicProperties::default()
             .with_app_id(self.instance_id.as_ref().into())
-            .with_type(presence::MESSAGE_TYPE.into());
+            .with_type(presence::MESSAGE_TYPE.into())
+            .with_headers(self.signed(presence::MESSAGE_TYPE, &body, FieldTable::default()));
         channel
             .basic_publish(
                 self.presence_exchange.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &announcement.encode(),
+                &body,
                 properties,
             )
             .await?
@@ -609,15 +627,17 @@ impl Link {
     /// Tells `node` that its announcements up to `seq` are applied: straight
     /// to its queue, through the default exchange.
     async fn answer(&self, channel: &Channel, node: &str, seq: u64) -> lapin::Result<()> {
+        let body = seq.to_string().into_bytes();
         let properties = BasicProperties::default()
             .with_app_id(self.instance_id.as_ref().into())
-            .with_type(presence::ACK_TYPE.into());
+            .with_type(presence::ACK_TYPE.into())
+            .with_headers(self.signed(presence::ACK_TYPE, &body, FieldTable::default()));
         channel
             .basic_publish(
                 "".into(),
                 format!("{}.{node}", self.settings.nodes_exchange).into(),
                 BasicPublishOptions::default(),
-                seq.to_string().as_bytes(),
+                &body,
                 properties,
             )
             .await?
@@ -676,18 +696,63 @@ impl Link {
                 .collect();
             headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(cc)));
         }
+        let body = batch::encode(batch);
         let properties = BasicProperties::default()
             .with_app_id(self.instance_id.as_ref().into())
-            .with_headers(headers);
+            .with_headers(self.signed(BATCH_KIND, &body, headers));
         channel
             .basic_publish(
                 self.settings.nodes_exchange.as_str().into(),
                 (*first).into(),
                 BasicPublishOptions::default(),
-                &batch::encode(batch),
+                &body,
                 properties,
             )
             .await
+    }
+
+    /// `headers` with this node's signature of a message added.
+    fn signed(&self, kind: &str, body: &[u8], mut headers: FieldTable) -> FieldTable {
+        let signature = self.key.sign(kind, &self.instance_id, body);
+        headers.insert(
+            signing::SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(signature.into()),
+        );
+        headers
+    }
+
+    /// Whether a consumed message was signed with the cluster key by the
+    /// node it names; others are dropped, counted and (the first of a
+    /// burst) logged.
+    fn authentic(&mut self, delivery: &lapin::message::Delivery) -> bool {
+        let kind = message_type(delivery).unwrap_or(BATCH_KIND);
+        let signature = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(signing::SIGNATURE_HEADER))
+            .and_then(|value| match value {
+                AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+                _ => None,
+            });
+        let valid = match (sender(delivery), signature) {
+            (Some(sender), Some(signature)) => {
+                self.key.verify(kind, sender, &delivery.data, signature)
+            }
+            _ => false,
+        };
+        if !valid {
+            self.metrics.cluster_message_rejected();
+            if self.rejected.is_power_of_two() || self.rejected == 0 {
+                tracing::warn!(
+                    rejected = self.rejected + 1,
+                    "ignoring a cluster message without a valid signature (another \
+                     SOCKETS_CLUSTER_KEY, or not from a node)"
+                );
+            }
+            self.rejected += 1;
+        }
+        valid
     }
 
     /// Pushes the copies of another node's batch to this node's connections

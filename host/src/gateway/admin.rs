@@ -2,21 +2,18 @@
 //! plugins on a running server. Every route needs a token with role `admin`.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::{ApiError, require_role};
+use super::claims::{AdminRole, Authorized, LimitedBody, UploadLimit};
+use super::error::ApiError;
 use crate::hotswap::OperationError;
 
-const ADMIN_ROLE: &str = "admin";
-
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    require_role(&state.auth, headers, ADMIN_ROLE).map(drop)
-}
+/// Every admin route takes this before anything else (the upload's body
+/// included).
+type Admin = Authorized<AdminRole>;
 
 fn operation_error(err: OperationError) -> ApiError {
     let status = match &err {
@@ -30,11 +27,7 @@ fn operation_error(err: OperationError) -> ApiError {
 }
 
 /// `GET /admin/plugins`
-pub async fn list(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+pub async fn list(_admin: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let (hits, misses) = state.manager.runtime().cache_stats();
     Ok(Json(json!({
         "plugins": state.manager.reports(),
@@ -45,17 +38,14 @@ pub async fn list(
 
 /// `PUT /admin/plugins/{name}` with the `.wasm` as the body.
 pub async fn upload(
+    _admin: Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: LimitedBody<UploadLimit>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
-    let body =
-        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let report = state
         .manager
-        .upload(&name, body.to_vec())
+        .upload(&name, body.bytes.to_vec())
         .await
         .map_err(operation_error)?;
     Ok(Json(json!(report)))
@@ -63,22 +53,20 @@ pub async fn upload(
 
 /// `DELETE /admin/plugins/{name}`
 pub async fn delete(
+    _admin: Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     state.manager.delete(&name).await.map_err(operation_error)?;
     Ok(Json(json!({"name": name, "status": "unloaded"})))
 }
 
 /// `POST /admin/plugins/{name}/rollback`
 pub async fn rollback(
+    _admin: Admin,
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let report = state
         .manager
         .rollback(&name)

@@ -3,13 +3,14 @@
 //! frame (PROTOCOL.md §2, §3, §6).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::time::{sleep_until, timeout};
@@ -28,10 +29,15 @@ use crate::store::{ConnectionRecord, Source};
 
 /// Close codes of PROTOCOL.md §6.
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const CLOSE_IDLE: u16 = 4002;
+const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// The furthest a token's expiry timer is set (it is re-checked then).
+const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// How long the close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -81,7 +87,23 @@ pub fn run(
             connection.state.config.limits.ping_interval,
             Arc::clone(&connection.state.metrics),
         ));
-        let close = connection.read_loop(stream).await;
+        // A panic while handling a frame must not leave the connection
+        // registered (counted, reachable) for good: it is closed with 1011
+        // and cleaned up like any other.
+        let close = match AssertUnwindSafe(connection.read_loop(stream))
+            .catch_unwind()
+            .await
+        {
+            Ok(close) => close,
+            Err(_) => {
+                connection.state.metrics.connection_panicked();
+                tracing::error!(connection = %connection.handle.id, "connection task panicked; closing with 1011");
+                Some(CloseRequest {
+                    code: CLOSE_INTERNAL_ERROR,
+                    reason: "internal error",
+                })
+            }
+        };
         connection.close(close, writer).await;
     }
 }
@@ -320,7 +342,7 @@ impl Connection {
             let message = match message {
                 None => return None,
                 Some(Ok(message)) => message,
-                Some(Err(err)) => return too_big(err),
+                Some(Err(err)) => return read_error_close(err),
             };
             last_frame = tokio::time::Instant::now();
             if last_frame - touched >= TOUCH_EVERY {
@@ -378,7 +400,11 @@ impl Connection {
         let left = expires
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        tokio::time::Instant::now() + left
+        // `exp` is clamped (auth::MAX_EXP), and so is this: the timer never
+        // sees an instant that overflows.
+        let now = tokio::time::Instant::now();
+        now.checked_add(left.min(FAR_FUTURE))
+            .unwrap_or(now + Duration::from_secs(86_400))
     }
 
     /// Applies the rate limit to one frame: over the limit, the frame is
@@ -439,6 +465,9 @@ impl Connection {
                 "`data` must be a JSON object",
             ));
         };
+        if let Err(why) = storable_keys(&details, 1) {
+            return Err(ErrorBody::new(ErrorCode::BadRequest, why));
+        }
         let size = serde_json::to_string(&details).map_or(usize::MAX, |json| json.len());
         let max = self.state.config.limits.max_details_bytes;
         if size > max {
@@ -560,17 +589,79 @@ fn reply_frame(ack: Option<u64>, result: Result<Box<RawValue>, ErrorBody>) -> Op
     }
 }
 
+/// Deepest nesting of objects and arrays in connection details.
+const MAX_DETAILS_DEPTH: usize = 16;
+
+/// Whether every store can keep these connection details as they are: no
+/// key with NUL (BSON cannot hold it), none starting with `$` or holding
+/// `.` (MongoDB's operators and paths), at most [`MAX_DETAILS_DEPTH`]
+/// levels. Checked before the details are stored, so that a record a
+/// database refuses never exists.
+fn storable_keys(object: &serde_json::Map<String, Value>, depth: usize) -> Result<(), String> {
+    if depth > MAX_DETAILS_DEPTH {
+        return Err(format!(
+            "connection details may nest at most {MAX_DETAILS_DEPTH} levels"
+        ));
+    }
+    for (key, value) in object {
+        if key.contains('\0') || key.starts_with('$') || key.contains('.') {
+            return Err(format!(
+                "connection details keys may not contain NUL or `.` or start with `$`: {:?}",
+                key.chars().take(64).collect::<String>()
+            ));
+        }
+        storable_value(value, depth)?;
+    }
+    Ok(())
+}
+
+fn storable_value(value: &Value, depth: usize) -> Result<(), String> {
+    match value {
+        Value::Object(object) => storable_keys(object, depth + 1),
+        Value::Array(items) => {
+            if depth + 1 > MAX_DETAILS_DEPTH {
+                return Err(format!(
+                    "connection details may nest at most {MAX_DETAILS_DEPTH} levels"
+                ));
+            }
+            items
+                .iter()
+                .try_for_each(|item| storable_value(item, depth + 1))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn raw(value: &Value) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).expect("JSON serializes")
 }
 
-/// A message over the size limit closes with 1009; other read errors mean
-/// the connection is gone.
-fn too_big(err: axum::Error) -> Option<CloseRequest> {
-    match err.into_inner().downcast::<tungstenite::Error>() {
-        Ok(err) if matches!(*err, tungstenite::Error::Capacity(_)) => Some(CloseRequest {
+/// How a read error ends the connection (RFC 6455 §7.4.1): a message over
+/// the size limit closes with 1009, a text frame that is not UTF-8 with
+/// 1007, a protocol violation (unmasked frame, reserved bits or opcodes)
+/// with 1002; other read errors mean the connection is gone.
+fn read_error_close(err: axum::Error) -> Option<CloseRequest> {
+    use tungstenite::error::ProtocolError;
+    let Ok(err) = err.into_inner().downcast::<tungstenite::Error>() else {
+        return None;
+    };
+    match *err {
+        tungstenite::Error::Capacity(_) => Some(CloseRequest {
             code: CLOSE_TOO_BIG,
             reason: "message too big",
+        }),
+        tungstenite::Error::Utf8(_) => Some(CloseRequest {
+            code: CLOSE_INVALID_PAYLOAD,
+            reason: "text frame is not valid UTF-8",
+        }),
+        tungstenite::Error::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake
+            | ProtocolError::SendAfterClosing
+            | ProtocolError::ReceivedAfterClosing,
+        ) => None,
+        tungstenite::Error::Protocol(_) => Some(CloseRequest {
+            code: CLOSE_PROTOCOL_ERROR,
+            reason: "WebSocket protocol violation",
         }),
         _ => None,
     }

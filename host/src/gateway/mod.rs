@@ -2,12 +2,16 @@
 //! the publish API and the operational endpoints.
 
 mod admin;
+mod claims;
 mod connection;
 pub mod error;
 mod ops;
 mod publish;
 pub mod rate;
+mod serve;
 mod upgrade;
+
+pub use serve::{ConnectionLimits, ConnectionSlot, serve};
 
 use std::sync::Arc;
 

@@ -7,6 +7,7 @@ use axum::response::IntoResponse;
 use serde_json::json;
 
 use super::AppState;
+use super::claims::MaybeAdmin;
 
 /// The process is alive.
 pub async fn healthz() -> impl IntoResponse {
@@ -15,8 +16,12 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// Whether the dependencies are usable; the body says which are degraded.
 /// With no plugin loaded no event can be routed; with the broker down no
-/// backend event comes in.
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+/// backend event comes in. Why a dependency is degraded (its raw error,
+/// which may name hosts and users) is shown to admin tokens only.
+pub async fn readyz(
+    MaybeAdmin(admin): MaybeAdmin,
+    State(state): State<AppState>,
+) -> impl IntoResponse {
     let plugins = state.plugins.snapshot();
     let loaded = plugins.iter().count();
     let status = |ok: bool| if ok { "ok" } else { "degraded" };
@@ -40,6 +45,13 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         let problem = cluster.status().problem();
         ready &= problem.is_none();
         checks["cluster"] = json!({"status": status(problem.is_none()), "error": problem});
+    }
+    if !admin && let Some(checks) = checks.as_object_mut() {
+        for check in checks.values_mut() {
+            if let Some(check) = check.as_object_mut() {
+                check.remove("error");
+            }
+        }
     }
     let body = json!({
         "status": if ready { "ready" } else { "degraded" },

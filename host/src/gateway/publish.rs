@@ -4,22 +4,18 @@
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::error::{ApiError, require_role};
+use super::claims::{Authorized, LimitedBody, RequestBodyLimit, ServiceRole};
+use super::error::ApiError;
 use crate::intake::Accepted;
 use crate::plugin::{Event, Origin};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
 use crate::router::{Inbound, RouteError};
 use crate::store::Source;
-
-/// The role a publishing token must carry.
-const SERVICE_ROLE: &str = "service";
 
 struct Publication {
     event: String,
@@ -28,41 +24,46 @@ struct Publication {
 }
 
 pub async fn publish(
+    Authorized { claims, .. }: Authorized<ServiceRole>,
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: LimitedBody<RequestBodyLimit>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let claims = require_role(&state.auth, &headers, SERVICE_ROLE)?;
-    let body =
-        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
-    let publication = parse(&body)?;
+    let publication = parse(&body.bytes)?;
+    let inbound = Inbound {
+        event: Event {
+            id: publication.key.clone().unwrap_or_else(new_id),
+            name: publication.event.clone(),
+            origin: Origin::Api(claims.sub.clone()),
+            data: publication.data.clone(),
+            received_at: rfc3339(SystemTime::now()),
+        },
+        source: Source::Api,
+        from: claims.sub.clone(),
+    };
+    let rejected = |err: RouteError| {
+        tracing::info!(event = %publication.event, "published event rejected: {err}");
+        ApiError::from_body(err.to_error_body())
+    };
+    // PROTOCOL §5: the body is validated first, then a repeated id answers
+    // like the first call. The plugins are the validators: a repeat is
+    // shown to them (nothing is delivered) before it is called a duplicate.
+    if let Some(key) = publication.key.as_deref()
+        && state.idempotency.contains(key)
+    {
+        state.router.check(&inbound).map_err(rejected)?;
+    }
 
     let (accepted, duplicate) = state
         .idempotency
         .run(publication.key.as_deref(), || async {
-            let event_id = publication.key.clone().unwrap_or_else(new_id);
-            let inbound = Inbound {
-                event: Event {
-                    id: event_id.clone(),
-                    name: publication.event.clone(),
-                    origin: Origin::Api(claims.sub.clone()),
-                    data: publication.data.clone(),
-                    received_at: rfc3339(SystemTime::now()),
-                },
-                source: Source::Api,
-                from: claims.sub.clone(),
-            };
             let routed = state.router.route(&inbound).await?;
             Ok::<_, RouteError>(Accepted {
-                event_id,
+                event_id: inbound.event.id.clone(),
                 recipients: routed.recipients,
             })
         })
         .await
-        .map_err(|err| {
-            tracing::info!(event = %publication.event, "published event rejected: {err}");
-            ApiError::from_body(err.to_error_body())
-        })?;
+        .map_err(rejected)?;
 
     let mut body = json!({"id": accepted.event_id, "recipients": accepted.recipients});
     if duplicate {

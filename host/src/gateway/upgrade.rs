@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use axum::Extension;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Query, State};
@@ -13,6 +14,7 @@ use axum::response::Response;
 use super::AppState;
 use super::connection::{self, Session};
 use super::error::ApiError;
+use super::serve::ConnectionSlot;
 use crate::auth::{AuthError, Claims};
 
 /// tungstenite zero-fills its whole read buffer before the first read, so
@@ -28,6 +30,7 @@ const WRITE_BATCH_BYTES: usize = 8 * 1024;
 pub async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    slot: Option<Extension<ConnectionSlot>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -54,7 +57,13 @@ pub async fn upgrade(
         .write_buffer_size(WRITE_BATCH_BYTES)
         .on_upgrade(move |socket| {
             let tasks = state.connection_tasks.clone();
-            tasks.track_future(connection::run(socket, state, session))
+            let connection = connection::run(socket, state, session);
+            tasks.track_future(async move {
+                // The socket counts against SOCKETS_MAX_CONNECTIONS until
+                // the connection ends, not only until the upgrade.
+                let _slot = slot;
+                connection.await;
+            })
         }))
 }
 

@@ -47,6 +47,9 @@ pub struct AmqpSettings {
     pub nodes_exchange: String,
     /// Whether deliveries cross nodes (off: this node is the only one).
     pub cluster: bool,
+    /// The key every cluster message is signed with (HMAC-SHA256); required
+    /// when `cluster` is on.
+    pub cluster_key: Option<String>,
     /// Unacknowledged messages in flight per node.
     pub prefetch: u16,
     /// Attempts for an event whose plugin malfunctions before it is

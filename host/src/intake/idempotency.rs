@@ -75,6 +75,15 @@ impl Idempotency {
         Ok((accepted.clone(), !first))
     }
 
+    /// Whether `key` has been seen within the retention (its first call may
+    /// still be running).
+    pub fn contains(&self, key: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key)
+            .is_some_and(|entry| entry.created.elapsed() < self.retention)
+    }
+
     fn entry(&self, key: &str) -> Arc<Entry> {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);

@@ -24,6 +24,10 @@ pub enum LoadError {
     /// The plugin's configuration is not JSON.
     #[error("invalid plugin configuration: {0}")]
     Config(String),
+    /// The name or version the plugin declares is unusable (it becomes a
+    /// metrics label and part of every log record).
+    #[error("invalid plugin info: {0}")]
+    Info(String),
 }
 
 /// Why one call to a plugin did not produce an outcome.

@@ -26,10 +26,83 @@ pub(crate) struct PluginContext {
     /// The plugin's JSON configuration.
     pub config: String,
     pub services: Arc<dyn HostServices>,
+    /// What the plugin may still write to the host's log.
+    pub log_budget: LogBudget,
 }
 
-/// Longest log line a plugin may write; longer ones are cut.
-const MAX_LOG_LINE: usize = 4096;
+/// Longest log line a plugin may write, in characters; longer ones are cut.
+const MAX_LOG_LINE: usize = 1024;
+/// Log lines a plugin may write per second, sustained (all its instances
+/// together); twice that in a burst. Beyond it lines are dropped, counted,
+/// and the count is logged once lines pass again.
+const LOG_LINES_PER_SECOND: f64 = 50.0;
+
+/// A token bucket over a plugin's log lines.
+pub(crate) struct LogBudget {
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+    dropped_since_last: std::sync::atomic::AtomicU64,
+    dropped_total: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self {
+            bucket: std::sync::Mutex::new((2.0 * LOG_LINES_PER_SECOND, std::time::Instant::now())),
+            dropped_since_last: std::sync::atomic::AtomicU64::new(0),
+            dropped_total: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl LogBudget {
+    /// Whether one more line may be written now; if so, how many were
+    /// dropped before it.
+    fn take(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::Instant::now();
+        let mut bucket = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = &mut *bucket;
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * LOG_LINES_PER_SECOND)
+            .min(2.0 * LOG_LINES_PER_SECOND);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Some(self.dropped_since_last.swap(0, Relaxed))
+        } else {
+            self.dropped_since_last.fetch_add(1, Relaxed);
+            self.dropped_total.fetch_add(1, Relaxed);
+            None
+        }
+    }
+
+    /// Lines dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A plugin's log message made safe for one line of the host's log: cut to
+/// [`MAX_LOG_LINE`] characters, control characters (newlines, escape
+/// sequences) written as `\u{..}` so that a plugin cannot forge lines.
+pub(crate) fn sanitize_log_line(message: &str) -> String {
+    let mut line = String::with_capacity(message.len().min(MAX_LOG_LINE));
+    for (count, c) in message.chars().enumerate() {
+        if count == MAX_LOG_LINE {
+            line.push('…');
+            break;
+        }
+        if c.is_control() {
+            line.extend(c.escape_unicode());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
 /// Most table elements a plugin may grow to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -112,10 +185,13 @@ impl wit::Host for State {}
 impl host::Host for State {
     fn log(&mut self, level: host::Level, message: String) {
         let plugin = self.context.name.as_str();
-        let message = match message.char_indices().nth(MAX_LOG_LINE) {
-            Some((cut, _)) => &message[..cut],
-            None => message.as_str(),
+        let Some(dropped) = self.context.log_budget.take() else {
+            return;
         };
+        if dropped > 0 {
+            tracing::warn!(target: "plugin", plugin, dropped, "log lines dropped: over the plugin's log rate");
+        }
+        let message = sanitize_log_line(&message);
         match level {
             host::Level::Debug => tracing::debug!(target: "plugin", plugin, "{message}"),
             host::Level::Info => tracing::info!(target: "plugin", plugin, "{message}"),

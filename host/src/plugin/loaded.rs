@@ -79,6 +79,8 @@ impl LoadedPlugin {
         })
         .map_err(start_failure)?;
         let subscriptions = check_subscriptions(subscriptions)?;
+        check_info_field("name", &info.name)?;
+        check_info_field("version", &info.version)?;
 
         let label = format!("{}@{}", context.name, info.version).into();
         Ok(Self {
@@ -127,6 +129,11 @@ impl LoadedPlugin {
     /// The plugin's JSON configuration.
     pub fn config(&self) -> &str {
         &self.context.config
+    }
+
+    /// Log lines of this version dropped by its log rate limit.
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.context.log_budget.dropped()
     }
 
     /// This version's counters.
@@ -235,6 +242,24 @@ fn classify(err: &wasmtime::Error, memory_denied: bool, limits: &PluginLimits) -
             None => err.root_cause().to_string(),
         };
         CallError::Trapped(reason)
+    }
+}
+
+/// A declared name or version: 1–64 characters of `[A-Za-z0-9._+-]` (what
+/// semver and crate names use), so that it is safe as a Prometheus label
+/// value and in log records as it is.
+fn check_info_field(what: &str, value: &str) -> Result<(), LoadError> {
+    let valid = (1..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"._+-".contains(&byte));
+    if valid {
+        Ok(())
+    } else {
+        Err(LoadError::Info(format!(
+            "the declared {what} {:?} is not 1-64 chars of [A-Za-z0-9._+-]",
+            value.chars().take(80).collect::<String>()
+        )))
     }
 }
 

@@ -12,7 +12,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Cache, CacheConfig, Config, Engine};
 
 use super::error::LoadError;
-use super::instance::{HostServices, PluginContext, State};
+use super::instance::{HostServices, LogBudget, PluginContext, State};
 use super::loaded::LoadedPlugin;
 
 /// Bounds on every plugin call and outcome.
@@ -150,6 +150,7 @@ impl PluginRuntime {
             name: name.to_owned(),
             config: config.to_owned(),
             services: Arc::clone(&self.services),
+            log_budget: LogBudget::default(),
         });
         LoadedPlugin::validate(
             &self.engine,

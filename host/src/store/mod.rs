@@ -102,6 +102,10 @@ pub enum StoreError {
     /// The backing store cannot be reached or written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refused this record for what it holds; retrying it cannot
+    /// succeed.
+    #[error("record refused by the store: {0}")]
+    Rejected(String),
 }
 
 /// Live connection records.

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
-use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
+use sockets_sdk::{Delivery, Event, Failure, Host, Outcome, Plugin, UserId};
 
 /// Longest accepted message, in Unicode scalar values.
 const MAX_TEXT_CHARS: usize = 4000;
@@ -22,7 +22,7 @@ pub struct Chat;
 
 #[derive(Deserialize)]
 struct SendMessage<'a> {
-    to: NonEmptyString,
+    to: UserId,
     /// Borrowed from the event unless it holds escapes: no copy per message.
     #[serde(borrow)]
     text: Cow<'a, str>,
@@ -187,6 +187,43 @@ mod tests {
             json!({"messageId": "evt-1"})
         );
         assert_eq!(reply.delivered_field.as_deref(), Some("delivered"));
+    }
+
+    #[test]
+    fn data_that_is_not_an_object_is_a_bad_request() {
+        // serde would fill the struct from an array, field by field.
+        assert_eq!(
+            code(send(&directory(), "s_1", "student", json!(["c_1", "hi"]))),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(send(&directory(), "s_1", "student", json!("c_1"))),
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn a_recipient_id_over_256_bytes_is_a_bad_request_not_a_lookup() {
+        let long = "c".repeat(257);
+        assert_eq!(
+            code(send(
+                &directory(),
+                "s_1",
+                "student",
+                json!({"to": long, "text": "hi"})
+            )),
+            ErrorCode::BadRequest
+        );
+        let longest = "c".repeat(256);
+        assert_eq!(
+            code(send(
+                &directory(),
+                "s_1",
+                "student",
+                json!({"to": longest, "text": "hi"})
+            )),
+            ErrorCode::NotFound
+        );
     }
 
     #[test]

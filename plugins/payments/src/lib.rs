@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Number;
-use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
+use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin, UserId};
 
 /// The payments plugin.
 pub struct Payments;
@@ -14,7 +14,7 @@ pub struct Payments;
 #[serde(rename_all = "camelCase")]
 struct PaymentProcessed {
     payment_id: NonEmptyString,
-    student_id: NonEmptyString,
+    student_id: UserId,
     consultant_id: Option<String>,
     amount: Option<Number>,
     currency: Option<String>,

@@ -2,7 +2,7 @@
 //! consultant receives `reviewAdded`.
 
 use serde::{Deserialize, Serialize};
-use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
+use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin, UserId};
 
 /// The reviews plugin.
 pub struct Reviews;
@@ -13,7 +13,7 @@ pub struct Reviews;
 #[serde(rename_all = "camelCase")]
 struct ReviewAdded {
     review_id: NonEmptyString,
-    consultant_id: NonEmptyString,
+    consultant_id: UserId,
     rating: u8,
     student_id: Option<String>,
     comment: Option<String>,

@@ -115,8 +115,16 @@ impl MongoConnections {
                         .delete_many(doc! {"_id": {"$in": gone}})
                         .await?;
                 }
+                // One record the database refuses must not keep the others
+                // out: each is written on its own, and a refused one is
+                // reported and left out until it changes.
                 for record in &records {
-                    self.store(&record.id, Some(record)).await?;
+                    if let Err(err) = self.store(&record.id, Some(record)).await {
+                        if !super::is_about_the_document(&err) {
+                            return Err(err);
+                        }
+                        tracing::warn!(connection = %record.id, "connection record refused by MongoDB, not stored: {err}");
+                    }
                 }
                 Ok(())
             }
@@ -157,8 +165,13 @@ async fn write_loop(
         let Some(connections) = connections.upgrade() else {
             return;
         };
-        if mongo.observe(connections.apply(&write).await).is_err() {
-            connections.dirty.store(true, Ordering::Relaxed);
+        match mongo.observe(connections.apply(&write).await) {
+            Ok(()) => {}
+            // Reconciling would write it again, and fail again.
+            Err(StoreError::Rejected(err)) => {
+                tracing::warn!("connection record refused by MongoDB, not stored: {err}");
+            }
+            Err(StoreError::Unavailable(_)) => connections.dirty.store(true, Ordering::Relaxed),
         }
     }
 }

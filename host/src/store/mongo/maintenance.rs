@@ -5,7 +5,7 @@
 //! probe of `/readyz`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::{Collection, IndexModel};
@@ -40,20 +40,21 @@ impl Maintenance {
             if !indexed {
                 indexed = self.mongo.observe(self.create_indexes().await).is_ok();
             }
-            match self.renew_lease().await {
-                Ok(fresh) => {
+            let database_now = match self.renew_lease().await {
+                Ok((fresh, database_now)) => {
                     if fresh {
                         // First lease, or another node swept us while we
                         // could not renew: put our records back.
                         self.connections.mark_dirty();
                     }
+                    database_now
                 }
                 Err(err) => {
                     tracing::warn!("cannot renew this node's lease: {err}");
                     continue;
                 }
-            }
-            if let Err(err) = self.mongo.observe(self.sweep().await) {
+            };
+            if let Err(err) = self.mongo.observe(self.sweep(database_now).await) {
                 tracing::warn!("cannot sweep dead nodes' records: {err}");
             }
             self.connections.reconcile_if_dirty();
@@ -89,31 +90,51 @@ impl Maintenance {
         Ok(())
     }
 
-    /// Renews the lease; `true` when the lease document had to be created.
-    async fn renew_lease(&self) -> Result<bool, crate::store::StoreError> {
-        let now = DateTime::now();
+    /// Renews the lease, stamped with the database's clock; returns whether
+    /// the lease document had to be created, and the database's time.
+    ///
+    /// Leases are judged by the database's clock alone: compared with each
+    /// node's own, a node whose clock ran ahead would take the others'
+    /// leases for expired and delete their connection records.
+    async fn renew_lease(&self) -> Result<(bool, DateTime), crate::store::StoreError> {
         let renewed = self
             .instances()
             .update_one(
                 doc! {"_id": &*self.instance_id},
-                doc! {"$set": {"heartbeatAt": now}, "$setOnInsert": {"startedAt": now}},
+                doc! {
+                    "$currentDate": {"heartbeatAt": true},
+                    "$setOnInsert": {"startedAt": DateTime::now()},
+                },
             )
             .upsert(true)
             .await;
-        self.mongo
+        let fresh = self
+            .mongo
             .observe(renewed)
-            .map(|result| result.upserted_id.is_some())
+            .map(|result| result.upserted_id.is_some())?;
+        let lease = self
+            .instances()
+            .find_one(doc! {"_id": &*self.instance_id})
+            .await;
+        let database_now = self
+            .mongo
+            .observe(lease)?
+            .and_then(|lease| lease.get_datetime("heartbeatAt").ok().copied())
+            .ok_or_else(|| {
+                crate::store::StoreError::Unavailable(
+                    "this node's lease is not readable after its renewal".into(),
+                )
+            })?;
+        Ok((fresh, database_now))
     }
 
-    /// Removes the leases that ran out and the records of every node
-    /// without a live lease (older than one lease, so that a node that has
-    /// just started is not swept before its first renewal).
-    async fn sweep(&self) -> mongodb::error::Result<()> {
-        let cutoff = DateTime::from_system_time(
-            SystemTime::now()
-                .checked_sub(self.lease)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        );
+    /// Removes the leases that ran out by the database's clock (`now` is its
+    /// time) and the records of every node without a live lease (older
+    /// than one lease, so that a node that has just started is not swept
+    /// before its first renewal).
+    async fn sweep(&self, now: DateTime) -> mongodb::error::Result<()> {
+        let lease_millis = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = DateTime::from_millis(now.timestamp_millis().saturating_sub(lease_millis));
         let expired = self
             .instances()
             .delete_many(doc! {"heartbeatAt": {"$lt": cutoff}})

@@ -75,19 +75,38 @@ impl Mongo {
         Arc::clone(&self.health)
     }
 
-    /// Records the outcome of an operation in the health.
+    /// Records the outcome of an operation in the health. An error about
+    /// one document (the server refused it) says nothing of the database's
+    /// health and leaves it as it is.
     fn observe<T>(&self, result: mongodb::error::Result<T>) -> Result<T, StoreError> {
         match result {
             Ok(value) => {
                 self.health.set(None);
                 Ok(value)
             }
+            Err(err) if is_about_the_document(&err) => Err(StoreError::Rejected(err.to_string())),
             Err(err) => {
                 let problem = unavailable(&err);
                 self.health.set(Some(problem.to_string()));
                 Err(problem)
             }
         }
+    }
+}
+
+/// Whether the server refused an operation for what the document holds (a
+/// key it does not accept, a value it cannot store) rather than because it
+/// is unreachable or unwell: retrying that document can never succeed, and
+/// must not hold back the others.
+fn is_about_the_document(err: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match &*err.kind {
+        ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => true,
+        ErrorKind::Write(WriteFailure::WriteError(_)) => true,
+        // Document validation and bad field names (MongoDB codes 2, 52, 55,
+        // 56, 57, 121; FerretDB answers with the same codes).
+        ErrorKind::Command(command) => matches!(command.code, 2 | 52 | 55 | 56 | 57 | 121),
+        _ => false,
     }
 }
 

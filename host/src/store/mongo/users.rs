@@ -3,8 +3,6 @@
 //! missing user up with a short timeout (plugin calls have a 50 ms
 //! deadline); a stale entry is better than none while the database is away.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mongodb::Collection;
@@ -17,14 +15,25 @@ use crate::directory::{User, UserDirectory};
 const FOUND_TTL: Duration = Duration::from_secs(60);
 /// How long "no such user" is trusted (a user may be created meanwhile).
 const MISSING_TTL: Duration = Duration::from_secs(5);
+/// How long an entry is kept past its trust, to answer while the database
+/// does not.
+const STALE_LIMIT: Duration = Duration::from_secs(600);
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(20);
-/// Cached entries beyond this are dropped (expired ones first).
-const MAX_ENTRIES: usize = 100_000;
+/// Entries kept at most. Clients choose the ids looked up (`to`), so the
+/// cache is bounded (least recently used go first); ids are at most
+/// `SOCKETS_MAX_USER_ID_BYTES` long, so this bounds its memory too.
+const MAX_ENTRIES: u64 = 100_000;
+
+#[derive(Clone)]
+struct Entry {
+    user: Option<User>,
+    fresh_until: Instant,
+}
 
 /// The user directory in MongoDB.
 pub struct MongoDirectory {
     collection: Collection<Document>,
-    cache: Mutex<HashMap<String, (Option<User>, Instant)>>,
+    cache: moka::sync::Cache<String, Entry>,
 }
 
 impl std::fmt::Debug for MongoDirectory {
@@ -38,7 +47,10 @@ impl MongoDirectory {
     pub fn new(mongo: &Mongo) -> Self {
         Self {
             collection: mongo.db.collection(USERS),
-            cache: Mutex::new(HashMap::new()),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_live(STALE_LIMIT)
+                .build(),
         }
     }
 
@@ -70,32 +82,28 @@ fn user(document: &Document) -> Option<User> {
 impl UserDirectory for MongoDirectory {
     fn get_user(&self, id: &str) -> Option<User> {
         let now = Instant::now();
-        let cached = {
-            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            cache.get(id).cloned()
-        };
-        if let Some((user, expires)) = &cached
-            && *expires > now
+        let cached = self.cache.get(id);
+        if let Some(entry) = &cached
+            && entry.fresh_until > now
         {
-            return user.clone();
+            return entry.user.clone();
         }
         let Some(found) = self.lookup(id) else {
             // The database did not answer in time: keep what we knew.
-            return cached.and_then(|(user, _)| user);
+            return cached.and_then(|entry| entry.user);
         };
         let ttl = if found.is_some() {
             FOUND_TTL
         } else {
             MISSING_TTL
         };
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= MAX_ENTRIES {
-            cache.retain(|_, (_, expires)| *expires > now);
-            if cache.len() >= MAX_ENTRIES {
-                cache.clear();
-            }
-        }
-        cache.insert(id.to_owned(), (found.clone(), now + ttl));
+        self.cache.insert(
+            id.to_owned(),
+            Entry {
+                user: found.clone(),
+                fresh_until: now + ttl,
+            },
+        );
         found
     }
 }

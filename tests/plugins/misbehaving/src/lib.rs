@@ -20,6 +20,7 @@ impl Plugin for Misbehaving {
         "refuse",
         "config",
         "print",
+        "logFlood",
     ];
 
     fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
@@ -67,6 +68,17 @@ impl Plugin for Misbehaving {
             "print" => {
                 println!("a plugin printing to stdout");
                 eprintln!("and to stderr");
+                Ok(Outcome::new().deliver(echo(&event.data)))
+            }
+            // A thousand lines, each trying to forge a line of its own and
+            // to write terminal escapes.
+            "logFlood" => {
+                for n in 0..1000 {
+                    host.log(
+                        sockets_sdk::Level::Warn,
+                        &format!("flood {n}\nFORGED host line\u{1b}[31m red"),
+                    );
+                }
                 Ok(Outcome::new().deliver(echo(&event.data)))
             }
             _ => Err(Failure::bad_request("unexpected event")),
