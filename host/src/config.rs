@@ -31,6 +31,13 @@ pub struct Settings {
     /// Path to a PEM public key (RS256/ES256).
     #[arg(long, env = "SOCKETS_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<PathBuf>,
+    /// JWKS URL for RS256/ES256 keys, refreshed on rotation.
+    #[arg(long, env = "SOCKETS_JWT_JWKS_URL", global = true)]
+    pub jwt_jwks_url: Option<String>,
+    /// Shortest time between two JWKS fetches caused by unknown `kid`s,
+    /// seconds.
+    #[arg(long, env = "SOCKETS_JWT_JWKS_REFETCH", global = true)]
+    pub jwt_jwks_refetch: Option<u64>,
     /// Required `iss` claim.
     #[arg(long, env = "SOCKETS_JWT_ISSUER", global = true)]
     pub jwt_issuer: Option<String>,
@@ -145,6 +152,8 @@ impl Settings {
             listen: self.listen.or(lower.listen),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(lower.jwt_public_key),
+            jwt_jwks_url: self.jwt_jwks_url.or(lower.jwt_jwks_url),
+            jwt_jwks_refetch: self.jwt_jwks_refetch.or(lower.jwt_jwks_refetch),
             jwt_issuer: self.jwt_issuer.or(lower.jwt_issuer),
             jwt_audience: self.jwt_audience.or(lower.jwt_audience),
             jwt_algorithms: self.jwt_algorithms.or(lower.jwt_algorithms),
@@ -206,6 +215,10 @@ pub struct JwtConfig {
     pub leeway: Duration,
     /// Longest accepted `sub`, bytes (a longer one is refused, `401`).
     pub max_sub_bytes: usize,
+    /// Where RS256/ES256 keys are published (JWKS), when they are.
+    pub jwks_url: Option<String>,
+    /// Shortest time between two JWKS fetches caused by unknown `kid`s.
+    pub jwks_refetch: Duration,
 }
 
 /// Per-connection limits (PROTOCOL.md §6).
@@ -426,6 +439,19 @@ impl Config {
                     }
                 },
                 max_sub_bytes: limits.max_user_id_bytes,
+                jwks_url: match settings.jwt_jwks_url {
+                    Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+                        Some(url)
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::Invalid {
+                            setting: "SOCKETS_JWT_JWKS_URL",
+                            why: "must be an http:// or https:// URL".into(),
+                        });
+                    }
+                    None => None,
+                },
+                jwks_refetch: seconds(settings.jwt_jwks_refetch, 30, "SOCKETS_JWT_JWKS_REFETCH")?,
             },
             plugins_dir: match &settings.plugins_dir {
                 Some(dir) => absolute(dir, "SOCKETS_PLUGINS_DIR")?,

@@ -83,7 +83,10 @@ pub fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
 /// Fills in the dev secret when no key is configured; returns whether dev
 /// mode is on.
 pub fn apply_dev_mode(config: &mut Config) -> anyhow::Result<bool> {
-    if config.jwt.secret.is_some() || config.jwt.public_key_pem.is_some() {
+    if config.jwt.secret.is_some()
+        || config.jwt.public_key_pem.is_some()
+        || config.jwt.jwks_url.is_some()
+    {
         return Ok(false);
     }
     config.jwt.secret = Some(dev_secret(&config.data_dir)?);
@@ -137,9 +140,20 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
     );
     let config = Arc::new(config);
     let auth = Arc::new(Authenticator::new(&config.jwt).context("JWT configuration")?);
+    let (stop, stopped) = watch::channel(false);
+    if let Some(jwks) = auth.jwks() {
+        // Tokens signed with these keys are refused until the first fetch
+        // succeeds; the server starts all the same (`/readyz` says why).
+        if let Err(err) = jwks.refresh().await {
+            tracing::warn!("no JWKS keys yet (SOCKETS_JWT_JWKS_URL): {err}");
+        }
+        tokio::spawn(crate::auth::jwks::keep_fresh(
+            Arc::clone(jwks),
+            stopped.clone(),
+        ));
+    }
     let connections = Arc::new(Connections::new());
     let metrics = Arc::new(Metrics::default());
-    let (stop, stopped) = watch::channel(false);
     let instance_id: Arc<str> = crate::protocol::new_id().into();
     let store = match &config.mongo_url {
         Some(url) => Store::mongo(url, &config, &instance_id, stopped.clone()).await?,

@@ -24,6 +24,8 @@ fn authenticator() -> Authenticator {
         algorithms: None,
         leeway: Duration::from_secs(30),
         max_sub_bytes: 256,
+        jwks_url: None,
+        jwks_refetch: Duration::from_secs(30),
     })
     .unwrap()
 }

@@ -46,7 +46,7 @@ impl<R: Role> FromRequestParts<AppState> for Authorized<R> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let claims = require_role(&state.auth, &parts.headers, R::NAME)?;
+        let claims = require_role(&state.auth, &parts.headers, R::NAME).await?;
         Ok(Self {
             claims,
             role: PhantomData,
@@ -67,7 +67,9 @@ impl FromRequestParts<AppState> for MaybeAdmin {
         state: &AppState,
     ) -> Result<Self, std::convert::Infallible> {
         Ok(Self(
-            require_role(&state.auth, &parts.headers, AdminRole::NAME).is_ok(),
+            require_role(&state.auth, &parts.headers, AdminRole::NAME)
+                .await
+                .is_ok(),
         ))
     }
 }

@@ -60,7 +60,7 @@ impl ApiError {
 
 /// Verifies the `Authorization: Bearer` token of an HTTP request and that
 /// it carries `role`: `401` without a valid token, `403` with another role.
-pub fn require_role(
+pub async fn require_role(
     auth: &Authenticator,
     headers: &HeaderMap,
     role: &str,
@@ -72,7 +72,8 @@ pub fn require_role(
         .to_str()
         .map_err(|_| unauthorized(AuthError::NotBearer.to_string()))?;
     let claims = auth
-        .verify_bearer(header)
+        .verify_bearer_fresh(header)
+        .await
         .map_err(|err| unauthorized(err.to_string()))?;
     if claims.role != role {
         return Err(ApiError::new(

@@ -41,6 +41,20 @@ pub async fn readyz(
         ready &= problem.is_none();
         checks["broker"] = json!({"status": status(problem.is_none()), "error": problem});
     }
+    if let Some(jwks) = state.auth.jwks() {
+        // Without keys, no token signed by the identity provider passes.
+        let problem = if jwks.is_empty() {
+            jwks.problem()
+        } else {
+            None
+        };
+        ready &= problem.is_none();
+        checks["jwks"] = json!({
+            "status": status(problem.is_none()),
+            "keys": jwks.len(),
+            "error": jwks.problem(),
+        });
+    }
     if let Some(cluster) = &state.cluster {
         let problem = cluster.status().problem();
         ready &= problem.is_none();

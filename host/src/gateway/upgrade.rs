@@ -37,6 +37,7 @@ pub async fn upgrade(
 ) -> Result<Response, ApiError> {
     check_origin(&state, &headers)?;
     let claims = authenticate(&state, &headers, query.ok().as_deref())
+        .await
         .map_err(|err| ApiError::new(StatusCode::UNAUTHORIZED, err.to_string()))?;
     let upgrade =
         upgrade.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
@@ -84,17 +85,17 @@ fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The header wins; when it is present but bad, the query is not tried.
-fn authenticate(
+async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     query: Option<&HashMap<String, String>>,
 ) -> Result<Claims, AuthError> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| AuthError::NotBearer)?;
-        return state.auth.verify_bearer(value);
+        return state.auth.verify_bearer_fresh(value).await;
     }
     match query.and_then(|query| query.get("access_token")) {
-        Some(token) if !token.is_empty() => state.auth.verify(token),
+        Some(token) if !token.is_empty() => state.auth.verify_fresh(token).await,
         _ => Err(AuthError::Missing),
     }
 }

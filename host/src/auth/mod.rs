@@ -2,7 +2,10 @@
 //! (PROTOCOL.md §1). Tokens are never logged, and error messages never
 //! contain them.
 
+pub mod jwks;
+
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -10,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::JwtConfig;
+use jwks::JwksKeys;
 
 /// The role given to tokens without a `role` claim.
 pub const DEFAULT_ROLE: &str = "user";
@@ -49,6 +53,9 @@ pub enum AuthError {
     /// The token was rejected.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// The token names a `kid` the JWKS does not have (yet).
+    #[error("invalid token: unknown signing key")]
+    UnknownKey,
 }
 
 /// Why the authenticator could not be built.
@@ -88,6 +95,7 @@ struct MintedClaims<'a> {
 pub struct Authenticator {
     secret: Option<(DecodingKey, EncodingKey)>,
     public_key: Option<DecodingKey>,
+    jwks: Option<Arc<JwksKeys>>,
     algorithms: Vec<Algorithm>,
     issuer: Option<String>,
     audience: Option<String>,
@@ -116,8 +124,14 @@ fn is_ec(alg: Algorithm) -> bool {
 
 impl Authenticator {
     /// Builds the verifier. The default allow-list is HS256 (when a secret is
-    /// set) plus what the public key implies (RS256 for RSA, ES256 for EC).
+    /// set) plus what the public key implies (RS256 for RSA, ES256 for EC),
+    /// plus RS256 and ES256 with a JWKS URL. JWKS keys are fetched by
+    /// [`jwks::JwksKeys::refresh`], not here.
     pub fn new(config: &JwtConfig) -> Result<Self, AuthSetupError> {
+        let jwks = config
+            .jwks_url
+            .as_deref()
+            .map(|url| Arc::new(JwksKeys::new(url, config.jwks_refetch)));
         let secret = config.secret.as_deref().map(|secret| {
             (
                 DecodingKey::from_secret(secret.as_bytes()),
@@ -143,18 +157,28 @@ impl Authenticator {
                         .map_err(|_| AuthSetupError::UnknownAlgorithm(name.clone()))
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            None => secret
-                .as_ref()
-                .map(|_| Algorithm::HS256)
-                .into_iter()
-                .chain(implied)
-                .collect(),
+            None => {
+                let mut algorithms: Vec<Algorithm> = secret
+                    .as_ref()
+                    .map(|_| Algorithm::HS256)
+                    .into_iter()
+                    .chain(implied)
+                    .collect();
+                if jwks.is_some() {
+                    for alg in [Algorithm::RS256, Algorithm::ES256] {
+                        if !algorithms.contains(&alg) {
+                            algorithms.push(alg);
+                        }
+                    }
+                }
+                algorithms
+            }
         };
         for &alg in &algorithms {
             let has_key = if is_hmac(alg) {
                 secret.is_some()
             } else {
-                public_key.is_some()
+                public_key.is_some() || jwks.is_some()
             };
             if !has_key {
                 return Err(AuthSetupError::NoKey(alg));
@@ -163,6 +187,7 @@ impl Authenticator {
         Ok(Self {
             secret,
             public_key,
+            jwks,
             algorithms,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
@@ -184,8 +209,17 @@ impl Authenticator {
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthError::Invalid("algorithm not allowed"));
         }
+        let from_jwks;
         let key = if is_hmac(header.alg) {
             self.secret.as_ref().map(|(decoding, _)| decoding)
+        } else if let (Some(jwks), Some(kid)) = (&self.jwks, &header.kid) {
+            // A token naming a key is verified with that key of the set,
+            // and only with the algorithm the set gives it.
+            from_jwks = jwks.get(kid).ok_or(AuthError::UnknownKey)?;
+            if from_jwks.algorithm != header.alg {
+                return Err(AuthError::Invalid("algorithm does not match the key"));
+            }
+            Some(&from_jwks.key)
         } else if is_ec(header.alg) || self.public_key.is_some() {
             self.public_key.as_ref()
         } else {
@@ -234,14 +268,39 @@ impl Authenticator {
         Ok(Claims { sub, role, exp })
     }
 
+    /// Like [`Authenticator::verify`], but a token naming a key the JWKS
+    /// does not have yet makes it fetch the set again (at most once per
+    /// `SOCKETS_JWT_JWKS_REFETCH`) before the token is judged: a key the
+    /// identity provider has just rotated in works at once.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Claims, AuthError> {
+        match self.verify(token) {
+            Err(AuthError::UnknownKey) => {
+                let kid = jsonwebtoken::decode_header(token)
+                    .ok()
+                    .and_then(|header| header.kid);
+                match (&self.jwks, kid) {
+                    (Some(jwks), Some(kid)) if jwks.refresh_for(&kid).await => self.verify(token),
+                    _ => Err(AuthError::UnknownKey),
+                }
+            }
+            verdict => verdict,
+        }
+    }
+
     /// Verifies the `Authorization` header value (`Bearer <token>`, scheme
     /// case-insensitive).
     pub fn verify_bearer(&self, header: &str) -> Result<Claims, AuthError> {
-        let (scheme, token) = header.split_once(' ').ok_or(AuthError::NotBearer)?;
-        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-            return Err(AuthError::NotBearer);
-        }
-        self.verify(token.trim())
+        self.verify(bearer_token(header)?)
+    }
+
+    /// [`Authenticator::verify_bearer`] with [`Authenticator::verify_fresh`].
+    pub async fn verify_bearer_fresh(&self, header: &str) -> Result<Claims, AuthError> {
+        self.verify_fresh(bearer_token(header)?).await
+    }
+
+    /// The JWKS keys, when a JWKS URL is configured.
+    pub fn jwks(&self) -> Option<&Arc<JwksKeys>> {
+        self.jwks.as_ref()
     }
 
     /// Mints an HS256 token (development and tests), with `iss`/`aud` when
@@ -262,6 +321,14 @@ impl Authenticator {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding).ok()
     }
+}
+
+fn bearer_token(header: &str) -> Result<&str, AuthError> {
+    let (scheme, token) = header.split_once(' ').ok_or(AuthError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::NotBearer);
+    }
+    Ok(token.trim())
 }
 
 fn reason(kind: &ErrorKind) -> &'static str {
@@ -313,6 +380,8 @@ mod tests {
             algorithms: None,
             leeway: Duration::from_secs(30),
             max_sub_bytes: 256,
+            jwks_url: None,
+            jwks_refetch: Duration::from_secs(30),
         }
     }
 
