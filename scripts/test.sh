@@ -56,6 +56,9 @@ node --version
 step "Tests"
 cargo test --workspace --locked
 
+step "Schema-driven fuzzing of the live HTTP API (schemathesis from PyPI, bounded in time)"
+FUZZ_TIME=45 scripts/fuzz-api.sh
+
 step "The benchmark scripts end to end (debug build, tiny load: the figures mean nothing)"
 # What a user runs to reproduce the README's figures, at a size that takes
 # a few minutes: every run against both servers (scripts/bench.sh fails if

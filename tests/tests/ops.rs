@@ -159,3 +159,32 @@ async fn the_readme_demo_runs_against_a_server() {
     assert!(stdout.contains(r#""event":"paymentProcessed""#), "{stdout}");
     assert!(stdout.contains(r#""text":"15:00 works.""#), "{stdout}");
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_names_every_route() {
+    let server = Server::start().await;
+    let served = http(&server, "GET", "/openapi.yaml", &[], b"").await;
+    assert_eq!(served.status, 200);
+    let file =
+        std::fs::read_to_string(sockets_tests::workspace_root().join("docs/openapi.yaml")).unwrap();
+    assert_eq!(
+        served.body, file,
+        "the host serves docs/openapi.yaml as it is"
+    );
+    for route in [
+        "/ws",
+        "/api/events",
+        "/admin/plugins",
+        "/admin/plugins/{name}",
+        "/admin/plugins/{name}/rollback",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.yaml",
+    ] {
+        assert!(
+            file.contains(&format!("\n  {route}:\n")),
+            "{route} is not documented"
+        );
+    }
+}

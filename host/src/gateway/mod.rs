@@ -87,6 +87,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.yaml", get(ops::openapi))
         .layer(DefaultBodyLimit::max(max_body));
     api.merge(admin)
         .fallback(error::not_found)

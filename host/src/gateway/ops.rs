@@ -94,3 +94,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         body,
     )
 }
+
+/// The OpenAPI 3.1 document of this HTTP API (`docs/openapi.yaml`).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
+/// `GET /openapi.yaml`
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
+}

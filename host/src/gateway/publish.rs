@@ -17,6 +17,9 @@ use crate::protocol::{is_valid_event_name, new_id, rfc3339};
 use crate::router::{Inbound, RouteError};
 use crate::store::Source;
 
+/// Longest idempotency key: it becomes part of delivery ids and log ids.
+const MAX_ID_BYTES: usize = 256;
+
 struct Publication {
     event: String,
     data: String,
@@ -86,8 +89,8 @@ fn parse(body: &[u8]) -> Result<Publication, ApiError> {
     };
     let key = match fields.remove("id") {
         None | Some(Value::Null) => None,
-        Some(Value::String(id)) if !id.is_empty() => Some(id),
-        Some(_) => return Err(bad("`id` must be a non-empty string")),
+        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_BYTES => Some(id),
+        Some(_) => return Err(bad("`id` must be a string of 1-256 bytes")),
     };
     let data = fields.remove("data").unwrap_or(Value::Null).to_string();
     Ok(Publication { event, data, key })
