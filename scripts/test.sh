@@ -15,6 +15,14 @@ cargo --version
 step "Services the tests need (RabbitMQ, FerretDB)"
 scripts/services.sh
 
+step "Test tools from Debian's packages (faketime: a node whose clock runs ahead)"
+if ! command -v faketime >/dev/null; then
+    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq faketime >/dev/null
+fi
+faketime --version | head -1
+
 step "Exchanges earlier test runs left on the broker"
 # Each test declares exchanges and queues of its own, named
 # test.<kind>.<test id>[...]. Queues expire a minute after last use (see

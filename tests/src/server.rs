@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Extra command-line arguments (e.g. `--config FILE`).
     pub args: Vec<String>,
+    /// A command the binary runs under (e.g. `faketime -f +120s`).
+    pub prefix: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             env: Vec::new(),
             data_dir: None,
             args: Vec::new(),
+            prefix: Vec::new(),
         }
     }
 }
@@ -129,7 +132,14 @@ impl Server {
             std::fs::copy(plugin_wasm(plugin), plugins_dir.join(file)).unwrap();
         }
         let stderr_log = root.join("stderr.log");
-        let mut command = Command::new(host_binary());
+        let mut command = match config.prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(host_binary());
+                command
+            }
+            None => Command::new(host_binary()),
+        };
         command
             .arg("serve")
             .args(&config.args)

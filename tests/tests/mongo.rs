@@ -241,6 +241,64 @@ async fn a_killed_nodes_records_are_removed_by_the_survivor() {
     );
 }
 
+/// A node whose clock runs two minutes ahead (libfaketime) must not take
+/// the others' leases for expired: leases are judged by the database's
+/// clock. Before, it deleted the other node's lease and connection records.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_clock_runs_ahead_sweeps_no_live_node() {
+    let faketime = "/usr/bin/faketime";
+    assert!(
+        std::path::Path::new(faketime).exists(),
+        "{faketime} is missing: scripts/test.sh installs Debian's faketime"
+    );
+    let db = TestDb::unique().await;
+    let config = || db.server_config(ServerConfig::default().env("SOCKETS_NODE_LEASE", "3"));
+    let honest = Server::start_with(config()).await;
+    let _client = Client::connect(&honest, &token("s_1", "student")).await.0;
+    eventually(WAIT, "the connection is recorded", || async {
+        (connection_records(&db, "s_1").await.len() == 1).then_some(())
+    })
+    .await;
+    let ahead = Server::start_with(ServerConfig {
+        prefix: vec![faketime.into(), "-f".into(), "+120s".into()],
+        ..config().env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+    })
+    .await;
+    let skewed = http(&ahead, "GET", "/healthz", &[], b"").await;
+    let date = skewed
+        .headers
+        .iter()
+        .find(|(name, _)| name == "date")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default();
+    let honest_date = http(&honest, "GET", "/healthz", &[], b"").await;
+    assert!(
+        !honest_date
+            .headers
+            .iter()
+            .any(|(name, value)| name == "date" && *value == date),
+        "the skewed node's clock is not ahead ({date}): is libfaketime working?"
+    );
+    // Watch several maintenance ticks of both nodes (a third of a lease):
+    // the honest node puts swept records back at its next tick, so a sweep
+    // shows as a gap, not as a lasting loss.
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < watch_until {
+        assert_eq!(
+            connection_records(&db, "s_1").await.len(),
+            1,
+            "the live node's record was swept by a node whose clock runs ahead"
+        );
+        assert_eq!(
+            db.find("instances", doc! {}).await.len(),
+            2,
+            "a live node's lease was taken for expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(ahead);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_down_at_start_degrades_readiness_until_it_is_up() {
     let mut ferret = FerretDb::new();

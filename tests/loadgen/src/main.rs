@@ -6,6 +6,7 @@
 //! loadgen --target sockets --server 127.0.0.1:8080 chat --pairs 16 --window 8 --duration 10 --server-pid PID
 //! loadgen --target socketio --server 127.0.0.1:8090 idle --connections 19000 --server-pid PID
 //! loadgen --target sockets --server 127.0.0.1:8080 fanout --users 100 --events 20000
+//! loadgen --server 127.0.0.1:8080 edge --uploads 40 --slow 300 --duration 10 --server-pid PID
 //! loadgen broker --amqp amqp://guest:guest@127.0.0.1:5672/%2f --events 10000 --rate 2500
 //! loadgen users-file --pairs 16 > users.json
 //! perf report --stdio -g none -t $'\t' -F overhead,sample,comm,dso,sym | loadgen profile-shares
@@ -14,6 +15,7 @@
 
 mod broker;
 mod chat;
+mod edge;
 mod fanout;
 mod idle;
 mod peer;
@@ -94,6 +96,26 @@ enum Run {
         /// The exchange the host consumes from.
         #[arg(long, default_value = "sockets.events")]
         exchange: String,
+    },
+    /// The edge under attack: normal clients' round trips and the server's
+    /// memory alone, then during unauthenticated 16 MiB uploads and
+    /// sockets that never finish their headers.
+    Edge {
+        /// Concurrent unauthenticated uploads (at most 400).
+        #[arg(long, default_value_t = 40)]
+        uploads: usize,
+        /// Slow-header sockets held (at most 5000).
+        #[arg(long, default_value_t = 300)]
+        slow: usize,
+        /// Normal clients measuring round trips.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds of each phase (at most 60).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// The server's process id (its memory is read from /proc).
+        #[arg(long)]
+        server_pid: u32,
     },
     /// RabbitMQ alone: the fanout's publishes to a quorum queue of the
     /// run's own, consumed and acked by a plain consumer (no server).
@@ -240,6 +262,24 @@ async fn main() -> anyhow::Result<()> {
                 amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
             };
             fanout::run(options, &tokens()?).await?
+        }
+        Run::Edge {
+            uploads,
+            slow,
+            clients,
+            duration,
+            server_pid,
+        } => {
+            anyhow::ensure!(cli.target == Target::Sockets, "edge: the sockets host only");
+            let options = edge::Options {
+                server: cli.server,
+                server_pid,
+                uploads: uploads.min(400),
+                slow: slow.min(5000),
+                clients: clients.max(1),
+                duration: Duration::from_secs(duration.clamp(1, 60)),
+            };
+            edge::run(options, &tokens()?).await?
         }
         Run::Broker {
             amqp,
