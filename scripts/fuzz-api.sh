@@ -60,13 +60,15 @@ fi
 token() { target/debug/sockets-host token --sub "$1" --role "$2"; }
 
 fuzz() {
-    local role=$1
+    local role=$1 token
     shift
+    token=$(token "fuzz-$role" "$role")
     echo "schemathesis as a token with role $role: $*"
-    "$venv/bin/schemathesis" run "http://$addr/openapi.yaml" \
-        -H "Authorization: Bearer $(token "fuzz-$role" "$role")" \
+    # From the scratch folder: schemathesis keeps a cache where it runs.
+    (cd "$work" && "$venv/bin/schemathesis" run "http://$addr/openapi.yaml" \
+        -H "Authorization: Bearer $token" \
         --checks all --exclude-checks positive_data_acceptance \
-        --max-time "$FUZZ_TIME" --max-examples 200 --seed 1 "$@"
+        --max-time "$FUZZ_TIME" --max-examples 200 --seed 1 "$@")
 }
 # Reads before the admin API's deletes can leave the server with no
 # plugin (then /readyz is 503, as documented, but a 5xx all the same).

@@ -341,6 +341,36 @@ pub fn plugin_configs(settings: &Settings) -> Result<BTreeMap<String, String>, C
         .collect()
 }
 
+/// A JWKS URL is only as trustworthy as the way its keys arrive and the
+/// tokens they may verify: `https://` (plain `http://` only to this
+/// machine), and an issuer is required, since identity providers publish
+/// keys shared by many tenants and apps; tokens of the others must not
+/// pass.
+fn checked_jwks_url(url: String, issuer: Option<&str>) -> Result<String, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        setting: "SOCKETS_JWT_JWKS_URL",
+        why: why.into(),
+    };
+    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|prefix| {
+            url.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+        });
+    if !url.starts_with("https://") && !loopback {
+        return Err(invalid(
+            "must be an https:// URL (http:// only to 127.0.0.1, localhost or [::1])",
+        ));
+    }
+    if issuer.is_none_or(str::is_empty) {
+        return Err(invalid(
+            "needs SOCKETS_JWT_ISSUER: keys published by an identity provider may sign \
+             tokens of other tenants and apps",
+        ));
+    }
+    Ok(url)
+}
+
 fn comma_list(text: &str) -> Vec<String> {
     text.split(',')
         .map(str::trim)
@@ -398,10 +428,13 @@ impl Config {
                 None => Limits::default().max_connections,
             },
             max_user_id_bytes: match settings.max_user_id_bytes {
-                Some(0) => {
+                // Plugins check the ids clients name against 256 (the SDK's
+                // UserId); a host limit above it would accept users whose
+                // ids plugins refuse.
+                Some(0 | 257..) => {
                     return Err(ConfigError::Invalid {
                         setting: "SOCKETS_MAX_USER_ID_BYTES",
-                        why: "must be at least 1".into(),
+                        why: "must be 1 to 256".into(),
                     });
                 }
                 Some(max) => max,
@@ -426,7 +459,7 @@ impl Config {
             jwt: JwtConfig {
                 secret: settings.jwt_secret,
                 public_key_pem,
-                issuer: settings.jwt_issuer,
+                issuer: settings.jwt_issuer.clone(),
                 audience: settings.jwt_audience,
                 algorithms: settings.jwt_algorithms.as_deref().map(comma_list),
                 leeway: match settings.jwt_leeway.unwrap_or(30) {
@@ -440,15 +473,7 @@ impl Config {
                 },
                 max_sub_bytes: limits.max_user_id_bytes,
                 jwks_url: match settings.jwt_jwks_url {
-                    Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
-                        Some(url)
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::Invalid {
-                            setting: "SOCKETS_JWT_JWKS_URL",
-                            why: "must be an http:// or https:// URL".into(),
-                        });
-                    }
+                    Some(url) => Some(checked_jwks_url(url, settings.jwt_issuer.as_deref())?),
                     None => None,
                 },
                 jwks_refetch: seconds(settings.jwt_jwks_refetch, 30, "SOCKETS_JWT_JWKS_REFETCH")?,
@@ -548,6 +573,23 @@ mod tests {
                 .components()
                 .any(|part| part == std::path::Component::ParentDir)
         );
+    }
+
+    #[test]
+    fn a_jwks_url_needs_https_and_an_issuer() {
+        let with = |url: &str, issuer: Option<&str>| {
+            Config::from_settings(Settings {
+                jwt_jwks_url: Some(url.into()),
+                jwt_issuer: issuer.map(Into::into),
+                ..Settings::default()
+            })
+        };
+        assert!(with("https://id.example/jwks", Some("https://id.example")).is_ok());
+        assert!(with("http://127.0.0.1:9000/jwks", Some("x")).is_ok());
+        assert!(with("http://localhost/jwks", Some("x")).is_ok());
+        assert!(with("http://id.example/jwks", Some("x")).is_err());
+        assert!(with("http://127.0.0.1.evil.example/jwks", Some("x")).is_err());
+        assert!(with("https://id.example/jwks", None).is_err());
     }
 
     #[test]

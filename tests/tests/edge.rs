@@ -112,8 +112,17 @@ async fn connections_beyond_the_cap_get_503_and_the_cap_frees_up() {
         Err(other) => panic!("a fourth connection was not refused with 503: {other:?}"),
         Ok((_, connected)) => panic!("a fourth connection was accepted: {connected}"),
     }
+    // Beyond the cap a node still says it is alive (a liveness probe must
+    // not restart a full node); everything else is refused.
     let health = http(&server, "GET", "/healthz", &[], b"").await;
-    health.assert_error(503, "unavailable");
+    assert_eq!(health.status, 200, "{}", health.body);
+    let publish_at_cap = publish(
+        &server,
+        &token("billing", "service"),
+        &json!({"event": "PAYMENT_PROCESSED", "data": {"paymentId": "p", "studentId": "s_1"}}),
+    )
+    .await;
+    publish_at_cap.assert_error(503, "unavailable");
 
     // Connected clients still work while the cap holds.
     clients[0]

@@ -217,7 +217,8 @@ async fn a_jwks_that_never_answered_leaves_the_server_up_and_unready() {
     let server = Server::start_with(
         ServerConfig::default()
             .env("SOCKETS_JWT_JWKS_URL", &jwks.url)
-            .env("SOCKETS_JWT_JWKS_REFETCH", "1"),
+            .env("SOCKETS_JWT_JWKS_REFETCH", "1")
+            .env("SOCKETS_JWT_ISSUER", ISSUER),
     )
     .await;
     let ready = http(&server, "GET", "/readyz", &[], b"").await;

@@ -605,3 +605,48 @@ async fn a_record_the_database_refuses_holds_back_no_other() {
     let _ = stop.send(true);
     let _ = maintenance.await;
 }
+
+/// A log record MongoDB refuses (a plugin's data with a NUL in a key) is
+/// dropped and reported; the records after it are written, and readiness
+/// holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_record_the_database_refuses_holds_back_no_other() {
+    let db = TestDb::unique().await;
+    let server = Server::start_with(db.server_config(ServerConfig {
+        plugins: vec!["misbehaving"],
+        ..ServerConfig::default()
+    }))
+    .await;
+    ready(&server).await;
+    let (mut client, _) = Client::connect(&server, &token("u_1", "student")).await;
+    client
+        .send(&json!({"event": "ok", "data": {"bad\u{0}key": 1}, "ack": 1}))
+        .await;
+    let first = client.recv().await;
+    let first = if first.get("ack").is_some() {
+        first
+    } else {
+        client.recv().await
+    };
+    assert_eq!(first["ok"], true, "{first}");
+    for ack in 2..=4 {
+        client
+            .send(&json!({"event": "ok", "data": {"n": ack}, "ack": ack}))
+            .await;
+    }
+    eventually(
+        WAIT,
+        "the records after the refused one are written",
+        || async {
+            let records = db.find("notificationLogs", doc! {"trigger": "ok"}).await;
+            (records.len() == 3).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        server.log().contains("refused by MongoDB, dropped"),
+        "the refused record is reported"
+    );
+    let readiness = http(&server, "GET", "/readyz", &[], b"").await;
+    assert_eq!(readiness.status, 200, "{}", readiness.body);
+}

@@ -169,10 +169,7 @@ impl Cluster {
     /// Hands a delivery to the nodes holding any of `users` (this node's
     /// own copy is ignored when it comes back).
     pub async fn forward(&self, delivery_id: String, frame: OutboundFrame, users: Vec<String>) {
-        let users: Vec<String> = users
-            .into_iter()
-            .filter(|user| !user.is_empty() && user.len() <= MAX_ROUTING_KEY)
-            .collect();
+        let users: Vec<String> = users.into_iter().filter(|user| routable(user)).collect();
         if users.is_empty() {
             return;
         }
@@ -631,7 +628,7 @@ impl Link {
         let properties = BasicProperties::default()
             .with_app_id(self.instance_id.as_ref().into())
             .with_type(presence::ACK_TYPE.into())
-            .with_headers(self.signed(presence::ACK_TYPE, &body, FieldTable::default()));
+            .with_headers(self.signed(&ack_kind(node), &body, FieldTable::default()));
         channel
             .basic_publish(
                 "".into(),
@@ -646,14 +643,11 @@ impl Link {
     }
 
     async fn bind(&self, channel: &Channel, user: &str) -> lapin::Result<()> {
-        if user.len() > MAX_ROUTING_KEY {
-            return Ok(());
-        }
         channel
             .queue_bind(
                 self.queue.as_str().into(),
                 self.settings.nodes_exchange.as_str().into(),
-                user.into(),
+                routing_key(user).as_ref().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -661,14 +655,11 @@ impl Link {
     }
 
     async fn unbind(&self, channel: &Channel, user: &str) -> lapin::Result<()> {
-        if user.len() > MAX_ROUTING_KEY {
-            return Ok(());
-        }
         channel
             .queue_unbind(
                 self.queue.as_str().into(),
                 self.settings.nodes_exchange.as_str().into(),
-                user.into(),
+                routing_key(user).as_ref().into(),
                 FieldTable::default(),
             )
             .await
@@ -681,18 +672,18 @@ impl Link {
         channel: &Channel,
         batch: &[DeliveryCopy],
     ) -> lapin::Result<PublisherConfirm> {
-        let mut users: Vec<&str> = batch
+        let mut keys: Vec<std::borrow::Cow<'_, str>> = batch
             .iter()
-            .flat_map(|copy| copy.users.iter().map(String::as_str))
+            .flat_map(|copy| copy.users.iter().map(|user| routing_key(user)))
             .collect();
-        users.sort_unstable();
-        users.dedup();
-        let (first, others) = users.split_first().expect("forward skips no users");
+        keys.sort_unstable();
+        keys.dedup();
+        let (first, others) = keys.split_first().expect("forward skips no users");
         let mut headers = FieldTable::default();
         if !others.is_empty() {
             let cc: Vec<AMQPValue> = others
                 .iter()
-                .map(|user| AMQPValue::LongString((*user).into()))
+                .map(|key| AMQPValue::LongString(key.as_ref().into()))
                 .collect();
             headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(cc)));
         }
@@ -703,7 +694,7 @@ impl Link {
         channel
             .basic_publish(
                 self.settings.nodes_exchange.as_str().into(),
-                (*first).into(),
+                first.as_ref().into(),
                 BasicPublishOptions::default(),
                 &body,
                 properties,
@@ -725,7 +716,13 @@ impl Link {
     /// node it names; others are dropped, counted and (the first of a
     /// burst) logged.
     fn authentic(&mut self, delivery: &lapin::message::Delivery) -> bool {
-        let kind = message_type(delivery).unwrap_or(BATCH_KIND);
+        // An answer is signed for the node it answers: replayed into
+        // another node's queue it does not verify there.
+        let kind = match message_type(delivery) {
+            Some(presence::ACK_TYPE) => std::borrow::Cow::Owned(ack_kind(&self.instance_id)),
+            Some(kind) => std::borrow::Cow::Borrowed(kind),
+            None => std::borrow::Cow::Borrowed(BATCH_KIND),
+        };
         let signature = delivery
             .properties
             .headers()
@@ -737,7 +734,7 @@ impl Link {
             });
         let valid = match (sender(delivery), signature) {
             (Some(sender), Some(signature)) => {
-                self.key.verify(kind, sender, &delivery.data, signature)
+                self.key.verify(&kind, sender, &delivery.data, signature)
             }
             _ => false,
         };
@@ -812,10 +809,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Whether the user id can be a routing key (others are not bound, so get
-/// no copies and count no remote connections).
+/// The signed kind of an answer to `node`'s announcement.
+fn ack_kind(node: &str) -> String {
+    format!("{}:{node}", presence::ACK_TYPE)
+}
+
+/// Whether copies can be routed to the user (every non-empty id can).
 fn routable(user: &str) -> bool {
-    !user.is_empty() && user.len() <= MAX_ROUTING_KEY
+    !user.is_empty()
+}
+
+/// The binding and routing key of a user's copies: the id itself, or, for
+/// an id longer than an AMQP short string holds (255 bytes; user ids go to
+/// 256), a digest of it. Receivers take the users from the signed body, so
+/// a key shared by two ids costs a message, never a misdelivery.
+fn routing_key(user: &str) -> std::borrow::Cow<'_, str> {
+    use sha2::Digest;
+    if user.len() <= MAX_ROUTING_KEY {
+        return std::borrow::Cow::Borrowed(user);
+    }
+    let digest = sha2::Sha256::digest(user.as_bytes());
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::borrow::Cow::Owned(format!("sha256:{hex}"))
 }
 
 #[cfg(test)]

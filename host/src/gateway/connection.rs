@@ -80,7 +80,26 @@ pub fn run(
         limiter,
     };
     async move {
-        connection.open().await;
+        // A panic while opening (after the connection was registered) must
+        // not leave it registered either.
+        if AssertUnwindSafe(connection.open())
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            connection.state.metrics.connection_panicked();
+            tracing::error!(connection = %connection.handle.id, "connection task panicked while opening");
+            connection
+                .handle
+                .request_close(CLOSE_INTERNAL_ERROR, "internal error");
+            connection.state.connections.unregister(&connection.handle);
+            let _ = connection
+                .state
+                .connection_store
+                .remove(&connection.handle.id)
+                .await;
+            return;
+        }
         let writer = tokio::spawn(write_loop(
             sink,
             Arc::clone(&connection.handle),
@@ -452,7 +471,7 @@ impl Connection {
         let ack = frame.ack;
         let result = match frame.event.as_str() {
             "setConnection" => self.set_connection(&frame).await,
-            "refreshToken" => self.refresh_token(&frame),
+            "refreshToken" => self.refresh_token(&frame).await,
             _ => return self.route(frame).await,
         };
         Reply::Now(reply_frame(ack, result))
@@ -484,7 +503,7 @@ impl Connection {
         Ok(raw(&json!({"connectionId": &*self.handle.id})))
     }
 
-    fn refresh_token(&mut self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+    async fn refresh_token(&mut self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
         let token = match serde_json::from_str::<Value>(frame.data.get()) {
             Ok(Value::Object(data)) => match data.get("token") {
                 Some(Value::String(token)) if !token.is_empty() => token.clone(),
@@ -502,10 +521,13 @@ impl Connection {
                 ));
             }
         };
+        // A key the identity provider has just rotated in is fetched, as
+        // for a new connection.
         let claims = self
             .state
             .auth
-            .verify(&token)
+            .verify_fresh(&token)
+            .await
             .map_err(|err| ErrorBody::new(ErrorCode::Unauthorized, err.to_string()))?;
         if claims.sub != self.session.claims.sub {
             return Err(ErrorBody::new(

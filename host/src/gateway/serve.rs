@@ -29,6 +29,16 @@ use crate::metrics::Metrics;
 /// How long accepting pauses after an accept error (out of descriptors):
 /// retrying at once would spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Connections beyond the cap that are still answered (`503`, or the
+/// operational endpoints) at once; beyond these, a connection is closed as
+/// soon as it is accepted, so that the cap bounds descriptors too.
+const OVERFLOW_CONNECTIONS: usize = 256;
+/// The header deadline of a connection beyond the cap.
+const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long shutdown waits for HTTP requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Routes answered even beyond the cap: a full node is alive and says so.
+const OPERATIONAL_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// Limits on connections as such, before any request is understood.
 #[derive(Debug, Clone, Copy)]
@@ -41,12 +51,14 @@ pub struct ConnectionLimits {
 
 /// One of the [`ConnectionLimits::max_connections`] slots. Handed to every
 /// request in its extensions, so that an upgraded WebSocket keeps its slot
-/// after hyper lets go of the connection.
+/// after hyper lets go of the connection. A request without one came
+/// beyond the cap: the upgrade refuses it (`503`).
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
-/// Serves `app` on `listener` until `shutdown` resolves; then stops
-/// accepting and lets every connection finish its request in flight.
+/// Serves `app` on `listener` until `shutdown` resolves; then closes the
+/// listener and lets every connection finish its request in flight (10 s
+/// at most).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -55,6 +67,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     // Every connection task holds a receiver; shutdown waits until all are
     // dropped.
     let (stopping, stop_seen) = watch::channel(false);
@@ -83,46 +96,85 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {err}");
         }
-        let slot = Arc::clone(&slots).try_acquire_owned().ok();
-        if slot.is_none() {
-            metrics.connection_refused_over_cap();
-        }
+        let admission = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => Admission::Slot(slot),
+            Err(_) => {
+                metrics.connection_refused_over_cap();
+                match Arc::clone(&overflow).try_acquire_owned() {
+                    Ok(permit) => Admission::Overflow(permit),
+                    // Even the 503 answers are at their bound.
+                    Err(_) => continue,
+                }
+            }
+        };
         let app = app.clone();
         let stop_seen = stop_seen.clone();
         tokio::spawn(serve_connection(
-            stream, remote, app, slot, limits, stop_seen,
+            stream, remote, app, admission, limits, stop_seen,
         ));
     }
+    // New clients are refused by the kernel from now on, not queued.
+    drop(listener);
     drop(stop_seen);
     let _ = stopping.send(true);
-    stopping.closed().await;
+    if tokio::time::timeout(DRAIN_TIMEOUT, stopping.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "HTTP requests still in flight after {DRAIN_TIMEOUT:?}; not waiting for them"
+        );
+    }
+}
+
+/// How a connection was let in.
+enum Admission {
+    /// Within the cap: it holds a slot until it closes.
+    Slot(OwnedSemaphorePermit),
+    /// Beyond it: answered `503` (the operational endpoints as usual),
+    /// briefly, then closed.
+    Overflow(OwnedSemaphorePermit),
 }
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     app: Router,
-    slot: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     limits: ConnectionLimits,
     mut stop_seen: watch::Receiver<bool>,
 ) {
-    let slot = slot.map(|permit| ConnectionSlot(Arc::new(permit)));
+    let (slot, overflow, header_timeout) = match admission {
+        Admission::Slot(permit) => (
+            Some(ConnectionSlot(Arc::new(permit))),
+            None,
+            limits.header_read_timeout,
+        ),
+        Admission::Overflow(permit) => (None, Some(permit), OVERFLOW_HEADER_TIMEOUT),
+    };
+    let keep_alive = slot.is_some();
     let service = tower::service_fn(move |mut request: Request<Incoming>| {
         let app = app.clone();
         let slot = slot.clone();
         async move {
-            let Some(slot) = slot else {
-                return Ok::<_, Infallible>(over_capacity());
-            };
             request.extensions_mut().insert(ConnectInfo(remote));
-            request.extensions_mut().insert(slot);
+            match slot {
+                Some(slot) => {
+                    request.extensions_mut().insert(slot);
+                }
+                None if !OPERATIONAL_PATHS.contains(&request.uri().path()) => {
+                    return Ok::<_, Infallible>(over_capacity());
+                }
+                None => {}
+            }
             app.oneshot(request.map(Body::new)).await
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(header_timeout)
+        .keep_alive(keep_alive);
     let connection = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
         .with_upgrades();
@@ -143,6 +195,7 @@ async fn serve_connection(
     if let Err(err) = result {
         tracing::trace!("connection from {remote} ended: {err}");
     }
+    drop(overflow);
 }
 
 /// The answer to every request of a connection beyond the cap.

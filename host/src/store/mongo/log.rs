@@ -176,6 +176,28 @@ async fn insert_until_written(
         };
         match mongo.observe(result) {
             Ok(()) => return,
+            // The database refuses what a record holds (e.g. a key with NUL
+            // in a plugin's data): retrying cannot help, and must not hold
+            // back the records written after it. A batch is retried record
+            // by record to find the refused ones; those are dropped.
+            Err(StoreError::Rejected(err)) => {
+                if let [document] = documents {
+                    tracing::error!(
+                        id = document.get_str("_id").unwrap_or_default(),
+                        "notification log record refused by MongoDB, dropped: {err}"
+                    );
+                } else {
+                    for document in documents {
+                        Box::pin(insert_until_written(
+                            mongo,
+                            collection,
+                            std::slice::from_ref(document),
+                        ))
+                        .await;
+                    }
+                }
+                return;
+            }
             Err(err) => {
                 let wait = backoff.next_wait();
                 tracing::warn!(

@@ -103,6 +103,16 @@ fn is_about_the_document(err: &mongodb::error::Error) -> bool {
     match &*err.kind {
         ErrorKind::BsonSerialization(_) | ErrorKind::InvalidArgument { .. } => true,
         ErrorKind::Write(WriteFailure::WriteError(_)) => true,
+        // Some records of a batch refused, the others written (unordered);
+        // a record that is there already counts as written.
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure.write_errors.as_ref().is_some_and(|errors| {
+                    errors
+                        .iter()
+                        .all(|error| matches!(error.code, 2 | 52 | 55 | 56 | 57 | 121 | 11000))
+                })
+        }
         // Document validation and bad field names (MongoDB codes 2, 52, 55,
         // 56, 57, 121; FerretDB answers with the same codes).
         ErrorKind::Command(command) => matches!(command.code, 2 | 52 | 55 | 56 | 57 | 121),
