@@ -44,7 +44,7 @@ impl ClusterKey {
         Ok(Self { mac })
     }
 
-    /// The signature of a message, as it goes into [`SIGNATURE_HEADER`].
+    /// The signature of a message, as it goes into `SIGNATURE_HEADER`.
     pub fn sign(&self, kind: &str, sender: &str, body: &[u8]) -> String {
         let tag = self.tag(kind, sender, body).finalize().into_bytes();
         tag.iter().map(|byte| format!("{byte:02x}")).collect()
