@@ -536,3 +536,42 @@ async fn a_clustered_node_without_a_cluster_key_refuses_to_start() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!String::from_utf8_lossy(&output.stdout).contains("listening"));
 }
+
+/// A plugin that sleeps inside a host call (out of the epoch deadline's
+/// reach) once held a tokio worker for as long as it slept, and panicked
+/// workers: now the call fails at once and the host keeps serving.
+#[tokio::test]
+async fn a_plugin_that_sleeps_fails_at_once_and_holds_no_thread() {
+    let server = Server::start_with(ServerConfig {
+        plugins: vec!["misbehaving"],
+        ..ServerConfig::default()
+    })
+    .await;
+    let (mut client, _) = Client::connect(&server, &token("u_1", "student")).await;
+    for ack in 1..=4 {
+        let started = std::time::Instant::now();
+        client
+            .send(&json!({"event": "sleep", "data": {}, "ack": ack}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["error"]["code"], "plugin_failed", "{reply}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the sleeping plugin answered after {:?}",
+            started.elapsed()
+        );
+    }
+    client
+        .send(&json!({"event": "ok", "data": {}, "ack": 9}))
+        .await;
+    let mut reply = client.recv().await;
+    if reply.get("ack").is_none() {
+        reply = client.recv().await;
+    }
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(
+        !server.log().contains("panicked"),
+        "a worker panicked:\n{}",
+        server.log()
+    );
+}

@@ -242,6 +242,21 @@ fn an_infinite_loop_is_interrupted_at_the_deadline_and_the_plugin_keeps_serving(
 }
 
 #[test]
+fn a_plugin_that_sleeps_traps_at_once() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "misbehaving");
+    let started = Instant::now();
+    let error = misbehave(&plugin, "sleep");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(&error, CallError::Trapped(why) if why.contains("may not wait")),
+        "{error:?}"
+    );
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    still_serves(&plugin);
+}
+
+#[test]
 fn a_memory_bomb_hits_the_memory_limit() {
     let runtime = runtime();
     let plugin = load(&runtime, "misbehaving");

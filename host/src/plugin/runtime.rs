@@ -53,6 +53,43 @@ impl Default for PluginLimits {
     }
 }
 
+/// The WASI clocks interface as wasmtime-wasi 48 defines it; a plugin's
+/// `0.2.x` import resolves to it (the highest `0.2` defined), so the
+/// overrides below must be made in this instance, not one of the plugin's
+/// version. A test plugin that sleeps checks they still apply.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// What a plugin that tries to wait is told (as its call's trap).
+pub const NO_WAITING: &str =
+    "plugins may not wait (sleep, or subscribe to a clock): a call must finish within its deadline";
+
+/// Replaces WASI's clock subscriptions, the only way a plugin could wait
+/// (its stdio is empty, always ready), with ones that trap at once. The
+/// epoch deadline only interrupts guest code: a plugin sleeping inside
+/// the host's `poll`/`block` held its thread for as long as it liked, and
+/// wasmtime-wasi's blocking waits panic on a tokio worker. `now` and
+/// `resolution` stay: reading a clock never waits.
+fn forbid_clock_waits(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |_store, (_duration,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(wasmtime::format_err!(NO_WAITING))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |_store, (_instant,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(wasmtime::format_err!(NO_WAITING))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 /// How often the engine's epoch advances; call deadlines are rounded up to it.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -111,6 +148,7 @@ impl PluginRuntime {
         // WASI is linked because Rust's std imports it, but the context grants
         // nothing: no preopened directories, environment, arguments or sockets.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        forbid_clock_waits(&mut linker)?;
         super::bindings::Plugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
             &mut linker,
             |state| state,

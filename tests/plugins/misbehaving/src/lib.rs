@@ -21,6 +21,7 @@ impl Plugin for Misbehaving {
         "config",
         "print",
         "logFlood",
+        "sleep",
     ];
 
     fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
@@ -68,6 +69,12 @@ impl Plugin for Misbehaving {
             "print" => {
                 println!("a plugin printing to stdout");
                 eprintln!("and to stderr");
+                Ok(Outcome::new().deliver(echo(&event.data)))
+            }
+            // Waits in the host (a WASI clock subscription): out of reach of
+            // the epoch deadline, which interrupts guest code only.
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(8));
                 Ok(Outcome::new().deliver(echo(&event.data)))
             }
             // A thousand lines, each trying to forge a line of its own and
