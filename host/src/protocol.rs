@@ -232,6 +232,30 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
+/// The id of a delivery: derived from the event it answers (its id), the
+/// plugin that made it (its name, not version) and its position among the
+/// event's deliveries, so that an event processed again — redelivered by
+/// the broker, retried by a publisher, after a restart, on another node —
+/// yields the same push `id`s and log `_id`s: clients and the log
+/// de-duplicate (PROTOCOL §5, v1.1). 128 bits of SHA-256, 32 hex digits
+/// like the random ids.
+pub fn delivery_id(event_id: &str, plugin: &str, position: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for field in [event_id.as_bytes(), plugin.as_bytes()] {
+        hash.update((field.len() as u64).to_be_bytes());
+        hash.update(field);
+    }
+    hash.update((position as u64).to_be_bytes());
+    let digest = hash.finalize();
+    let mut id = String::with_capacity(32);
+    for byte in &digest[..16] {
+        use std::fmt::Write;
+        let _ = write!(id, "{byte:02x}");
+    }
+    id
+}
+
 /// RFC 3339 UTC with millisecond precision, e.g. `2026-11-26T10:00:00.123Z`.
 pub fn rfc3339(at: SystemTime) -> String {
     // Written by hand into a buffer of the right size: it runs twice per
@@ -286,6 +310,23 @@ fn rfc3339_any_year(at: time::OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_ids_follow_from_event_plugin_and_position() {
+        let id = delivery_id("evt-1", "payments", 0);
+        assert_eq!(id, delivery_id("evt-1", "payments", 0));
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|byte| byte.is_ascii_hexdigit()));
+        for other in [
+            delivery_id("evt-2", "payments", 0),
+            delivery_id("evt-1", "reviews", 0),
+            delivery_id("evt-1", "payments", 1),
+            // Fields are length-prefixed: moving bytes between them counts.
+            delivery_id("evt-1p", "ayments", 0),
+        ] {
+            assert_ne!(id, other);
+        }
+    }
 
     #[test]
     fn event_names_follow_the_protocol() {

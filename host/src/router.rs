@@ -18,7 +18,7 @@ use crate::plugin::{
     CallError, DispatchError, Event, HostServices, Origin, PluginDelivery, PluginRegistry,
     Recipient, RefusalCode,
 };
-use crate::protocol::{ErrorBody, ErrorCode, new_id, push_frame, rfc3339};
+use crate::protocol::{ErrorBody, ErrorCode, delivery_id, push_frame, rfc3339};
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
 use fanout::{Reached, Sender, fan_out};
 
@@ -212,8 +212,13 @@ impl Router {
         // One record per reached user; most deliveries reach one.
         let mut records = Vec::with_capacity(decision.deliveries.len());
         let mut delivered_to_users = 0u32;
-        for PluginDelivery { plugin, delivery } in decision.deliveries {
-            let delivery_id = new_id();
+        for (position, PluginDelivery { plugin, delivery }) in
+            decision.deliveries.into_iter().enumerate()
+        {
+            // Derived, not random: processing the event again yields the
+            // same ids (and log `_id`s).
+            let plugin_name = plugin.split_once('@').map_or(&*plugin, |(name, _)| name);
+            let delivery_id = delivery_id(&inbound.event.id, plugin_name, position);
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
             let Reached {

@@ -247,3 +247,33 @@ async fn a_client_cannot_forge_a_backend_event() {
     let reply = student.recv().await;
     assert_eq!(reply["error"]["code"], "forbidden", "{reply}");
 }
+
+/// PROTOCOL §5 (v1.1): delivery ids are derived from the event id, so the
+/// same event processed by two nodes (or again after a restart) pushes
+/// under the same `id`, which clients de-duplicate by, and writes the same
+/// log `_id`s.
+#[tokio::test]
+async fn the_same_event_on_two_nodes_pushes_the_same_delivery_id() {
+    let first = Server::start().await;
+    let second = Server::start().await;
+    let service = token("billing", "service");
+    let event = json!({"event": "PAYMENT_PROCESSED", "id": "pay-same-everywhere",
+        "data": {"paymentId": "p_7", "studentId": "s_1"}});
+    let mut ids = Vec::new();
+    for server in [&first, &second] {
+        let (mut student, _) = Client::connect(server, &token("s_1", "student")).await;
+        let answer = publish(server, &service, &event).await;
+        assert_eq!(answer.status, 202, "{}", answer.body);
+        let push = student.recv().await;
+        assert_eq!(push["event"], "paymentProcessed", "{push}");
+        ids.push(push["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1], "one event, one delivery id, whichever node");
+    // Another event id, another delivery id.
+    let (mut student, _) = Client::connect(&first, &token("s_1", "student")).await;
+    let other = json!({"event": "PAYMENT_PROCESSED", "id": "pay-another",
+        "data": {"paymentId": "p_7", "studentId": "s_1"}});
+    assert_eq!(publish(&first, &service, &other).await.status, 202);
+    let push = student.recv().await;
+    assert_ne!(push["id"], ids[0]);
+}
