@@ -112,6 +112,23 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_consumption_conti
     let (_, _, reason) = publisher.dead_letter(&names.dead).await;
     assert!(reason.contains("studentId"), "{reason}");
 
+    // A body over 1 MiB (valid JSON, a valid event): too_large, unread.
+    let large = format!(
+        r#"{{"paymentId":"p_1","studentId":"s_1","pad":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            large.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let (_, body, reason) = publisher.dead_letter(&names.dead).await;
+    assert_eq!(reason, "too_large");
+    assert_eq!(body.len(), large.len(), "the message is kept whole");
+
     // A plugin that does not take the event: here a type nobody handles.
     let unknown = BasicProperties::default().with_type("NOBODY_HANDLES".into());
     publisher

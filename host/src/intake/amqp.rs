@@ -29,6 +29,10 @@ use crate::store::Source;
 
 /// The header that carries why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-sockets-reason";
+/// Largest event body taken from the broker (PROTOCOL §5: 1 MiB).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// The dead-letter reason of a body over [`MAX_BODY_BYTES`].
+pub const TOO_LARGE: &str = "too_large";
 
 /// Where and how to consume.
 #[derive(Debug, Clone)]
@@ -245,6 +249,11 @@ impl AmqpIntake {
             .as_ref()
             .map_or_else(|| "broker".to_owned(), |app| app.as_str().to_owned());
 
+        // PROTOCOL §5 (v1.1): refused before it is parsed or shown to a
+        // plugin, with the reason a dead-letter consumer can match on.
+        if delivery.data.len() > MAX_BODY_BYTES {
+            return self.dead_letter(channel, &delivery, &name, TOO_LARGE).await;
+        }
         let data = match std::str::from_utf8(&delivery.data)
             .ok()
             .filter(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
