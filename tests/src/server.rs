@@ -163,13 +163,7 @@ impl Server {
             &stderr_log,
         )
         .await;
-        Server {
-            child,
-            addr,
-            data_dir,
-            plugins_dir,
-            stderr_log,
-        }
+        Server::adopt(child, addr, data_dir, plugins_dir, stderr_log)
     }
 
     /// A server started some other way (a script, the binary with no

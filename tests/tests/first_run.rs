@@ -43,29 +43,18 @@ async fn readme_first_command_and_trying_it() {
         "\"Trying it\" should show the demo and the by-hand commands: {blocks:?}"
     );
 
-    let log = scratch_dir("readme").join("run.log");
     let mut command = as_newcomer("bash");
-    command
-        .arg("scripts/run.sh")
-        .current_dir(workspace_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut child = tokio::process::Command::from(command)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("bash runs scripts/run.sh");
-    // A build may come first when the tests' own build left something to do.
-    let addr = listening_addr(&mut child, LISTENING, Duration::from_secs(900), &log).await;
-    assert_eq!(addr.to_string(), DEFAULT_ADDR);
+    command.arg("scripts/run.sh").current_dir(workspace_root());
     let data_dir = workspace_root().join("data");
-    let server = Server::adopt(
-        child,
-        addr,
-        data_dir.clone(),
-        sockets_host::config::default_plugins_dir(),
-        log.clone(),
-    );
+    // A build may come first when the tests' own build left something to do.
+    let server = start_as_newcomer(
+        command,
+        &scratch_dir("readme").join("run.log"),
+        &data_dir,
+        Duration::from_secs(900),
+    )
+    .await;
+    assert_eq!(server.addr.to_string(), DEFAULT_ADDR);
     wait_ready(&server).await;
     let startup = server.log();
     assert!(
@@ -129,26 +118,16 @@ async fn readme_first_command_and_trying_it() {
 /// every default path resolved against it, or against the build.
 async fn bare_binary_in_a_fresh_folder() {
     let folder = scratch_dir("fresh-folder");
-    let log = folder.join("stderr.log");
     let mut command = as_newcomer(host_binary());
-    command
-        .current_dir(&folder)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut child = tokio::process::Command::from(command)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sockets-host starts");
-    let addr = listening_addr(&mut child, LISTENING, Duration::from_secs(60), &log).await;
+    command.current_dir(&folder);
     let data_dir = folder.join("data");
-    let server = Server::adopt(
-        child,
-        addr,
-        data_dir.clone(),
-        sockets_host::config::default_plugins_dir(),
-        log,
-    );
+    let server = start_as_newcomer(
+        command,
+        &folder.join("stderr.log"),
+        &data_dir,
+        Duration::from_secs(60),
+    )
+    .await;
     wait_ready(&server).await;
     for made in ["dev-jwt-secret", "plugin-cache", "notifications"] {
         assert!(
@@ -178,6 +157,32 @@ async fn bare_binary_in_a_fresh_folder() {
     let payment = next_event(&mut student, "paymentProcessed").await;
     assert_eq!(payment["data"]["paymentId"], "p_9");
     assert!(server.stop().await, "SIGTERM ends the server with success");
+}
+
+/// Starts `command` (a server on its defaults), its stderr to `log`, and
+/// waits up to `wait` for its listening line.
+async fn start_as_newcomer(
+    mut command: std::process::Command,
+    log: &std::path::Path,
+    data_dir: &std::path::Path,
+    wait: Duration,
+) -> Server {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap());
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start the server: {err}"));
+    let addr = listening_addr(&mut child, LISTENING, wait, log).await;
+    Server::adopt(
+        child,
+        addr,
+        data_dir.to_owned(),
+        sockets_host::config::default_plugins_dir(),
+        log.to_owned(),
+    )
 }
 
 /// The student writes to consultant `to`, who receives it; the ack counts
