@@ -298,6 +298,28 @@ fn oversized_or_invalid_outcomes_are_rejected_with_the_reason() {
 }
 
 #[test]
+fn what_a_call_returns_is_bounded_before_the_host_copies_it() {
+    // Caps below the plugin's 1 MiB payload: the copy out of the plugin
+    // is refused while lifting (wasmtime's hostcall fuel), not after a
+    // whole outcome was copied (which a crafted component could make
+    // 80 GB by pointing 10,000 deliveries at one string).
+    let limits = PluginLimits {
+        max_outcome_bytes: 64 << 10,
+        ..PluginLimits::default()
+    };
+    assert!(limits.copy_bytes() < 1 << 20, "{}", limits.copy_bytes());
+    let runtime = PluginRuntime::new(limits, Arc::new(Services::new()), None).unwrap();
+    let plugin = load(&runtime, "misbehaving");
+    match misbehave(&plugin, "oversized") {
+        CallError::InvalidOutcome(why) => {
+            assert!(why.contains("to copy out of the plugin"), "{why}");
+        }
+        other => panic!("expected an invalid outcome, got {other:?}"),
+    }
+    still_serves(&plugin);
+}
+
+#[test]
 fn a_refusal_is_not_a_malfunction() {
     let runtime = runtime();
     let plugin = load(&runtime, "misbehaving");

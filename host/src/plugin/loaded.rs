@@ -16,6 +16,10 @@ use super::runtime::{PluginLimits, deadline_ticks};
 use super::stats::PluginStats;
 use super::types::{Event, Origin, Outcome, PluginInfo, RefusalCode};
 
+/// What wasmtime says when a call's results exceed the store's hostcall
+/// fuel (its error type is private).
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
+
 /// Client events the host handles itself; a plugin may not take them over.
 const RESERVED_EVENTS: [&str; 2] = ["setConnection", "refreshToken"];
 
@@ -202,7 +206,12 @@ fn instantiate(
     context: &Arc<PluginContext>,
     limits: &PluginLimits,
 ) -> Result<WarmInstance, CallError> {
-    let mut store = new_store(engine, Arc::clone(context), limits.memory_bytes);
+    let mut store = new_store(
+        engine,
+        Arc::clone(context),
+        limits.memory_bytes,
+        limits.copy_bytes(),
+    );
     store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
     match pre.instantiate(&mut store) {
         Ok(bindings) => Ok(WarmInstance {
@@ -231,6 +240,14 @@ fn guarded<R>(
 fn classify(err: &wasmtime::Error, memory_denied: bool, limits: &PluginLimits) -> CallError {
     if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         CallError::Timeout(limits.call_timeout)
+    } else if err
+        .chain()
+        .any(|cause| cause.to_string().contains(HOSTCALL_FUEL_EXHAUSTED))
+    {
+        CallError::InvalidOutcome(format!(
+            "more than {} bytes to copy out of the plugin",
+            limits.copy_bytes()
+        ))
     } else if memory_denied {
         CallError::OutOfMemory(limits.memory_bytes)
     } else {

@@ -20,7 +20,8 @@ use super::loaded::LoadedPlugin;
 pub struct PluginLimits {
     /// Wall-clock budget of one call (instantiation and `handle` alike).
     pub call_timeout: Duration,
-    /// Largest linear memory a plugin instance may grow to.
+    /// Largest linear memory a plugin instance may grow to (all its
+    /// memories together).
     pub memory_bytes: usize,
     /// Most deliveries in one outcome.
     pub max_deliveries: usize,
@@ -36,6 +37,17 @@ pub struct PluginLimits {
     /// Calls after which an instance is replaced, so that a slow leak inside
     /// a plugin cannot grow without bound.
     pub recycle_after_calls: u64,
+}
+
+impl PluginLimits {
+    /// Bytes the host copies out of a plugin in one call at most (checked
+    /// before copying): the payload cap plus room for a full outcome's
+    /// lists, names and recipient ids.
+    pub fn copy_bytes(&self) -> usize {
+        self.max_outcome_bytes
+            .saturating_add(self.max_recipients.saturating_mul(512))
+            .saturating_add(self.max_deliveries.saturating_mul(512))
+    }
 }
 
 impl Default for PluginLimits {
