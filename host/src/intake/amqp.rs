@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -80,6 +80,14 @@ pub(crate) const RECONNECT: Backoff =
     Backoff::new(Duration::from_millis(200), Duration::from_secs(10), 250);
 /// How long shutdown waits for the messages being processed.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+/// A plugin failure is retried after this times the failures so far.
+const PLUGIN_RETRY: Duration = Duration::from_millis(100);
+/// Retrying an event the store did not take: 0.2 s doubling to 5 s.
+const STORE_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 100);
+/// Deliveries of one message the broker allows before it dead-letters it
+/// (the host never requeues; these are returns of a host that stopped or
+/// lost its connection mid-message, e.g. a message that crashes it).
+const DELIVERY_LIMIT: i64 = 20;
 /// How often bindings are brought in step with the plugins' subscriptions.
 const BINDINGS_EVERY: Duration = Duration::from_millis(500);
 
@@ -125,7 +133,7 @@ impl AmqpIntake {
         channel
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await?;
-        declare(&channel, settings).await?;
+        declare(&connection, &channel, settings).await?;
         let mut bound = BTreeSet::new();
         self.sync_bindings(&channel, &mut bound).await?;
 
@@ -146,6 +154,7 @@ impl AmqpIntake {
         // Messages are processed concurrently (up to the prefetch) so that
         // their log writes commit together, but each waits for its
         // predecessor's turn before delivering: pushes keep queue order.
+        let stopping = shutdown.clone();
         let mut in_flight = FuturesUnordered::new();
         let (first_turn, mut turn) = oneshot::channel();
         let _ = first_turn.send(());
@@ -158,7 +167,7 @@ impl AmqpIntake {
                     Some(delivery) => {
                         let (next, next_turn) = oneshot::channel();
                         let mine = std::mem::replace(&mut turn, next_turn);
-                        in_flight.push(self.process(&channel, delivery?, mine, next));
+                        in_flight.push(self.process(&channel, &stopping, delivery?, mine, next));
                     }
                     None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                         lapin::ConnectionState::Closed,
@@ -228,6 +237,7 @@ impl AmqpIntake {
     async fn process(
         &self,
         channel: &Channel,
+        shutdown: &watch::Receiver<bool>,
         delivery: Delivery,
         turn: oneshot::Receiver<()>,
         next: oneshot::Sender<()>,
@@ -271,16 +281,24 @@ impl AmqpIntake {
                 .await;
         }
 
-        let routed = self
-            .idempotency
-            .run(key.as_deref(), || {
-                let event_id = key.clone().unwrap_or_else(new_id);
-                let name = name.clone();
-                async move {
+        // Retried here, never requeued: a requeued message comes straight
+        // back (no delay), and whether the broker counts the requeue
+        // toward its delivery limit depends on its version (see
+        // `declare`). Waiting here keeps queue order: the next message's
+        // turn comes after this one's deliveries.
+        let mut next = Some(next);
+        let mut plugin_failures = 0;
+        let mut store_wait = STORE_RETRY;
+        let routed = loop {
+            let attempt = self
+                .idempotency
+                .run(key.as_deref(), || {
+                    let event_id = key.clone().unwrap_or_else(new_id);
+                    let next = next.take();
                     let inbound = Inbound {
                         event: Event {
                             id: event_id.clone(),
-                            name,
+                            name: name.clone(),
                             origin: Origin::Broker,
                             data: data.clone(),
                             received_at: rfc3339(SystemTime::now()),
@@ -288,16 +306,39 @@ impl AmqpIntake {
                         source: Source::Broker,
                         from: from.clone(),
                     };
-                    let delivered = self.router.deliver(&inbound).await;
-                    drop(next);
-                    let routed = self.router.record(delivered?).await?;
-                    Ok::<_, RouteError>(Accepted {
-                        event_id,
-                        recipients: routed.recipients,
-                    })
+                    async move {
+                        let delivered = self.router.deliver(&inbound).await;
+                        drop(next);
+                        let routed = self.router.record(delivered?).await?;
+                        Ok::<_, RouteError>(Accepted {
+                            event_id,
+                            recipients: routed.recipients,
+                        })
+                    }
+                })
+                .await;
+            match attempt {
+                Err(err @ RouteError::PluginFailed { .. }) => {
+                    plugin_failures += 1;
+                    if plugin_failures >= self.settings.max_attempts {
+                        break Err(err);
+                    }
+                    tracing::warn!(event = %name, attempts = plugin_failures, "broker event failed, will retry: {err}");
+                    tokio::time::sleep(PLUGIN_RETRY * plugin_failures).await;
                 }
-            })
-            .await;
+                Err(RouteError::Store(err)) => {
+                    // Not the message's fault: keep it, slow down, try
+                    // again. At shutdown it stays unacknowledged and goes
+                    // back to the queue with the connection.
+                    tracing::warn!(event = %name, "broker event not logged, will retry: {err}");
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(store_wait.next_wait()).await;
+                }
+                other => break other,
+            }
+        };
 
         match routed {
             Ok(_) => delivery.ack(BasicAckOptions::default()).await.map(drop),
@@ -306,21 +347,9 @@ impl AmqpIntake {
                 self.dead_letter(channel, &delivery, &name, &err.to_string())
                     .await
             }
-            Err(err @ RouteError::PluginFailed { .. }) => {
-                let attempts = delivery_count(&delivery) + 1;
-                if attempts >= self.settings.max_attempts {
-                    let reason = format!("failed {attempts} times: {err}");
-                    self.dead_letter(channel, &delivery, &name, &reason).await
-                } else {
-                    tracing::warn!(event = %name, attempts, "broker event failed, will retry: {err}");
-                    requeue(&delivery).await
-                }
-            }
-            Err(err @ RouteError::Store(_)) => {
-                // Not the message's fault: keep it, slow down, try again.
-                tracing::warn!(event = %name, "broker event not logged, will retry: {err}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                requeue(&delivery).await
+            Err(err) => {
+                let reason = format!("failed {plugin_failures} times: {err}");
+                self.dead_letter(channel, &delivery, &name, &reason).await
             }
         }
     }
@@ -352,68 +381,41 @@ impl AmqpIntake {
     }
 }
 
-async fn requeue(delivery: &Delivery) -> lapin::Result<()> {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    delivery.nack(options).await.map(drop)
-}
-
-/// Earlier deliveries of this message: quorum queues count them in
-/// `x-delivery-count`; a classic queue only says `redelivered`.
-fn delivery_count(delivery: &Delivery) -> u32 {
-    let counted = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get("x-delivery-count").cloned())
-        .and_then(|value| match value {
-            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
-            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
-            AMQPValue::LongUInt(n) => Some(n),
-            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
-            AMQPValue::ShortUInt(n) => Some(u32::from(n)),
-            _ => None,
-        });
-    counted.unwrap_or(u32::from(delivery.redelivered))
-}
-
-/// Declares the exchanges, the intake queue (quorum, so it survives a
-/// broker node and counts redeliveries) and the dead-letter queue.
-async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()> {
+/// Declares the exchanges, the intake queue and the dead-letter queue.
+///
+/// The intake queue is a quorum queue (it survives a broker node and counts
+/// deliveries) with `sockets.dead` as its dead-letter exchange and a
+/// delivery limit: the broker's own net under the host's, for a message
+/// that keeps coming back because the host stops while holding it. The
+/// host itself never requeues (it retries in place, then dead-letters with
+/// its reason), so how brokers count requeues does not matter to it:
+/// RabbitMQ before 4.3 counts every return toward `x-delivery-limit`
+/// (3.x: no limit unless set; 4.0–4.2: 20 by default, and a queue without
+/// a dead-letter exchange then drops the message); 4.3 counts
+/// `basic.reject` but not `basic.nack` or a closed channel.
+async fn declare(
+    connection: &Connection,
+    channel: &Channel,
+    settings: &AmqpSettings,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    channel
-        .exchange_declare(
-            settings.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            settings.dead_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    for exchange in [&settings.exchange, &settings.dead_exchange] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+    }
     let queue = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(settings.queue.as_str().into(), queue, quorum)
-        .await?;
     channel
         .queue_declare(
             settings.dead_exchange.as_str().into(),
@@ -430,7 +432,60 @@ async fn declare(channel: &Channel, settings: &AmqpSettings) -> lapin::Result<()
             FieldTable::default(),
         )
         .await?;
-    Ok(())
+
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(settings.dead_exchange.as_str().into()),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    // A queue declared by an older host lacks these arguments, and a
+    // declaration that differs closes its channel: tried on a channel of
+    // its own, then the queue is taken as it is.
+    let probe = connection.create_channel().await?;
+    match probe
+        .queue_declare(settings.queue.as_str().into(), queue, arguments)
+        .await
+    {
+        Ok(_) => {
+            let _ = probe.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(err) if is_precondition_failed(&err) => {
+            tracing::warn!(
+                queue = %settings.queue,
+                "the intake queue exists with other arguments (declared by an older host): \
+                 keeping it, but the broker will not dead-letter a message that keeps \
+                 coming back; add a policy with dead-letter-exchange={} and delivery-limit={DELIVERY_LIMIT}",
+                settings.dead_exchange,
+            );
+            channel
+                .queue_declare(
+                    settings.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..queue
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether the broker refused a declaration because the entity exists with
+/// other properties (`PRECONDITION_FAILED`, 406).
+fn is_precondition_failed(err: &lapin::Error) -> bool {
+    err.to_string().contains("PRECONDITION_FAILED")
 }
 
 /// Resolves once the server shuts down (without holding the watch's lock).
