@@ -18,6 +18,7 @@ pub mod intake;
 pub mod metrics;
 pub mod plugin;
 pub mod protocol;
+pub mod recent;
 pub mod router;
 pub mod server;
 pub mod store;

@@ -19,6 +19,7 @@ use crate::plugin::{
     Recipient, RefusalCode,
 };
 use crate::protocol::{ErrorBody, ErrorCode, delivery_id, push_frame, rfc3339};
+use crate::recent::RecentDeliveries;
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
 use fanout::{Reached, Sender, fan_out};
 
@@ -52,6 +53,8 @@ pub struct Delivered {
     records: Vec<NotificationRecord>,
     routed: Routed,
     source: Source,
+    /// Resolve once the broker has the copies for other nodes.
+    copies: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Why an event was not routed.
@@ -150,6 +153,8 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// The other nodes, when there are any (a broker is configured).
     cluster: Option<Arc<Cluster>>,
+    /// Delivery ids pushed on this node, shared with the cluster link.
+    recent: Arc<RecentDeliveries>,
 }
 
 impl Router {
@@ -160,6 +165,7 @@ impl Router {
         log: Arc<dyn NotificationLog>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
+        recent: Arc<RecentDeliveries>,
     ) -> Self {
         Self {
             plugins,
@@ -167,6 +173,7 @@ impl Router {
             log,
             metrics,
             cluster,
+            recent,
         }
     }
 
@@ -208,10 +215,23 @@ impl Router {
             route_error(err)
         })?;
 
+        // Room for the copies of other nodes comes first: an event whose
+        // copies cannot be kept is not delivered at all. Boxed: the
+        // reservation's future would make every routed frame's future
+        // (clustered or not) too large for the allocator's per-thread cache.
+        let mut room = match &self.cluster {
+            Some(cluster) => Some(
+                Box::pin(cluster.reserve(decision.deliveries.len()))
+                    .await
+                    .map_err(|err| StoreError::Unavailable(err.to_string()))?,
+            ),
+            None => None,
+        };
         let created_at = rfc3339(SystemTime::now());
         // One record per reached user; most deliveries reach one.
         let mut records = Vec::with_capacity(decision.deliveries.len());
         let mut delivered_to_users = 0u32;
+        let mut copies = Vec::new();
         for (position, PluginDelivery { plugin, delivery }) in
             decision.deliveries.into_iter().enumerate()
         {
@@ -221,18 +241,27 @@ impl Router {
             let delivery_id = delivery_id(&inbound.event.id, plugin_name, position);
             let frame: OutboundFrame =
                 push_frame(&delivery.event, &delivery.data, &delivery_id).into();
+            // A backend event may be processed again (its node died before
+            // acking it; the delivery ids repeat): pushed here once. Client
+            // events have fresh ids every time.
+            let pushed_before =
+                inbound.source != Source::Client && !self.recent.first_time(&delivery_id);
             let Reached {
                 users: mut reached,
                 queued,
-            } = fan_out(&self.connections, &delivery.to, sender(inbound), &frame);
+            } = if pushed_before {
+                Reached::nobody(&delivery.to)
+            } else {
+                fan_out(&self.connections, &delivery.to, sender(inbound), &frame)
+            };
             self.metrics.add_deliveries(queued);
-            if let Some(cluster) = &self.cluster {
+            if let (Some(cluster), Some(room)) = (&self.cluster, &mut room) {
                 add_remote_connections(cluster, &delivery.to, &mut reached);
-                let users = remote_users(inbound, &delivery.to);
-                // Boxed: its future is ~850 bytes, and inline it made every
-                // routed frame's future (clustered or not) too large for the
-                // allocator's per-thread cache.
-                Box::pin(cluster.forward(delivery_id.clone(), frame, users)).await;
+                copies.extend(room.forward(
+                    delivery_id.clone(),
+                    frame,
+                    remote_users(inbound, &delivery.to),
+                ));
             }
             for (_, connections) in &reached {
                 delivered_to_users = delivered_to_users.saturating_add(*connections);
@@ -265,24 +294,45 @@ impl Router {
             records,
             routed: Routed { reply, recipients },
             source: inbound.source,
+            copies,
         })
     }
 
-    /// The second half of [`Router::route`]: makes the log records durable.
+    /// The second half of [`Router::route`]: makes the log records durable
+    /// and, for a backend event, waits until the broker has its copies for
+    /// other nodes (a node killed after acking must not take them along).
     /// A broker message waits as long as the log needs (its ack is the
     /// backpressure); a client or HTTP publisher waits at most
     /// [`LOG_WAIT`], then hears `unavailable` while its records stay queued
-    /// for the log.
+    /// for the log. Client events do not wait for their copies: a chat
+    /// message's sender has nothing to retry them with.
     pub async fn record(&self, delivered: Delivered) -> Result<Routed, RouteError> {
-        let append = self.log.append(delivered.records);
+        let wait_for_copies = delivered.source != Source::Client;
+        let copies = delivered.copies;
+        let durable = async {
+            self.log.append(delivered.records).await?;
+            if wait_for_copies {
+                for copy in copies {
+                    copy.await.map_err(|_| {
+                        StoreError::Unavailable(
+                            "a delivery copy for another node was lost".to_owned(),
+                        )
+                    })?;
+                }
+            }
+            Ok::<_, StoreError>(())
+        };
         if delivered.source == Source::Broker {
-            append.await?;
+            durable.await?;
         } else {
-            tokio::time::timeout(LOG_WAIT, append).await.map_err(|_| {
-                StoreError::Unavailable(
-                    "the notification log is not confirmed yet; the records stay queued".to_owned(),
-                )
-            })??;
+            tokio::time::timeout(LOG_WAIT, durable)
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(
+                        "the notification log is not confirmed yet; the records stay queued"
+                            .to_owned(),
+                    )
+                })??;
         }
         Ok(delivered.routed)
     }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::cluster::{Cluster, ClusterKey, ClusterPresence, RemotePresence};
+use crate::cluster::{Cluster, ClusterKey, ClusterPresence, LocalNode, RemotePresence};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::directory::FileDirectory;
@@ -26,11 +26,14 @@ use crate::intake::amqp::AmqpIntake;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
 use crate::router::{PluginServices, Router};
-use crate::store::mongo::{Maintenance, Mongo, MongoConnections, MongoDirectory, MongoLog};
-use crate::store::{ConnectionStore, EmbeddedLog, MemoryConnections, NotificationLog, Presence};
+use crate::store::mongo::{
+    Maintenance, Mongo, MongoConnections, MongoDirectory, MongoKeys, MongoLog,
+};
+use crate::store::{
+    ConnectionStore, EmbeddedKeys, EmbeddedLog, MemoryConnections, NotificationLog,
+    PUBLISHED_KEY_RETENTION, Presence, PublishedKeys,
+};
 
-/// How long idempotency keys are remembered (PROTOCOL: at least 10 minutes).
-const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(15 * 60);
 /// How long shutdown waits for connections to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown then waits for queued notification log records (the
@@ -115,6 +118,8 @@ pub struct Server {
     /// and records when it ends.
     maintenance: Option<tokio::task::JoinHandle<()>>,
     broker: Option<(Arc<Health>, tokio::task::JoinHandle<()>)>,
+    /// The cluster link's own stop: flipped once nothing forwards copies.
+    stop_link: watch::Sender<bool>,
     cluster_link: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the plugins folder watched for as long as the server runs.
     _watcher: notify::RecommendedWatcher,
@@ -159,6 +164,13 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         Some(url) => Store::mongo(url, &config, &instance_id, stopped.clone()).await?,
         None => Store::embedded(&config, &connections)?,
     };
+    if config.mongo_url.is_none() && config.amqp.as_ref().is_some_and(|amqp| amqp.cluster) {
+        tracing::warn!(
+            "clustered on the embedded store: each node keeps its own log and idempotency keys, \
+             so an id published to two nodes is delivered by both; share MongoDB \
+             (SOCKETS_MONGO_URL) for exactly-once across nodes"
+        );
+    }
     // In a cluster, the nodes' announcements count every node's connections
     // without a database call; otherwise the store knows what it knows.
     let cluster_settings = config
@@ -221,17 +233,23 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         ),
         None => None,
     };
+    let recent = Arc::new(crate::recent::RecentDeliveries::default());
+    // The link stops after everything that forwards copies has finished.
+    let (stop_link, link_stopped) = watch::channel(false);
     let cluster = cluster_settings
         .zip(cluster_key)
         .map(|((settings, remote_presence), key)| {
             Cluster::start(
                 settings,
                 key,
-                Arc::clone(&instance_id),
-                Arc::clone(&connections),
-                remote_presence,
-                Arc::clone(&metrics),
-                stopped.clone(),
+                LocalNode {
+                    instance_id: Arc::clone(&instance_id),
+                    connections: Arc::clone(&connections),
+                    remote: remote_presence,
+                    metrics: Arc::clone(&metrics),
+                    recent: Arc::clone(&recent),
+                },
+                link_stopped,
             )
         });
     let router = Arc::new(Router::new(
@@ -240,8 +258,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         Arc::clone(&store.log),
         Arc::clone(&metrics),
         cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
+        recent,
     ));
-    let idempotency = Arc::new(Idempotency::new(IDEMPOTENCY_RETENTION));
+    let idempotency = Arc::new(Idempotency::new(store.keys, PUBLISHED_KEY_RETENTION));
     let broker = config.amqp.clone().map(|settings| {
         let status = Arc::new(Health::connecting());
         let intake = AmqpIntake {
@@ -279,6 +298,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         log: store.log,
         maintenance: store.maintenance,
         broker,
+        stop_link,
         cluster_link: cluster.map(|(_, link)| link),
         _watcher: watcher,
     })
@@ -303,6 +323,7 @@ impl Server {
             log,
             maintenance,
             broker,
+            stop_link,
             cluster_link,
             _watcher,
         } = self;
@@ -329,6 +350,8 @@ impl Server {
         connection_tasks.close();
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;
         if let Some(link) = cluster_link {
+            // Publishes the copies still waiting and waits for the broker.
+            let _ = stop_link.send(true);
             let _ = link.await;
         }
         flush_log(log.as_ref()).await;
@@ -357,6 +380,7 @@ async fn flush_log(log: &dyn NotificationLog) {
 /// The persistence a server runs on: the embedded default or MongoDB.
 struct Store {
     log: Arc<dyn NotificationLog>,
+    keys: Arc<dyn PublishedKeys>,
     connections: Arc<dyn ConnectionStore>,
     directory: Arc<dyn UserDirectory>,
     presence: Arc<dyn Presence>,
@@ -375,6 +399,16 @@ impl Store {
                     config.data_dir.display()
                 )
             })?),
+            keys: Arc::new(
+                EmbeddedKeys::open(&config.data_dir, PUBLISHED_KEY_RETENTION).with_context(
+                    || {
+                        format!(
+                            "published keys in {} (SOCKETS_DATA_DIR)",
+                            config.data_dir.display()
+                        )
+                    },
+                )?,
+            ),
             connections: Arc::new(MemoryConnections::new()),
             directory: Arc::new(
                 FileDirectory::load(&config.users_file)
@@ -406,6 +440,12 @@ impl Store {
         };
         Ok(Self {
             log: Arc::new(MongoLog::start(&mongo)),
+            keys: Arc::new(MongoKeys::new(
+                &mongo,
+                Arc::clone(instance_id),
+                PUBLISHED_KEY_RETENTION,
+                config.node_lease,
+            )),
             directory: Arc::new(MongoDirectory::new(&mongo)),
             presence: Arc::clone(&connections) as Arc<dyn Presence>,
             connections,

@@ -9,10 +9,14 @@
 //! Each node also announces its per-user connection counts to the others
 //! (module `presence`), so that `delivered` counts connections cluster-wide.
 //!
-//! Copies go through an in-memory outbox: the router does not wait for the
-//! broker; whatever is waiting when the link publishes goes out as one
+//! Copies go through a bounded in-memory outbox: the router does not wait
+//! for the broker, only for room ([`Cluster::reserve`], before it pushes
+//! anything, so a full outbox fails the event cleanly instead of dropping
+//! copies). Whatever is waiting when the link publishes goes out as one
 //! message (module `batch`); unconfirmed batches are published again after a
-//! reconnect, and receivers drop a delivery id they have already pushed.
+//! reconnect, and receivers drop a delivery id they have already pushed. At
+//! shutdown the link stops last: it publishes what is left and waits for the
+//! broker's confirms before it closes.
 
 mod batch;
 mod presence;
@@ -44,6 +48,7 @@ use crate::connections::{Connections, OutboundFrame, Push};
 use crate::health::Health;
 use crate::intake::amqp::{AmqpSettings, RECONNECT, stopped};
 use crate::metrics::Metrics;
+use crate::recent::RecentDeliveries;
 use batch::DeliveryCopy;
 use presence::Announcement;
 
@@ -52,11 +57,17 @@ const MAX_BATCH: usize = 256;
 /// A node queue nobody consumes from is deleted after this long: a node
 /// that died leaves no queue and no bindings behind for longer.
 const NODE_QUEUE_EXPIRES_MS: i64 = 30_000;
-/// Batches waiting for the broker (while it is unreachable) beyond this are
-/// dropped, oldest first, and their copies counted.
+/// Batches waiting for the broker's confirm (or for the broker) beyond this
+/// stop the link from taking copies: their senders wait for room.
 const OUTBOX_LIMIT: usize = 1_024;
-/// Delivery ids remembered to drop a copy published twice.
-const SEEN_IDS: usize = 8_192;
+/// Copies handed to the link and not yet in a batch.
+const COPIES_QUEUED: usize = 4_096;
+/// How long an event waits for room in a full outbox before it fails with
+/// `unavailable` (nothing pushed).
+const ROOM_WAIT: Duration = Duration::from_secs(5);
+/// How long a stopping link waits for the broker to confirm what is left;
+/// copies still unconfirmed then are counted as dropped.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new connection waits for its user's binding.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest routing key AMQP allows, in bytes.
@@ -65,20 +76,105 @@ const MAX_ROUTING_KEY: usize = 255;
 /// The signed kind of a batch of delivery copies (which has no AMQP type).
 const BATCH_KIND: &str = "batch";
 
-enum Command {
-    /// Bind or unbind the user as its local connections say; answer when
-    /// done.
-    Sync {
-        user: Arc<str>,
-        done: Option<oneshot::Sender<()>>,
-    },
-    Forward(DeliveryCopy),
+/// Bind or unbind the user as its local connections say; answer when done.
+struct Sync {
+    user: Arc<str>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// The outbox is full: the broker is away or does not keep up.
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster link's outbox is full (the broker is unreachable or slow)")]
+pub struct OutboxFull;
+
+/// Room reserved in the outbox for an event's copies.
+pub struct Room<'a> {
+    permits: Option<mpsc::PermitIterator<'a, Outgoing>>,
+}
+
+impl Room<'_> {
+    /// Hands a delivery to the nodes holding any of `users` (this node's
+    /// own copy is ignored when it comes back). Returns what resolves once
+    /// the broker confirmed the copy (an error if it was lost), or `None`
+    /// when no other node needs one.
+    pub fn forward(
+        &mut self,
+        delivery_id: String,
+        frame: OutboundFrame,
+        users: Vec<String>,
+    ) -> Option<oneshot::Receiver<()>> {
+        let users: Vec<String> = users.into_iter().filter(|user| routable(user)).collect();
+        if users.is_empty() {
+            return None;
+        }
+        let (confirmed, on_confirm) = oneshot::channel();
+        let Some(permit) = self.permits.as_mut().and_then(Iterator::next) else {
+            // More deliveries than reserved: a bug, said loudly (and the
+            // dropped sender fails the waiter).
+            tracing::error!("a delivery copy beyond the room reserved for its event");
+            return Some(on_confirm);
+        };
+        permit.send(Outgoing {
+            copy: DeliveryCopy {
+                delivery_id,
+                frame,
+                users,
+            },
+            confirmed,
+        });
+        Some(on_confirm)
+    }
+}
+
+/// A copy on its way to the broker, and who waits for its confirm.
+struct Outgoing {
+    copy: DeliveryCopy,
+    confirmed: oneshot::Sender<()>,
+}
+
+/// Copies published as one message.
+#[derive(Default)]
+struct Batch {
+    copies: Vec<DeliveryCopy>,
+    confirmed: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    fn push(&mut self, outgoing: Outgoing) {
+        self.copies.push(outgoing.copy);
+        self.confirmed.push(outgoing.confirmed);
+    }
+
+    /// The copies waiting in `queued` (after `first`), up to a batch.
+    fn gather(first: Outgoing, queued: &mut mpsc::Receiver<Outgoing>) -> Self {
+        let mut batch = Batch::default();
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queued.try_recv() {
+                Ok(outgoing) => batch.push(outgoing),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Tells the waiters: the broker has the copies.
+    fn confirm(self) {
+        for confirmed in self.confirmed {
+            let _ = confirmed.send(());
+        }
+    }
 }
 
 /// This node's handle on the cluster.
 pub struct Cluster {
     instance_id: Arc<str>,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Sync>,
+    copies: mpsc::Sender<Outgoing>,
     status: Arc<Health>,
     remote: Arc<RemotePresence>,
 }
@@ -91,19 +187,40 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// The parts of this node the cluster link works with.
+pub struct LocalNode {
+    /// This node's id.
+    pub instance_id: Arc<str>,
+    /// Its connections, which other nodes' copies are pushed to.
+    pub connections: Arc<Connections>,
+    /// The other nodes' connections per user, kept up to date by the link.
+    pub remote: Arc<RemotePresence>,
+    /// Where copies are counted.
+    pub metrics: Arc<Metrics>,
+    /// Delivery ids pushed on this node (shared with the router).
+    pub recent: Arc<RecentDeliveries>,
+}
+
 impl Cluster {
-    /// Starts the link to the broker; it runs until `shutdown` flips and
-    /// keeps `remote` up to date with the other nodes' announcements.
+    /// Starts the link to the broker; it keeps the node's `remote` presence
+    /// up to date with the other nodes' announcements, and runs until
+    /// `stop` flips, which the server does last (after the intake and the
+    /// connections finished), then flushes its outbox.
     pub fn start(
         settings: AmqpSettings,
         key: ClusterKey,
-        instance_id: Arc<str>,
-        connections: Arc<Connections>,
-        remote: Arc<RemotePresence>,
-        metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
+        node: LocalNode,
+        stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let LocalNode {
+            instance_id,
+            connections,
+            remote,
+            metrics,
+            recent,
+        } = node;
         let (commands, inbox) = mpsc::channel(4096);
+        let (copies, queued) = mpsc::channel(COPIES_QUEUED);
         let status = Arc::new(Health::connecting());
         let link = Link {
             queue: format!("{}.{instance_id}", settings.nodes_exchange),
@@ -116,15 +233,16 @@ impl Cluster {
             key,
             rejected: 0,
             outbox: VecDeque::new(),
-            seen: Seen::default(),
+            recent,
             remote: Arc::clone(&remote),
             announced: 0,
             waiting_joins: Vec::new(),
         };
-        let task = tokio::spawn(link.run(inbox, shutdown));
+        let task = tokio::spawn(link.run(Inboxes { inbox, queued }, stop));
         let cluster = Arc::new(Self {
             instance_id,
             commands,
+            copies,
             status,
             remote,
         });
@@ -147,7 +265,7 @@ impl Cluster {
     /// nodes. Does not wait while the broker is unreachable.
     pub async fn join(&self, user: &str) {
         let (done, bound) = oneshot::channel();
-        let command = Command::Sync {
+        let command = Sync {
             user: user.into(),
             done: Some(done),
         };
@@ -159,50 +277,27 @@ impl Cluster {
     /// Called after a connection of `user` was unregistered: stops routing
     /// the user here once it has no connection left.
     pub async fn leave(&self, user: &str) {
-        let command = Command::Sync {
+        let command = Sync {
             user: user.into(),
             done: None,
         };
         let _ = self.commands.send(command).await;
     }
 
-    /// Hands a delivery to the nodes holding any of `users` (this node's
-    /// own copy is ignored when it comes back).
-    pub async fn forward(&self, delivery_id: String, frame: OutboundFrame, users: Vec<String>) {
-        let users: Vec<String> = users.into_iter().filter(|user| routable(user)).collect();
-        if users.is_empty() {
-            return;
+    /// Reserves room for `count` copies, waiting at most [`ROOM_WAIT`]:
+    /// called before an event's deliveries are pushed, so an event whose
+    /// copies could not be kept is not delivered at all.
+    pub async fn reserve(&self, count: usize) -> Result<Room<'_>, OutboxFull> {
+        if count == 0 {
+            return Ok(Room { permits: None });
         }
-        let copy = DeliveryCopy {
-            delivery_id,
-            frame,
-            users,
-        };
-        let _ = self.commands.send(Command::Forward(copy)).await;
-    }
-}
-
-/// Recently pushed delivery ids (bounded).
-#[derive(Default)]
-struct Seen {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
-}
-
-impl Seen {
-    /// Remembers `id`; false if it was already there.
-    fn insert(&mut self, id: &str) -> bool {
-        if self.ids.contains(id) {
-            return false;
+        let count = count.min(COPIES_QUEUED);
+        match tokio::time::timeout(ROOM_WAIT, self.copies.reserve_many(count)).await {
+            Ok(Ok(permits)) => Ok(Room {
+                permits: Some(permits),
+            }),
+            Ok(Err(_)) | Err(_) => Err(OutboxFull),
         }
-        if self.order.len() == SEEN_IDS
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.ids.remove(&oldest);
-        }
-        self.order.push_back(id.to_owned());
-        self.ids.insert(id.to_owned());
-        true
     }
 }
 
@@ -223,8 +318,9 @@ struct Link {
     /// Rejected messages so far, to log the first of a burst only.
     rejected: u64,
     /// Batches not yet confirmed by the broker, oldest first.
-    outbox: VecDeque<Vec<DeliveryCopy>>,
-    seen: Seen,
+    outbox: VecDeque<Batch>,
+    /// Delivery ids pushed on this node (shared with the router).
+    recent: Arc<RecentDeliveries>,
     remote: Arc<RemotePresence>,
     /// The sequence number of this node's last announcement that asked the
     /// peers to answer.
@@ -242,15 +338,17 @@ struct WaitingJoin {
     deadline: Instant,
 }
 
+/// What the link takes in: membership changes and copies to publish.
+struct Inboxes {
+    inbox: mpsc::Receiver<Sync>,
+    queued: mpsc::Receiver<Outgoing>,
+}
+
 impl Link {
-    async fn run(
-        mut self,
-        mut inbox: mpsc::Receiver<Command>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut inboxes: Inboxes, mut stop: watch::Receiver<bool>) {
         let mut backoff = RECONNECT;
         loop {
-            let wait = match self.session(&mut inbox, &mut shutdown, &mut backoff).await {
+            let wait = match self.session(&mut inboxes, &mut stop, &mut backoff).await {
                 Ok(()) => return,
                 Err(err) => {
                     // Their joiners go on (a reconnect binds every user).
@@ -263,42 +361,64 @@ impl Link {
             };
             let retry = tokio::time::sleep(wait);
             tokio::pin!(retry);
-            // Meanwhile: keep copies for later, let joiners go (a reconnect
-            // binds every connected user anyway).
+            // Meanwhile: keep copies for later while there is room (then
+            // their senders wait), let joiners go (a reconnect binds every
+            // connected user anyway).
             loop {
                 tokio::select! {
                     () = &mut retry => break,
-                    () = stopped(&mut shutdown) => return,
-                    command = inbox.recv() => match command {
-                        Some(Command::Forward(copy)) => self.keep(copy),
-                        Some(Command::Sync { .. }) => {}
-                        None => return,
+                    () = stopped(&mut stop) => {
+                        inboxes.queued.close();
+                        while let Ok(outgoing) = inboxes.queued.try_recv() {
+                            self.keep(outgoing);
+                        }
+                        self.drop_outbox("the broker is unreachable at shutdown");
+                        return;
+                    }
+                    Some(copy) = inboxes.queued.recv(), if self.outbox_has_room() => self.keep(copy),
+                    command = inboxes.inbox.recv() => if command.is_none() {
+                        return;
                     },
                 }
             }
         }
     }
 
+    fn outbox_has_room(&self) -> bool {
+        self.outbox.len() < OUTBOX_LIMIT
+            || self
+                .outbox
+                .back()
+                .is_some_and(|batch| batch.len() < MAX_BATCH)
+    }
+
     /// Keeps a copy for when the broker is back.
-    fn keep(&mut self, copy: DeliveryCopy) {
+    fn keep(&mut self, outgoing: Outgoing) {
         match self.outbox.back_mut() {
-            Some(batch) if batch.len() < MAX_BATCH => batch.push(copy),
+            Some(batch) if batch.len() < MAX_BATCH => batch.push(outgoing),
             _ => {
-                if self.outbox.len() >= OUTBOX_LIMIT
-                    && let Some(dropped) = self.outbox.pop_front()
-                {
-                    self.metrics.cluster_copies_dropped(dropped.len());
-                }
-                self.outbox.push_back(vec![copy]);
+                let mut batch = Batch::default();
+                batch.push(outgoing);
+                self.outbox.push_back(batch);
             }
+        }
+    }
+
+    /// Gives up the copies still in the outbox, counted and said.
+    fn drop_outbox(&mut self, why: &str) {
+        // Their waiters hear of it when the senders drop.
+        let dropped: usize = self.outbox.drain(..).map(|batch| batch.len()).sum();
+        if dropped > 0 {
+            self.metrics.cluster_copies_dropped(dropped);
+            tracing::error!(dropped, "delivery copies for other nodes lost: {why}");
         }
     }
 
     /// One broker connection. `Ok` only on shutdown.
     async fn session(
         &mut self,
-        inbox: &mut mpsc::Receiver<Command>,
-        shutdown: &mut watch::Receiver<bool>,
+        inboxes: &mut Inboxes,
+        stop: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> lapin::Result<()> {
         let connection = Connection::connect(
@@ -339,7 +459,7 @@ impl Link {
         // front of `self.outbox` matches the front of `confirms`.
         let mut confirms: FuturesOrdered<PublisherConfirm> = FuturesOrdered::new();
         for batch in &self.outbox {
-            confirms.push_back(self.publish(&publisher, batch).await?);
+            confirms.push_back(self.publish(&publisher, &batch.copies).await?);
         }
         self.status.set(None);
         backoff.reset();
@@ -351,29 +471,20 @@ impl Link {
         loop {
             let first_deadline = self.waiting_joins.iter().map(|join| join.deadline).min();
             tokio::select! {
-                () = stopped(shutdown) => break,
+                () = stopped(stop) => break,
                 _ = snapshots.tick() => self.announce(&channel, self.local_table()).await?,
                 () = sleep_until(first_deadline), if first_deadline.is_some() => {
                     self.release_joins(Instant::now());
                 }
-                command = inbox.recv() => match command {
+                Some(first) = inboxes.queued.recv(), if self.outbox.len() < OUTBOX_LIMIT => {
+                    // Everything already waiting goes out with it.
+                    let batch = Batch::gather(first, &mut inboxes.queued);
+                    confirms.push_back(self.publish(&publisher, &batch.copies).await?);
+                    self.outbox.push_back(batch);
+                }
+                command = inboxes.inbox.recv() => match command {
                     None => break,
-                    Some(Command::Forward(copy)) => {
-                        // Everything already waiting goes out with it.
-                        let mut batch = vec![copy];
-                        while batch.len() < MAX_BATCH {
-                            match inbox.try_recv() {
-                                Ok(Command::Forward(copy)) => batch.push(copy),
-                                Ok(Command::Sync { user, done }) => {
-                                    self.sync(&channel, &mut bound, user, done).await?;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        confirms.push_back(self.publish(&publisher, &batch).await?);
-                        self.outbox.push_back(batch);
-                    }
-                    Some(Command::Sync { user, done }) => {
+                    Some(Sync { user, done }) => {
                         self.sync(&channel, &mut bound, user, done).await?;
                     }
                 },
@@ -382,11 +493,12 @@ impl Link {
                     match confirmed? {
                         Confirmation::Nack(_) => {
                             // The broker could not take it: try again.
-                            confirms.push_back(self.publish(&publisher, &batch).await?);
+                            confirms.push_back(self.publish(&publisher, &batch.copies).await?);
                             self.outbox.push_back(batch);
                         }
                         Confirmation::Ack(_) | Confirmation::NotRequested => {
                             self.metrics.cluster_copies_sent(batch.len());
+                            batch.confirm();
                         }
                     }
                 }
@@ -408,11 +520,52 @@ impl Link {
                 },
             }
         }
+        self.flush(&publisher, &mut inboxes.queued, &mut confirms)
+            .await;
         // The others stop counting this node's connections now rather than
         // after `FORGET_AFTER`.
         let _ = self.announce(&channel, Announcement::leaving()).await;
         let _ = connection.close(200, "shutting down".into()).await;
         Ok(())
+    }
+
+    /// At shutdown: publishes the copies still queued and waits (bounded)
+    /// for the broker to confirm every batch; what it did not confirm is
+    /// counted as dropped.
+    async fn flush(
+        &mut self,
+        publisher: &Channel,
+        queued: &mut mpsc::Receiver<Outgoing>,
+        confirms: &mut FuturesOrdered<PublisherConfirm>,
+    ) {
+        queued.close();
+        let flushed = tokio::time::timeout(FLUSH_TIMEOUT, async {
+            while let Some(first) = queued.recv().await {
+                let batch = Batch::gather(first, queued);
+                confirms.push_back(self.publish(publisher, &batch.copies).await?);
+                self.outbox.push_back(batch);
+            }
+            while let Some(confirmed) = confirms.next().await {
+                let batch = self.outbox.pop_front().unwrap_or_default();
+                match confirmed? {
+                    Confirmation::Nack(_) => {
+                        confirms.push_back(self.publish(publisher, &batch.copies).await?);
+                        self.outbox.push_back(batch);
+                    }
+                    Confirmation::Ack(_) | Confirmation::NotRequested => {
+                        self.metrics.cluster_copies_sent(batch.len());
+                        batch.confirm();
+                    }
+                }
+            }
+            Ok::<(), lapin::Error>(())
+        })
+        .await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => self.drop_outbox(&format!("the broker failed at shutdown: {err}")),
+            Err(_) => self.drop_outbox("the broker did not confirm them in time at shutdown"),
+        }
     }
 
     /// The nodes exchange and this node's queue. The queue is not exclusive
@@ -767,7 +920,7 @@ impl Link {
         };
         let mut queued = 0;
         for copy in copies {
-            if !self.seen.insert(&copy.delivery_id) {
+            if !self.recent.first_time(&copy.delivery_id) {
                 continue;
             }
             let mut users = copy.users;
@@ -831,21 +984,4 @@ fn routing_key(user: &str) -> std::borrow::Cow<'_, str> {
     let digest = sha2::Sha256::digest(user.as_bytes());
     let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
     std::borrow::Cow::Owned(format!("sha256:{hex}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seen_ids_are_bounded_and_drop_repeats() {
-        let mut seen = Seen::default();
-        assert!(seen.insert("a"));
-        assert!(!seen.insert("a"));
-        for n in 0..SEEN_IDS {
-            seen.insert(&n.to_string());
-        }
-        assert_eq!(seen.ids.len(), SEEN_IDS);
-        assert!(seen.insert("a"), "the oldest id was forgotten");
-    }
 }

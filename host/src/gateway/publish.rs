@@ -47,15 +47,6 @@ pub async fn publish(
         tracing::info!(event = %publication.event, "published event rejected: {err}");
         ApiError::from_body(err.to_error_body())
     };
-    // PROTOCOL §5: the body is validated first, then a repeated id answers
-    // like the first call. The plugins are the validators: a repeat is
-    // shown to them (nothing is delivered) before it is called a duplicate.
-    if let Some(key) = publication.key.as_deref()
-        && state.idempotency.contains(key)
-    {
-        state.router.check(&inbound).map_err(rejected)?;
-    }
-
     let (accepted, duplicate) = state
         .idempotency
         .run(publication.key.as_deref(), || async {
@@ -67,6 +58,12 @@ pub async fn publish(
         })
         .await
         .map_err(rejected)?;
+    // PROTOCOL §5: the body is validated first, then a repeated id answers
+    // like the first call. The plugins are the validators: a repeat is
+    // shown to them (nothing is delivered) before it is called a duplicate.
+    if duplicate {
+        state.router.check(&inbound).map_err(rejected)?;
+    }
 
     let mut body = json!({"id": accepted.event_id, "recipients": accepted.recipients});
     if duplicate {

@@ -1,6 +1,8 @@
-//! Remembers the outcome of published events by idempotency key (the HTTP
-//! `id`, the AMQP `message_id`: one namespace), so a repeated key causes no
-//! second delivery and gets the first call's answer.
+//! Idempotency keys of published events (the HTTP `id`, the AMQP
+//! `message_id`: one namespace): a repeated key causes no second delivery
+//! and gets the first call's answer, on any node that shares the store and
+//! after a restart ([`PublishedKeys`]). Concurrent calls of one key on this
+//! node run one publication; the others wait for its answer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,23 +11,26 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-/// What the first publication of a key produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Accepted {
-    /// The event id.
-    pub event_id: String,
-    /// Distinct users addressed.
-    pub recipients: usize,
-}
+use crate::backoff::Backoff;
+use crate::store::{Accepted, Claim, PublishedKeys, StoreError};
+
+/// How long a publication waits for another node's publication of the same
+/// key before giving up with `unavailable` (the caller retries).
+const ELSEWHERE_WAIT: Duration = Duration::from_secs(5);
+/// Asking again whether the other node finished: 20 ms doubling to 500 ms.
+const ELSEWHERE_POLL: Backoff =
+    Backoff::new(Duration::from_millis(20), Duration::from_millis(500), 10);
 
 struct Entry {
     created: Instant,
-    outcome: OnceCell<Accepted>,
+    /// The answer, and whether it came from an earlier publication.
+    outcome: OnceCell<(Accepted, bool)>,
 }
 
-/// Idempotency keys seen within the retention window.
+/// Published keys: the store's, with this node's recent ones in front.
 pub struct Idempotency {
     retention: Duration,
+    store: Arc<dyn PublishedKeys>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     last_sweep: Mutex<Instant>,
 }
@@ -39,19 +44,21 @@ impl std::fmt::Debug for Idempotency {
 }
 
 impl Idempotency {
-    /// Keys are remembered for `retention` (PROTOCOL: at least 10 minutes).
-    pub fn new(retention: Duration) -> Self {
+    /// Keys kept in `store`; this node remembers its own answers for
+    /// `retention` (PROTOCOL: at least 10 minutes).
+    pub fn new(store: Arc<dyn PublishedKeys>, retention: Duration) -> Self {
         Self {
             retention,
+            store,
             entries: Mutex::new(HashMap::new()),
             last_sweep: Mutex::new(Instant::now()),
         }
     }
 
-    /// Runs `publish` unless `key` was published before (or is being
-    /// published right now, in which case this waits for it). Returns the
-    /// outcome and whether it is a duplicate. A failed publication is not
-    /// remembered, so it can be retried.
+    /// Runs `publish` unless `key` was published before, here or on another
+    /// node (or is being published right now: then this waits for it).
+    /// Returns the outcome and whether it is a duplicate. A failed
+    /// publication is not remembered, so it can be retried.
     pub async fn run<E, Fut>(
         &self,
         key: Option<&str>,
@@ -59,29 +66,60 @@ impl Idempotency {
     ) -> Result<(Accepted, bool), E>
     where
         Fut: Future<Output = Result<Accepted, E>>,
+        E: From<StoreError>,
     {
         let Some(key) = key else {
             return publish().await.map(|accepted| (accepted, false));
         };
         let entry = self.entry(key);
         let mut first = false;
-        let accepted = entry
+        let (accepted, earlier) = entry
             .outcome
             .get_or_try_init(|| {
                 first = true;
-                publish()
+                self.publish_once(key, publish)
             })
             .await?;
-        Ok((accepted.clone(), !first))
+        Ok((accepted.clone(), *earlier || !first))
     }
 
-    /// Whether `key` has been seen within the retention (its first call may
-    /// still be running).
-    pub fn contains(&self, key: &str) -> bool {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries
-            .get(key)
-            .is_some_and(|entry| entry.created.elapsed() < self.retention)
+    /// Claims the key in the store, publishes, and records the answer.
+    async fn publish_once<E, Fut>(
+        &self,
+        key: &str,
+        publish: impl FnOnce() -> Fut,
+    ) -> Result<(Accepted, bool), E>
+    where
+        Fut: Future<Output = Result<Accepted, E>>,
+        E: From<StoreError>,
+    {
+        let started = Instant::now();
+        let mut poll = ELSEWHERE_POLL;
+        loop {
+            match self.store.claim(key).await? {
+                Claim::Done(accepted) => return Ok((accepted, true)),
+                Claim::Ours => break,
+                Claim::Elsewhere if started.elapsed() < ELSEWHERE_WAIT => {
+                    tokio::time::sleep(poll.next_wait()).await;
+                }
+                Claim::Elsewhere => {
+                    return Err(StoreError::Unavailable(
+                        "another node is publishing this id; retry".into(),
+                    )
+                    .into());
+                }
+            }
+        }
+        match publish().await {
+            Ok(accepted) => {
+                self.store.complete(key, &accepted).await?;
+                Ok((accepted, false))
+            }
+            Err(err) => {
+                self.store.release(key).await;
+                Err(err)
+            }
+        }
     }
 
     fn entry(&self, key: &str) -> Arc<Entry> {
@@ -117,6 +155,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::store::EmbeddedKeys;
+
+    fn idempotency() -> Idempotency {
+        let dir = std::env::temp_dir().join(format!("idempotency-{}", crate::protocol::new_id()));
+        let keys = EmbeddedKeys::open(&dir, Duration::from_secs(600)).unwrap();
+        Idempotency::new(Arc::new(keys), Duration::from_secs(600))
+    }
 
     fn accepted(n: usize) -> Accepted {
         Accepted {
@@ -127,11 +172,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_repeated_key_runs_once_and_answers_like_the_first() {
-        let seen = Idempotency::new(Duration::from_secs(600));
+        let seen = idempotency();
         let runs = AtomicUsize::new(0);
         let publish = || async {
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok::<_, ()>(accepted(n))
+            Ok::<_, StoreError>(accepted(n))
         };
         assert_eq!(seen.run(Some("k"), publish).await, Ok((accepted(1), false)));
         assert_eq!(seen.run(Some("k"), publish).await, Ok((accepted(1), true)));
@@ -144,14 +189,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_is_not_remembered() {
-        let seen = Idempotency::new(Duration::from_secs(600));
+        let seen = idempotency();
         assert_eq!(
-            seen.run(Some("k"), || async { Err::<Accepted, _>("down") })
-                .await,
-            Err("down")
+            seen.run(Some("k"), || async {
+                Err::<Accepted, _>(StoreError::Unavailable("down".into()))
+            })
+            .await
+            .map_err(|err| err.to_string()),
+            Err("store unavailable: down".to_owned())
         );
         assert_eq!(
-            seen.run(Some("k"), || async { Ok::<_, &str>(accepted(1)) })
+            seen.run(Some("k"), || async { Ok::<_, StoreError>(accepted(1)) })
                 .await,
             Ok((accepted(1), false))
         );

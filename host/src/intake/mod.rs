@@ -5,4 +5,5 @@
 pub mod amqp;
 mod idempotency;
 
-pub use idempotency::{Accepted, Idempotency};
+pub use crate::store::Accepted;
+pub use idempotency::Idempotency;

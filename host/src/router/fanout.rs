@@ -19,6 +19,22 @@ pub struct Reached {
     pub queued: usize,
 }
 
+impl Reached {
+    /// Nobody reached (the delivery was pushed here before): the users
+    /// addressed by id, each with 0 connections, for their log records.
+    pub fn nobody(recipients: &[Recipient]) -> Self {
+        let mut users: Vec<(String, u32)> = Vec::new();
+        for recipient in recipients {
+            if let Recipient::User(user) = recipient
+                && !users.iter().any(|(seen, _)| seen == user)
+            {
+                users.push((user.clone(), 0));
+            }
+        }
+        Reached { users, queued: 0 }
+    }
+}
+
 /// The sender of the event a delivery answers, when a client sent it.
 #[derive(Debug, Clone, Copy)]
 pub struct Sender<'a> {

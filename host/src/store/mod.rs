@@ -1,18 +1,21 @@
 //! Persistence behind traits (PROTOCOL.md §7): connection records, the
-//! notification log and presence. The embedded default keeps connection
-//! records in memory and the log on disk (a journal of JSON lines); MongoDB
-//! implements the same traits for a cluster.
+//! notification log, published idempotency keys and presence. The embedded
+//! default keeps connection records in memory and the log and keys on disk
+//! (journals of JSON lines); MongoDB implements the same traits for a
+//! cluster.
 
+mod embedded_keys;
 mod embedded_log;
 mod memory_connections;
 pub mod mongo;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub use embedded_keys::EmbeddedKeys;
 pub use embedded_log::EmbeddedLog;
 pub use memory_connections::MemoryConnections;
 
@@ -97,7 +100,7 @@ impl NotificationRecord {
 }
 
 /// A store operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The backing store cannot be reached or written.
     #[error("store unavailable: {0}")]
@@ -144,6 +147,51 @@ pub trait NotificationLog: Send + Sync {
     /// those whose callers stopped waiting (shutdown calls it, so that
     /// queued records are not lost with the process).
     async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// How long a published idempotency key is remembered (PROTOCOL §5: at
+/// least 10 minutes).
+pub const PUBLISHED_KEY_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// What the first publication of an idempotency key produced: a repeat
+/// answers the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    /// The event id.
+    pub event_id: String,
+    /// Distinct users addressed.
+    pub recipients: usize,
+}
+
+/// Who may publish an idempotency key now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node: nobody published it within the retention, or the node
+    /// that claimed it stopped (its claim is older than the lease).
+    Ours,
+    /// It was published; the first publication's answer.
+    Done(Accepted),
+    /// Another node is publishing it right now.
+    Elsewhere,
+}
+
+/// Idempotency keys of published events (the HTTP `id`, the AMQP
+/// `message_id`), shared by every node that shares the store, kept across
+/// restarts for the retention. A key is claimed before its event is
+/// routed and completed once its deliveries are logged, so that a repeat on
+/// any node, before or after a restart, delivers nothing again.
+#[async_trait]
+pub trait PublishedKeys: Send + Sync {
+    /// Claims `key` for this node unless it was published or is being
+    /// published elsewhere.
+    async fn claim(&self, key: &str) -> Result<Claim, StoreError>;
+    /// Records what the publication of a claimed key produced; when it
+    /// returns `Ok`, a repeat anywhere gets this answer.
+    async fn complete(&self, key: &str, accepted: &Accepted) -> Result<(), StoreError>;
+    /// Gives up this node's claim on `key` (its publication failed), so
+    /// that a retry on another node need not wait for the lease.
+    async fn release(&self, key: &str);
 }
 
 /// How many connections a user has, as far as this store knows: this

@@ -8,10 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use tokio::sync::watch;
 
-use super::{INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, USER_CONNECTIONS};
+use super::{
+    INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, PUBLISHED_KEYS, USER_CONNECTIONS,
+};
+use crate::store::PUBLISHED_KEY_RETENTION;
 
 /// The maintenance task of one node.
 pub struct Maintenance {
@@ -86,6 +90,22 @@ impl Maintenance {
             .await?;
         connections
             .create_index(IndexModel::builder().keys(doc! {"instanceId": 1}).build())
+            .await?;
+        // Keys past the retention go by themselves (a claim of a node that
+        // stopped included).
+        self.mongo
+            .db
+            .collection::<Document>(PUBLISHED_KEYS)
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"claimedAt": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .expire_after(PUBLISHED_KEY_RETENTION)
+                            .build(),
+                    )
+                    .build(),
+            )
             .await?;
         Ok(())
     }

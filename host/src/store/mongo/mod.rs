@@ -1,13 +1,15 @@
 //! MongoDB persistence (PROTOCOL.md §7), enabled by `SOCKETS_MONGO_URL`:
 //! `userConnections` (this node's records mirrored in memory and written
 //! behind), `notificationLogs` (batched, idempotent, retried until written),
-//! the read-only `users` directory (cached) and presence across nodes. A
+//! the read-only `users` directory (cached), presence across nodes and the
+//! published idempotency keys (`publishedKeys`, shared by the nodes). A
 //! maintenance task keeps the indexes, this node's lease in `instances`,
 //! and removes the records of nodes whose lease ran out. The only module
 //! that knows the `mongodb` crate.
 
 mod connections;
 mod documents;
+mod keys;
 mod log;
 mod maintenance;
 mod users;
@@ -19,6 +21,7 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 pub use connections::MongoConnections;
+pub use keys::MongoKeys;
 pub use log::MongoLog;
 pub use maintenance::Maintenance;
 pub use users::MongoDirectory;
@@ -32,6 +35,8 @@ const NOTIFICATION_LOGS: &str = "notificationLogs";
 const USERS: &str = "users";
 /// One document per live node: its lease.
 const INSTANCES: &str = "instances";
+/// One document per idempotency key published within the retention.
+const PUBLISHED_KEYS: &str = "publishedKeys";
 
 /// How long an operation waits for a usable server before failing: short,
 /// so that a database outage degrades the service instead of stalling it.
