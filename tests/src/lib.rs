@@ -176,6 +176,7 @@ where
 
 pub mod broker;
 pub mod client;
+pub mod ledger;
 pub mod mongo;
 pub mod server;
 pub mod socketio;

@@ -227,6 +227,13 @@ impl Server {
         assert!(status.success());
     }
 
+    /// Like [`Server::stopped`], with the whole log once it exited.
+    pub async fn stopped_with_log(self) -> (bool, String) {
+        let log = self.stderr_log.clone();
+        let clean = self.stopped().await;
+        (clean, std::fs::read_to_string(log).unwrap_or_default())
+    }
+
     /// Waits (30 s at most) for the process to exit after [`Server::begin_stop`];
     /// returns whether it exited successfully.
     pub async fn stopped(mut self) -> bool {
