@@ -233,7 +233,11 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         ),
         None => None,
     };
-    let recent = Arc::new(crate::recent::RecentDeliveries::default());
+    // A delivery repeats at the latest when another node takes over a
+    // dead node's event, a lease after the fact.
+    let recent = Arc::new(crate::recent::RecentDeliveries::new(
+        config.node_lease * 2 + Duration::from_secs(30),
+    ));
     // The link stops after everything that forwards copies has finished.
     let (stop_link, link_stopped) = watch::channel(false);
     let cluster = cluster_settings

@@ -396,8 +396,11 @@ async fn a_database_restart_mid_stream_loses_and_duplicates_no_log_record() {
         .map(|record| record.get_str("eventId").unwrap())
         .collect();
     assert_eq!(logged.len(), EVENTS, "each delivery logged once");
+    // Met by the log writer, or before it by the event's idempotency claim
+    // (the intake then waits and retries in place).
+    let log = server.log();
     assert!(
-        server.log().contains("notification log write failed"),
+        log.contains("notification log write failed") || log.contains("not logged, will retry"),
         "the outage was not felt: the test proves nothing"
     );
     assert_eq!(event_ids.len(), EVENTS);

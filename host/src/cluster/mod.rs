@@ -284,7 +284,7 @@ impl Cluster {
         let _ = self.commands.send(command).await;
     }
 
-    /// Reserves room for `count` copies, waiting at most [`ROOM_WAIT`]:
+    /// Reserves room for `count` copies, waiting at most 5 s:
     /// called before an event's deliveries are pushed, so an event whose
     /// copies could not be kept is not delivered at all.
     pub async fn reserve(&self, count: usize) -> Result<Room<'_>, OutboxFull> {
@@ -479,8 +479,7 @@ impl Link {
                 Some(first) = inboxes.queued.recv(), if self.outbox.len() < OUTBOX_LIMIT => {
                     // Everything already waiting goes out with it.
                     let batch = Batch::gather(first, &mut inboxes.queued);
-                    confirms.push_back(self.publish(&publisher, &batch.copies).await?);
-                    self.outbox.push_back(batch);
+                    self.send(&publisher, &mut confirms, batch).await?;
                 }
                 command = inboxes.inbox.recv() => match command {
                     None => break,
@@ -489,18 +488,7 @@ impl Link {
                     }
                 },
                 Some(confirmed) = confirms.next(), if !confirms.is_empty() => {
-                    let batch = self.outbox.pop_front().unwrap_or_default();
-                    match confirmed? {
-                        Confirmation::Nack(_) => {
-                            // The broker could not take it: try again.
-                            confirms.push_back(self.publish(&publisher, &batch.copies).await?);
-                            self.outbox.push_back(batch);
-                        }
-                        Confirmation::Ack(_) | Confirmation::NotRequested => {
-                            self.metrics.cluster_copies_sent(batch.len());
-                            batch.confirm();
-                        }
-                    }
+                    self.settle(&publisher, &mut confirms, confirmed).await?;
                 }
                 delivery = incoming.next() => match delivery {
                     Some(delivery) => {
@@ -529,6 +517,41 @@ impl Link {
         Ok(())
     }
 
+    /// Keeps `batch` in the outbox, then publishes it: should publishing
+    /// fail, it is still there to be published after the reconnect.
+    async fn send(
+        &mut self,
+        publisher: &Channel,
+        confirms: &mut FuturesOrdered<PublisherConfirm>,
+        batch: Batch,
+    ) -> lapin::Result<()> {
+        self.outbox.push_back(batch);
+        let batch = self.outbox.back().expect("just pushed");
+        confirms.push_back(self.publish(publisher, &batch.copies).await?);
+        Ok(())
+    }
+
+    /// Takes the broker's answer for the oldest batch in the outbox: an
+    /// ack releases it (and its waiters), a nack publishes it again, an
+    /// error leaves it for the reconnect.
+    async fn settle(
+        &mut self,
+        publisher: &Channel,
+        confirms: &mut FuturesOrdered<PublisherConfirm>,
+        confirmed: lapin::Result<Confirmation>,
+    ) -> lapin::Result<()> {
+        let confirmation = confirmed?;
+        let batch = self.outbox.pop_front().unwrap_or_default();
+        match confirmation {
+            Confirmation::Nack(_) => self.send(publisher, confirms, batch).await,
+            Confirmation::Ack(_) | Confirmation::NotRequested => {
+                self.metrics.cluster_copies_sent(batch.len());
+                batch.confirm();
+                Ok(())
+            }
+        }
+    }
+
     /// At shutdown: publishes the copies still queued and waits (bounded)
     /// for the broker to confirm every batch; what it did not confirm is
     /// counted as dropped.
@@ -542,30 +565,23 @@ impl Link {
         let flushed = tokio::time::timeout(FLUSH_TIMEOUT, async {
             while let Some(first) = queued.recv().await {
                 let batch = Batch::gather(first, queued);
-                confirms.push_back(self.publish(publisher, &batch.copies).await?);
-                self.outbox.push_back(batch);
+                self.send(publisher, confirms, batch).await?;
             }
             while let Some(confirmed) = confirms.next().await {
-                let batch = self.outbox.pop_front().unwrap_or_default();
-                match confirmed? {
-                    Confirmation::Nack(_) => {
-                        confirms.push_back(self.publish(publisher, &batch.copies).await?);
-                        self.outbox.push_back(batch);
-                    }
-                    Confirmation::Ack(_) | Confirmation::NotRequested => {
-                        self.metrics.cluster_copies_sent(batch.len());
-                        batch.confirm();
-                    }
-                }
+                self.settle(publisher, confirms, confirmed).await?;
             }
             Ok::<(), lapin::Error>(())
         })
         .await;
-        match flushed {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => self.drop_outbox(&format!("the broker failed at shutdown: {err}")),
-            Err(_) => self.drop_outbox("the broker did not confirm them in time at shutdown"),
+        let why = match flushed {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => format!("the broker failed at shutdown: {err}"),
+            Err(_) => "the broker did not confirm them in time at shutdown".to_owned(),
+        };
+        while let Ok(outgoing) = queued.try_recv() {
+            self.keep(outgoing);
         }
+        self.drop_outbox(&why);
     }
 
     /// The nodes exchange and this node's queue. The queue is not exclusive

@@ -5,7 +5,7 @@
 //! With `cluster`, the only modules that know lapin.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -285,16 +285,18 @@ impl AmqpIntake {
         // back (no delay), and whether the broker counts the requeue
         // toward its delivery limit depends on its version (see
         // `declare`). Waiting here keeps queue order: the next message's
-        // turn comes after this one's deliveries.
-        let mut next = Some(next);
+        // turn comes once this one's deliveries are pushed, or once it is
+        // given up.
+        let next = Mutex::new(Some(next));
+        // One event id for every attempt: an attempt that failed after its
+        // deliveries were pushed is repeated under the same delivery ids.
+        let event_id = key.clone().unwrap_or_else(new_id);
         let mut plugin_failures = 0;
         let mut store_wait = STORE_RETRY;
         let routed = loop {
             let attempt = self
                 .idempotency
                 .run(key.as_deref(), || {
-                    let event_id = key.clone().unwrap_or_else(new_id);
-                    let next = next.take();
                     let inbound = Inbound {
                         event: Event {
                             id: event_id.clone(),
@@ -306,12 +308,13 @@ impl AmqpIntake {
                         source: Source::Broker,
                         from: from.clone(),
                     };
+                    let next = &next;
                     async move {
-                        let delivered = self.router.deliver(&inbound).await;
-                        drop(next);
-                        let routed = self.router.record(delivered?).await?;
+                        let delivered = self.router.deliver(&inbound).await?;
+                        next.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        let routed = self.router.record(delivered).await?;
                         Ok::<_, RouteError>(Accepted {
-                            event_id,
+                            event_id: inbound.event.id,
                             recipients: routed.recipients,
                         })
                     }
@@ -339,6 +342,7 @@ impl AmqpIntake {
                 other => break other,
             }
         };
+        drop(next);
 
         match routed {
             Ok(_) => delivery.ack(BasicAckOptions::default()).await.map(drop),

@@ -110,7 +110,24 @@ impl Idempotency {
                 }
             }
         }
-        match publish().await {
+        // Renewed while it runs: a publication that waits (for the log, for
+        // the broker's confirms) is not taken for a dead node's.
+        let publishing = publish();
+        tokio::pin!(publishing);
+        let published = match self.store.renew_every() {
+            None => publishing.await,
+            Some(every) => {
+                let mut renewals =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tokio::select! {
+                        published = &mut publishing => break published,
+                        _ = renewals.tick() => self.store.renew(key).await,
+                    }
+                }
+            }
+        };
+        match published {
             Ok(accepted) => {
                 self.store.complete(key, &accepted).await?;
                 Ok((accepted, false))

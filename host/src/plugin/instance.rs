@@ -123,6 +123,7 @@ impl State {
             limiter: MemoryLimiter {
                 max_bytes: memory_bytes,
                 used_bytes: 0,
+                last_grant: None,
                 denied: false,
             },
             context,
@@ -138,6 +139,8 @@ pub(crate) struct MemoryLimiter {
     max_bytes: usize,
     /// The sum of the instance's memories' sizes.
     used_bytes: usize,
+    /// The last growth allowed, undone should it fail.
+    last_grant: Option<(usize, usize)>,
     pub denied: bool,
 }
 
@@ -150,11 +153,20 @@ impl ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         let used = (self.used_bytes - current.min(self.used_bytes)).saturating_add(desired);
         let allowed = used <= self.max_bytes;
+        self.last_grant = allowed.then_some((current, desired));
         if allowed {
             self.used_bytes = used;
         }
         self.denied |= !allowed;
         Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Granted but not done (the allocation failed): not in use.
+        if let Some((current, desired)) = self.last_grant.take() {
+            self.used_bytes = (self.used_bytes + current).saturating_sub(desired);
+        }
+        Ok(())
     }
 
     fn table_growing(
@@ -241,6 +253,7 @@ mod tests {
         let mut limiter = MemoryLimiter {
             max_bytes: 32 << 20,
             used_bytes: 0,
+            last_grant: None,
             denied: false,
         };
         // Two memories of 20 MiB: each within the limit, not together.

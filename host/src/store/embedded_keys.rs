@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
@@ -163,8 +163,10 @@ fn read(path: &Path, cutoff: u64) -> io::Result<HashMap<String, (Accepted, u64)>
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(live),
         Err(err) => return Err(err),
     };
-    for text in BufReader::new(file).lines() {
-        let Ok(line) = serde_json::from_str::<Line>(&text?) else {
+    // Bytes, not text: a line torn inside a character is skipped like any
+    // other torn line.
+    for bytes in BufReader::new(file).split(b'\n') {
+        let Ok(line) = serde_json::from_slice::<Line>(&bytes?) else {
             continue;
         };
         if line.at >= cutoff {
@@ -227,8 +229,7 @@ impl Writer {
             let written = batch
                 .iter()
                 .try_for_each(|c| write_line(&mut buffer, &c.line.key, &c.line.accepted, c.line.at))
-                .and_then(|()| self.file.write_all(&buffer))
-                .and_then(|()| self.file.sync_data())
+                .and_then(|()| self.append(&buffer))
                 .map_err(unavailable);
             if let Err(err) = &written {
                 tracing::error!("published keys not written: {err}");
@@ -244,18 +245,37 @@ impl Writer {
                 }
                 let _ = completion.done.send(written.clone());
             }
-            if self.lines >= MIN_COMPACTION_LINES.max(2 * live.len()) {
-                let cutoff = now_millis().saturating_sub(self.retention_millis);
-                live.retain(|_, (_, at)| *at >= cutoff);
-                match rewrite(&self.path, &live) {
-                    Ok(file) => {
-                        self.file = file;
-                        self.lines = live.len();
-                    }
-                    Err(err) => tracing::warn!("published keys not compacted: {err}"),
+            let compact = self.lines >= MIN_COMPACTION_LINES.max(2 * live.len());
+            if !compact {
+                continue;
+            }
+            // Rewritten from a copy: claims keep reading the keys meanwhile.
+            let cutoff = now_millis().saturating_sub(self.retention_millis);
+            live.retain(|_, (_, at)| *at >= cutoff);
+            let snapshot = live.clone();
+            drop(live);
+            match rewrite(&self.path, &snapshot) {
+                Ok(file) => {
+                    self.file = file;
+                    self.lines = snapshot.len();
                 }
+                Err(err) => tracing::warn!("published keys not compacted: {err}"),
             }
         }
+    }
+
+    /// Appends `bytes` and syncs them; on failure, cuts the file back to
+    /// where it was, so that the next batch does not start on a torn line.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let end = self.file.seek(io::SeekFrom::End(0))?;
+        let appended = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data());
+        if appended.is_err() {
+            let _ = self.file.set_len(end);
+        }
+        appended
     }
 }
 

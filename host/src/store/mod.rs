@@ -192,6 +192,13 @@ pub trait PublishedKeys: Send + Sync {
     /// Gives up this node's claim on `key` (its publication failed), so
     /// that a retry on another node need not wait for the lease.
     async fn release(&self, key: &str);
+    /// How often a claim being published must be renewed so that other
+    /// nodes do not take it for a dead node's; `None`: never.
+    fn renew_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Renews this node's claim on `key` (best effort).
+    async fn renew(&self, _key: &str) {}
 }
 
 /// How many connections a user has, as far as this store knows: this

@@ -5,10 +5,13 @@
 //! retention.
 //!
 //! A claim is `{_id, node, state: "claimed", claimedAt}`; completing it adds
-//! `state: "done"`, `eventId` and `recipients`. A claim older than the lease
+//! `state: "done"`, `eventId` and `recipients`. The publishing node renews
+//! `claimedAt` every third of the lease, so a claim older than the lease
 //! belongs to a node that stopped mid-publication (`kill -9`): another node
 //! takes it over, and processes the event again under the same delivery
-//! ids.
+//! ids. Times are the nodes' own clocks (a node running ahead by more than
+//! the lease could take a live claim over: the event is then processed
+//! twice under the same ids).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -79,7 +82,12 @@ impl MongoKeys {
                 },
             )
             .await;
-        Ok(self.mongo.observe(taken)?.modified_count == 1)
+        let taken = self.mongo.observe(taken)?.matched_count == 1;
+        let previous = existing.get_str("node").unwrap_or("?");
+        if taken && previous != &*self.instance_id {
+            tracing::info!(previous, "idempotency claim of a stopped node taken over");
+        }
+        Ok(taken)
     }
 }
 
@@ -161,6 +169,23 @@ impl PublishedKeys for MongoKeys {
             tracing::warn!(key, "idempotency claim taken over by another node");
         }
         Ok(())
+    }
+
+    fn renew_every(&self) -> Option<Duration> {
+        Some(self.lease / 3)
+    }
+
+    async fn renew(&self, key: &str) {
+        let renewed = self
+            .collection
+            .update_one(
+                doc! {"_id": key, "node": &*self.instance_id, "state": CLAIMED},
+                doc! {"$set": {"claimedAt": DateTime::from_system_time(SystemTime::now())}},
+            )
+            .await;
+        if let Err(err) = self.mongo.observe(renewed) {
+            tracing::warn!(key, "idempotency claim not renewed: {err}");
+        }
     }
 
     async fn release(&self, key: &str) {
