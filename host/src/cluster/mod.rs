@@ -54,6 +54,10 @@ use presence::Announcement;
 
 /// Most copies published in one message.
 const MAX_BATCH: usize = 256;
+/// A batch takes no more copies once its body passes this: far below
+/// RabbitMQ's message size limit (16 MiB by default from 4.0), so that
+/// a batch of large frames is never refused again and again.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// A node queue nobody consumes from is deleted after this long: a node
 /// that died leaves no queue and no bindings behind for longer.
 const NODE_QUEUE_EXPIRES_MS: i64 = 30_000;
@@ -137,6 +141,8 @@ struct Outgoing {
 struct Batch {
     copies: Vec<DeliveryCopy>,
     confirmed: Vec<oneshot::Sender<()>>,
+    /// About the size of the encoded body.
+    bytes: usize,
 }
 
 impl Batch {
@@ -144,7 +150,17 @@ impl Batch {
         self.copies.len()
     }
 
+    /// Whether it takes another copy.
+    fn has_room(&self) -> bool {
+        self.len() < MAX_BATCH && self.bytes < MAX_BATCH_BYTES
+    }
+
     fn push(&mut self, outgoing: Outgoing) {
+        let copy = &outgoing.copy;
+        self.bytes += 10
+            + copy.delivery_id.len()
+            + copy.frame.len()
+            + copy.users.iter().map(|user| 4 + user.len()).sum::<usize>();
         self.copies.push(outgoing.copy);
         self.confirmed.push(outgoing.confirmed);
     }
@@ -153,7 +169,7 @@ impl Batch {
     fn gather(first: Outgoing, queued: &mut mpsc::Receiver<Outgoing>) -> Self {
         let mut batch = Batch::default();
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        while batch.has_room() {
             match queued.try_recv() {
                 Ok(outgoing) => batch.push(outgoing),
                 Err(_) => break,
@@ -385,17 +401,13 @@ impl Link {
     }
 
     fn outbox_has_room(&self) -> bool {
-        self.outbox.len() < OUTBOX_LIMIT
-            || self
-                .outbox
-                .back()
-                .is_some_and(|batch| batch.len() < MAX_BATCH)
+        self.outbox.len() < OUTBOX_LIMIT || self.outbox.back().is_some_and(Batch::has_room)
     }
 
     /// Keeps a copy for when the broker is back.
     fn keep(&mut self, outgoing: Outgoing) {
         match self.outbox.back_mut() {
-            Some(batch) if batch.len() < MAX_BATCH => batch.push(outgoing),
+            Some(batch) if batch.has_room() => batch.push(outgoing),
             _ => {
                 let mut batch = Batch::default();
                 batch.push(outgoing);
@@ -1000,4 +1012,40 @@ fn routing_key(user: &str) -> std::borrow::Cow<'_, str> {
     let digest = sha2::Sha256::digest(user.as_bytes());
     let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
     std::borrow::Cow::Owned(format!("sha256:{hex}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(n: usize, frame_bytes: usize) -> Outgoing {
+        Outgoing {
+            copy: DeliveryCopy {
+                delivery_id: format!("d{n}"),
+                frame: "x".repeat(frame_bytes).into(),
+                users: vec!["u_1".to_owned()],
+            },
+            confirmed: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_budget_or_its_count() {
+        let (copies, mut queued) = mpsc::channel(1024);
+        for n in 0..300 {
+            copies.try_send(outgoing(n, 16 << 10)).unwrap();
+        }
+        let first = queued.try_recv().unwrap();
+        let batch = Batch::gather(first, &mut queued);
+        // 16 KiB frames: the byte budget (1 MiB) ends it after 64.
+        assert_eq!(batch.len(), 64);
+        assert!(batch.bytes >= MAX_BATCH_BYTES, "{}", batch.bytes);
+
+        let (copies, mut queued) = mpsc::channel(1024);
+        for n in 0..300 {
+            copies.try_send(outgoing(n, 10)).unwrap();
+        }
+        let first = queued.try_recv().unwrap();
+        assert_eq!(Batch::gather(first, &mut queued).len(), MAX_BATCH);
+    }
 }
