@@ -96,7 +96,10 @@ impl RouteError {
                 RefusalCode::Internal => ErrorCode::Internal,
             },
             Self::PluginFailed { .. } => ErrorCode::PluginFailed,
-            Self::Store(_) => ErrorCode::Unavailable,
+            // The store refused something of the event itself (its id):
+            // sending it again cannot succeed.
+            Self::Store(StoreError::Rejected(_)) => ErrorCode::BadRequest,
+            Self::Store(StoreError::Unavailable(_)) => ErrorCode::Unavailable,
         };
         ErrorBody::new(code, self.to_string())
     }

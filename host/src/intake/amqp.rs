@@ -25,7 +25,7 @@ use crate::health::Health;
 use crate::plugin::{Event, Origin, PluginRegistry};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
 use crate::router::{Inbound, RouteError, Router};
-use crate::store::Source;
+use crate::store::{Source, StoreError};
 
 /// The header that carries why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-sockets-reason";
@@ -329,7 +329,7 @@ impl AmqpIntake {
                     tracing::warn!(event = %name, attempts = plugin_failures, "broker event failed, will retry: {err}");
                     tokio::time::sleep(PLUGIN_RETRY * plugin_failures).await;
                 }
-                Err(RouteError::Store(err)) => {
+                Err(RouteError::Store(StoreError::Unavailable(err))) => {
                     // Not the message's fault: keep it, slow down, try
                     // again. At shutdown it stays unacknowledged and goes
                     // back to the queue with the connection.
@@ -346,7 +346,11 @@ impl AmqpIntake {
 
         match routed {
             Ok(_) => delivery.ack(BasicAckOptions::default()).await.map(drop),
-            Err(err @ (RouteError::UnknownEvent(_) | RouteError::Refused { .. })) => {
+            Err(
+                err @ (RouteError::UnknownEvent(_)
+                | RouteError::Refused { .. }
+                | RouteError::Store(StoreError::Rejected(_))),
+            ) => {
                 tracing::info!(event = %name, "broker event rejected: {err}");
                 self.dead_letter(channel, &delivery, &name, &err.to_string())
                     .await

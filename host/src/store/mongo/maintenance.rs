@@ -13,7 +13,8 @@ use mongodb::{Collection, IndexModel};
 use tokio::sync::watch;
 
 use super::{
-    INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, PUBLISHED_KEYS, USER_CONNECTIONS,
+    INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, PUBLISHED_ANSWERS, PUBLISHED_KEYS,
+    USER_CONNECTIONS,
 };
 use crate::store::PUBLISHED_KEY_RETENTION;
 
@@ -93,20 +94,25 @@ impl Maintenance {
             .await?;
         // Keys past the retention go by themselves (a claim of a node that
         // stopped included).
-        self.mongo
-            .db
-            .collection::<Document>(PUBLISHED_KEYS)
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! {"claimedAt": 1})
-                    .options(
-                        IndexOptions::builder()
-                            .expire_after(PUBLISHED_KEY_RETENTION)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .await?;
+        for (collection, time) in [
+            (PUBLISHED_KEYS, "claimedAt"),
+            (PUBLISHED_ANSWERS, "answeredAt"),
+        ] {
+            self.mongo
+                .db
+                .collection::<Document>(collection)
+                .create_index(
+                    IndexModel::builder()
+                        .keys(doc! {time: 1})
+                        .options(
+                            IndexOptions::builder()
+                                .expire_after(PUBLISHED_KEY_RETENTION)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .await?;
+        }
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! `userConnections` (this node's records mirrored in memory and written
 //! behind), `notificationLogs` (batched, idempotent, retried until written),
 //! the read-only `users` directory (cached), presence across nodes and the
-//! published idempotency keys (`publishedKeys`, shared by the nodes). A
+//! published idempotency keys (`publishedKeys` and `publishedAnswers`,
+//! shared by the nodes). A
 //! maintenance task keeps the indexes, this node's lease in `instances`,
 //! and removes the records of nodes whose lease ran out. The only module
 //! that knows the `mongodb` crate.
@@ -35,8 +36,11 @@ const NOTIFICATION_LOGS: &str = "notificationLogs";
 const USERS: &str = "users";
 /// One document per live node: its lease.
 const INSTANCES: &str = "instances";
-/// One document per idempotency key published within the retention.
+/// One document per idempotency key claimed within the retention.
 const PUBLISHED_KEYS: &str = "publishedKeys";
+/// The first publication's answer of each key published within the
+/// retention.
+const PUBLISHED_ANSWERS: &str = "publishedAnswers";
 
 /// How long an operation waits for a usable server before failing: short,
 /// so that a database outage degrades the service instead of stalling it.
