@@ -169,6 +169,11 @@ for target in sockets socketio; do
     $start; run "$target" "$addr" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --rate "$half"; stop_server
 done
 
+# What exactly once costs: the same fanout with an idempotency key on
+# every event (claimed and completed in the embedded keys journal).
+step "sockets: fanout over HTTP, every event with an idempotency key"
+start_ours; run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --keyed; stop_server
+
 # Our host with its broker intake, once it consumes.
 start_broker_host() {
     start_ours "${with_broker[@]}"
@@ -184,6 +189,8 @@ half=$(broker_fanout | half_of events_per_s)
 stop_server
 step "sockets: fanout through RabbitMQ paced at half its peak ($half events/s)"
 start_broker_host; broker_fanout --rate "$half"; stop_server
+step "sockets: fanout through RabbitMQ, every event with a message_id"
+start_broker_host; broker_fanout --keyed; stop_server
 step "RabbitMQ alone at that pace: the same publishes to a quorum queue, a plain consumer (no server)"
 SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" broker --amqp "$AMQP_URL" --events "$FAN_EVENTS" --rate "$half" |
     tee -a "$out/results.jsonl"

@@ -62,7 +62,7 @@ pub async fn run(options: Options) -> anyhow::Result<Value> {
     });
 
     let publishing = Instant::now();
-    let refused = publish_amqp(schedule, &channel, "", &queue, |n| {
+    let refused = publish_amqp(schedule, &channel, "", &queue, None, |n| {
         payment(n, started, "broker")
     })
     .await;

@@ -35,6 +35,16 @@ pub struct Options {
     pub schedule: Schedule,
     /// Publish through RabbitMQ instead of the HTTP API.
     pub amqp: Option<Amqp>,
+    /// Idempotency keys `<prefix><n>`, when set.
+    pub keys: Option<String>,
+}
+
+/// A key prefix no earlier run used (keys are remembered 15 minutes).
+pub fn run_key_prefix() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    format!("loadgen-{}-{millis}-", std::process::id())
 }
 
 /// How many events are published, how many at once, and how fast.
@@ -101,6 +111,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
                 &channel,
                 &amqp.exchange,
                 "PAYMENT_PROCESSED",
+                options.keys.as_deref(),
                 payment,
             )
             .await;
@@ -117,6 +128,7 @@ pub async fn run(options: Options, tokens: &Tokens) -> anyhow::Result<Value> {
         "target": format!("{:?}", options.target).to_lowercase(),
         "via": if options.amqp.is_some() { "rabbitmq" } else { "http" },
         "users": options.users,
+        "keyed": options.keys.is_some(),
     });
     arrivals.report(
         &mut summary,
@@ -252,7 +264,10 @@ fn payment_id(data: &str) -> anyhow::Result<(String, u64)> {
 /// were not accepted.
 async fn publish_http(options: &Options, service: &str, payment: impl Fn(usize) -> Value) -> usize {
     publish_bounded(&options.schedule, |n| {
-        let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
+        let mut body = json!({"event": "PAYMENT_PROCESSED", "data": payment(n)});
+        if let Some(prefix) = &options.keys {
+            body["id"] = Value::String(format!("{prefix}{n}"));
+        }
         async move { matches!(post(options.server, service, &body).await, Ok(202)) }
     })
     .await
@@ -318,10 +333,16 @@ pub async fn publish_amqp(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
+    keys: Option<&str>,
     payment: impl Fn(usize) -> Value,
 ) -> usize {
     publish_bounded(schedule, |n| {
         let body = payment(n).to_string();
+        let mut properties =
+            BasicProperties::default().with_content_type("application/json".into());
+        if let Some(prefix) = keys {
+            properties = properties.with_message_id(format!("{prefix}{n}").into());
+        }
         async move {
             let published = channel
                 .basic_publish(
@@ -329,7 +350,7 @@ pub async fn publish_amqp(
                     routing_key.into(),
                     BasicPublishOptions::default(),
                     body.as_bytes(),
-                    BasicProperties::default().with_content_type("application/json".into()),
+                    properties,
                 )
                 .await;
             match published {

@@ -96,6 +96,10 @@ enum Run {
         /// The exchange the host consumes from.
         #[arg(long, default_value = "sockets.events")]
         exchange: String,
+        /// Give every event an idempotency key (HTTP `id`, AMQP
+        /// `message_id`), unique to this run: what exactly once costs.
+        #[arg(long)]
+        keyed: bool,
     },
     /// The edge under attack: normal clients' round trips and the server's
     /// memory alone, then during unauthenticated 16 MiB uploads and
@@ -249,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
             schedule,
             amqp,
             exchange,
+            keyed,
         } => {
             anyhow::ensure!(
                 amqp.is_none() || cli.target == Target::Sockets,
@@ -260,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 users: users.max(1),
                 schedule: schedule.into(),
                 amqp: amqp.map(|url| fanout::Amqp { url, exchange }),
+                keys: keyed.then(fanout::run_key_prefix),
             };
             fanout::run(options, &tokens()?).await?
         }
