@@ -27,22 +27,43 @@ AMQP=${SOCKETS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 MONGO=${SOCKETS_MONGO_URL:-mongodb://127.0.0.1:27017}
 work=$(mktemp -d)
 pid=
-trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+servers=0
+trap '[ -z "$pid" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }; rm -rf "$work"' EXIT
 
+failed() {
+    echo "$1; the host's log:" >&2
+    cat "$work/host.log" >&2
+    exit 1
+}
+# `/readyz` answers 200 (bash's /dev/tcp: no curl needed).
+ready() {
+    { exec 3<>"/dev/tcp/${ADDR%:*}/${ADDR#*:}"; } 2>/dev/null || return 1
+    printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+    local status=
+    read -r _ status _ <&3 || true
+    exec 3<&-
+    [ "$status" = 200 ]
+}
 start() {
-    env "$@" SOCKETS_LISTEN=$ADDR SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$RANDOM" \
+    servers=$((servers + 1))
+    env "$@" SOCKETS_LISTEN=$ADDR SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$servers" \
         SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_LOG=warn \
         "$bin_dir/sockets-host" serve >/dev/null 2>>"$work/host.log" &
     pid=$!
     for _ in $(seq 1 200); do
-        curl -sf "http://$ADDR/readyz" >/dev/null && return
+        kill -0 "$pid" 2>/dev/null || failed "the host exited at start"
+        ready && return
         sleep 0.1
     done
-    echo "the host never got ready; its log:" >&2
-    cat "$work/host.log" >&2
-    exit 1
+    failed "the host never got ready"
 }
-stop() { kill -TERM "$pid"; wait "$pid" || true; pid=; }
+stop() {
+    kill -TERM "$pid" 2>/dev/null || failed "the host was gone before its stop"
+    local status=0
+    wait "$pid" || status=$?
+    pid=
+    [ "$status" = 0 ] || failed "the host exited with $status at its stop"
+}
 fanout() {
     SOCKETS_JWT_SECRET=$SECRET "$bin_dir/loadgen" --target sockets --server $ADDR fanout --users 100 "$@"
 }
@@ -55,7 +76,7 @@ for round in $(seq 1 "$ROUNDS"); do
         printf '{"round":%s,"store":"embedded",' "$round"
         start; fanout --events "$EVENTS" $keyed | tail -1 | cut -c2-; stop
         printf '{"round":%s,"store":"mongodb",' "$round"
-        start SOCKETS_MONGO_URL="$MONGO" SOCKETS_MONGO_DB="bench_keys_$RANDOM$RANDOM"
+        start SOCKETS_MONGO_URL="$MONGO" SOCKETS_MONGO_DB=bench_keys
         fanout --events "$MONGO_EVENTS" $keyed | tail -1 | cut -c2-; stop
         printf '{"round":%s,"store":"embedded",' "$round"
         start "${broker[@]}"

@@ -110,33 +110,36 @@ impl Idempotency {
                 }
             }
         }
-        // Renewed while it runs: a publication that waits (for the log, for
-        // the broker's confirms) is not taken for a dead node's.
-        let publishing = publish();
-        tokio::pin!(publishing);
+        // The claim is renewed until the answer is recorded: a publication
+        // that waits (for the log, for the broker's confirms, for its
+        // answer's write) is not taken for a dead node's.
+        let publication = async {
+            match publish().await {
+                Ok(accepted) => {
+                    self.store.complete(key, &accepted).await?;
+                    Ok(accepted)
+                }
+                Err(err) => {
+                    self.store.release(key).await;
+                    Err(err)
+                }
+            }
+        };
+        tokio::pin!(publication);
         let published = match self.store.renew_every() {
-            None => publishing.await,
+            None => publication.await,
             Some(every) => {
                 let mut renewals =
                     tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
                     tokio::select! {
-                        published = &mut publishing => break published,
+                        published = &mut publication => break published,
                         _ = renewals.tick() => self.store.renew(key).await,
                     }
                 }
             }
         };
-        match published {
-            Ok(accepted) => {
-                self.store.complete(key, &accepted).await?;
-                Ok((accepted, false))
-            }
-            Err(err) => {
-                self.store.release(key).await;
-                Err(err)
-            }
-        }
+        published.map(|accepted| (accepted, false))
     }
 
     fn entry(&self, key: &str) -> Arc<Entry> {

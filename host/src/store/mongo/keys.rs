@@ -2,8 +2,11 @@
 //! `publishedKeys` holds the claims, `publishedAnswers` the first
 //! publication's answer of each key. `_id` is the key in both, so the
 //! insert that claims a key is atomic across nodes (a second insert meets
-//! a duplicate-key error), and a key with an answer is published. TTL
-//! indexes remove both past the retention.
+//! a duplicate-key error), and a key with an answer is published. The
+//! maintenance task deletes answers past the retention, and claims a while
+//! later (TTL indexes are not available on every MongoDB-protocol server,
+//! FerretDB 1.x among them): a claim always outlives its answer, so a key
+//! whose claim is gone is not published.
 //!
 //! Claims and answers are inserted in batches (one `insertMany` for
 //! whatever waits, like the notification log): one write per key each
@@ -37,6 +40,8 @@ const CLAIMED: &str = "claimed";
 const QUEUED_INSERTS: usize = 8_192;
 /// Most documents inserted in one command.
 const MAX_BATCH: usize = 1_000;
+/// An insert the database has not answered by then is `unavailable`.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Published keys in MongoDB.
 pub struct MongoKeys {
@@ -187,22 +192,44 @@ async fn insert_many(
     collection: &Collection<Document>,
     batch: &[Insert],
 ) -> Vec<Result<Inserted, StoreError>> {
-    let inserted = collection
-        .insert_many(batch.iter().map(|insert| &insert.document))
-        .ordered(false)
-        .await;
+    let documents: Vec<&Document> = batch.iter().map(|insert| &insert.document).collect();
+    insert_documents(mongo, collection, &documents).await
+}
+
+async fn insert_documents(
+    mongo: &Mongo,
+    collection: &Collection<Document>,
+    documents: &[&Document],
+) -> Vec<Result<Inserted, StoreError>> {
+    let inserted = tokio::time::timeout(
+        INSERT_TIMEOUT,
+        collection
+            .insert_many(documents.iter().copied())
+            .ordered(false),
+    )
+    .await;
     let failure = match inserted {
-        Ok(_) => {
-            let _ = mongo.observe(Ok(()));
-            return vec![Ok(Inserted::New); batch.len()];
+        Err(_) => {
+            let problem = StoreError::Unavailable(format!(
+                "MongoDB did not answer within {INSERT_TIMEOUT:?}"
+            ));
+            mongo.health.set(Some(problem.to_string()));
+            return vec![Err(problem); documents.len()];
         }
-        Err(err) => err,
+        Ok(Ok(_)) => {
+            let _ = mongo.observe(Ok(()));
+            return vec![Ok(Inserted::New); documents.len()];
+        }
+        Ok(Err(err)) => err,
     };
     if let ErrorKind::InsertMany(many) = &*failure.kind
         && many.write_concern_error.is_none()
+        && many.write_errors.iter().flatten().all(|error| {
+            error.code == DUPLICATE_KEY || super::is_refusal_of_the_document(error.code)
+        })
     {
         let _ = mongo.observe(Ok(()));
-        let mut outcomes = vec![Ok(Inserted::New); batch.len()];
+        let mut outcomes = vec![Ok(Inserted::New); documents.len()];
         for error in many.write_errors.iter().flatten() {
             if let Some(outcome) = outcomes.get_mut(error.index) {
                 *outcome = if error.code == DUPLICATE_KEY {
@@ -214,11 +241,25 @@ async fn insert_many(
         }
         return outcomes;
     }
-    let problem = mongo
-        .observe::<()>(Err(failure))
-        .err()
-        .unwrap_or_else(|| StoreError::Unavailable("MongoDB refused the published keys".into()));
-    vec![Err(problem); batch.len()]
+    match mongo.observe::<()>(Err(failure)) {
+        // One document the driver or server cannot take fails the whole
+        // command: each is tried alone, so only that one is refused.
+        Err(StoreError::Rejected(_)) if documents.len() > 1 => {
+            let mut outcomes = Vec::with_capacity(documents.len());
+            for document in documents {
+                let alone = Box::pin(insert_documents(
+                    mongo,
+                    collection,
+                    std::slice::from_ref(document),
+                ))
+                .await;
+                outcomes.extend(alone);
+            }
+            outcomes
+        }
+        Err(problem) => vec![Err(problem); documents.len()],
+        Ok(()) => vec![Ok(Inserted::New); documents.len()],
+    }
 }
 
 #[async_trait]
@@ -268,17 +309,23 @@ impl PublishedKeys for MongoKeys {
 
     async fn complete(&self, key: &str, accepted: &Accepted) -> Result<(), StoreError> {
         let recipients = i64::try_from(accepted.recipients).unwrap_or(i64::MAX);
-        // A second answer (a node that took the claim over published the
-        // same deliveries) meets the first: either is the answer.
-        self.answers
-            .insert(doc! {
-                "_id": key,
-                "eventId": &accepted.event_id,
-                "recipients": recipients,
-                "answeredAt": DateTime::from_system_time(SystemTime::now()),
-            })
-            .await
-            .map(drop)
+        let answer = doc! {
+            "_id": key,
+            "eventId": &accepted.event_id,
+            "recipients": recipients,
+            "answeredAt": DateTime::from_system_time(SystemTime::now()),
+        };
+        if self.answers.insert(answer.clone()).await? == Inserted::New {
+            return Ok(());
+        }
+        // An answer is there: one past the retention, not swept yet (this
+        // publication is the key's new first one), or a node that took
+        // the claim over answered the same: either way, ours replaces it.
+        let replaced = self
+            .answers_collection
+            .replace_one(doc! {"_id": key}, answer)
+            .await;
+        self.mongo.observe(replaced).map(drop)
     }
 
     fn renew_every(&self) -> Option<Duration> {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{Bson, DateTime, Document, doc};
-use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use tokio::sync::watch;
 
@@ -62,6 +61,9 @@ impl Maintenance {
             if let Err(err) = self.mongo.observe(self.sweep(database_now).await) {
                 tracing::warn!("cannot sweep dead nodes' records: {err}");
             }
+            if let Err(err) = self.mongo.observe(self.sweep_keys(database_now).await) {
+                tracing::warn!("cannot sweep expired published keys: {err}");
+            }
             self.connections.reconcile_if_dirty();
         }
         let _ = self.leave().await;
@@ -92,8 +94,7 @@ impl Maintenance {
         connections
             .create_index(IndexModel::builder().keys(doc! {"instanceId": 1}).build())
             .await?;
-        // Keys past the retention go by themselves (a claim of a node that
-        // stopped included).
+        // Published keys are swept by their time (`sweep_keys`).
         for (collection, time) in [
             (PUBLISHED_KEYS, "claimedAt"),
             (PUBLISHED_ANSWERS, "answeredAt"),
@@ -101,16 +102,7 @@ impl Maintenance {
             self.mongo
                 .db
                 .collection::<Document>(collection)
-                .create_index(
-                    IndexModel::builder()
-                        .keys(doc! {time: 1})
-                        .options(
-                            IndexOptions::builder()
-                                .expire_after(PUBLISHED_KEY_RETENTION)
-                                .build(),
-                        )
-                        .build(),
-                )
+                .create_index(IndexModel::builder().keys(doc! {time: 1}).build())
                 .await?;
         }
         Ok(())
@@ -177,6 +169,29 @@ impl Maintenance {
                 "removed the records of dead nodes"
             );
         }
+        Ok(())
+    }
+
+    /// Deletes the answers of keys published longer than the retention ago,
+    /// and their claims two leases and a minute later: a claim outlives
+    /// its answer (answered at most a third of a lease after its last
+    /// renewal), so a key whose claim is gone has no answer left either.
+    async fn sweep_keys(&self, now: DateTime) -> mongodb::error::Result<()> {
+        let before = |age: Duration| {
+            let millis = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+            DateTime::from_millis(now.timestamp_millis().saturating_sub(millis))
+        };
+        self.mongo
+            .db
+            .collection::<Document>(PUBLISHED_ANSWERS)
+            .delete_many(doc! {"answeredAt": {"$lt": before(PUBLISHED_KEY_RETENTION)}})
+            .await?;
+        let claims_age = PUBLISHED_KEY_RETENTION + self.lease * 2 + Duration::from_secs(60);
+        self.mongo
+            .db
+            .collection::<Document>(PUBLISHED_KEYS)
+            .delete_many(doc! {"claimedAt": {"$lt": before(claims_age)}})
+            .await?;
         Ok(())
     }
 

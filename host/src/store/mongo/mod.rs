@@ -124,9 +124,15 @@ fn is_about_the_document(err: &mongodb::error::Error) -> bool {
         }
         // Document validation and bad field names (MongoDB codes 2, 52, 55,
         // 56, 57, 121; FerretDB answers with the same codes).
-        ErrorKind::Command(command) => matches!(command.code, 2 | 52 | 55 | 56 | 57 | 121),
+        ErrorKind::Command(command) => is_refusal_of_the_document(command.code),
         _ => false,
     }
+}
+
+/// Whether a server error code says a document is refused for what it
+/// holds (validation, field names), not that the server is unwell.
+fn is_refusal_of_the_document(code: i32) -> bool {
+    matches!(code, 2 | 52 | 55 | 56 | 57 | 121)
 }
 
 fn unavailable(err: &mongodb::error::Error) -> StoreError {
