@@ -232,3 +232,57 @@ async fn an_event_whose_plugin_keeps_failing_is_retried_then_dead_lettered() {
         .await;
     assert_eq!(student.recv().await["event"], "paymentProcessed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intake_queue_declared_by_an_older_host_is_kept_and_consumed() {
+    // An older host declared the intake queue as a plain quorum queue,
+    // without the dead-letter exchange and delivery limit declared now: the
+    // new declaration differs, the broker refuses it (406), and the host
+    // keeps the queue as it is, says what policy to add, and consumes.
+    let names = Names::unique();
+    let connection = lapin::Connection::connect(
+        &sockets_tests::broker::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("RabbitMQ is reachable");
+    let channel = connection.create_channel().await.unwrap();
+    let mut quorum = lapin::types::FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            names.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum,
+        )
+        .await
+        .unwrap();
+
+    let server = consuming(names.server_config()).await;
+    assert!(
+        server
+            .log()
+            .contains("the intake queue exists with other arguments"),
+        "{}",
+        server.log()
+    );
+    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    Publisher::connect()
+        .await
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            payment().to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let push = student.recv().await;
+    assert_eq!(push["event"], "paymentProcessed", "{push}");
+    assert!(server.stop().await);
+}

@@ -27,16 +27,16 @@ pub struct DeliveryCopy {
 #[error("malformed cluster batch")]
 pub struct Malformed;
 
+/// The bytes `copy` takes in a body.
+pub fn encoded_len(copy: &DeliveryCopy) -> usize {
+    10 + copy.delivery_id.len()
+        + copy.frame.len()
+        + copy.users.iter().map(|user| 4 + user.len()).sum::<usize>()
+}
+
 /// Encodes copies into one message body.
 pub fn encode(copies: &[DeliveryCopy]) -> Vec<u8> {
-    let size: usize = copies
-        .iter()
-        .map(|copy| {
-            10 + copy.delivery_id.len()
-                + copy.frame.len()
-                + copy.users.iter().map(|user| 4 + user.len()).sum::<usize>()
-        })
-        .sum();
+    let size: usize = copies.iter().map(encoded_len).sum();
     let mut body = Vec::with_capacity(5 + size);
     body.push(VERSION);
     body.extend_from_slice(&len_u32(copies.len()).to_be_bytes());

@@ -81,7 +81,7 @@ const MAX_ROUTING_KEY: usize = 255;
 const BATCH_KIND: &str = "batch";
 
 /// Bind or unbind the user as its local connections say; answer when done.
-struct Sync {
+struct Membership {
     user: Arc<str>,
     done: Option<oneshot::Sender<()>>,
 }
@@ -141,7 +141,7 @@ struct Outgoing {
 struct Batch {
     copies: Vec<DeliveryCopy>,
     confirmed: Vec<oneshot::Sender<()>>,
-    /// About the size of the encoded body.
+    /// The size of the encoded body, but for its 5-byte header.
     bytes: usize,
 }
 
@@ -156,11 +156,7 @@ impl Batch {
     }
 
     fn push(&mut self, outgoing: Outgoing) {
-        let copy = &outgoing.copy;
-        self.bytes += 10
-            + copy.delivery_id.len()
-            + copy.frame.len()
-            + copy.users.iter().map(|user| 4 + user.len()).sum::<usize>();
+        self.bytes += batch::encoded_len(&outgoing.copy);
         self.copies.push(outgoing.copy);
         self.confirmed.push(outgoing.confirmed);
     }
@@ -189,7 +185,7 @@ impl Batch {
 /// This node's handle on the cluster.
 pub struct Cluster {
     instance_id: Arc<str>,
-    commands: mpsc::Sender<Sync>,
+    commands: mpsc::Sender<Membership>,
     copies: mpsc::Sender<Outgoing>,
     status: Arc<Health>,
     remote: Arc<RemotePresence>,
@@ -281,7 +277,7 @@ impl Cluster {
     /// nodes. Does not wait while the broker is unreachable.
     pub async fn join(&self, user: &str) {
         let (done, bound) = oneshot::channel();
-        let command = Sync {
+        let command = Membership {
             user: user.into(),
             done: Some(done),
         };
@@ -293,7 +289,7 @@ impl Cluster {
     /// Called after a connection of `user` was unregistered: stops routing
     /// the user here once it has no connection left.
     pub async fn leave(&self, user: &str) {
-        let command = Sync {
+        let command = Membership {
             user: user.into(),
             done: None,
         };
@@ -356,7 +352,7 @@ struct WaitingJoin {
 
 /// What the link takes in: membership changes and copies to publish.
 struct Inboxes {
-    inbox: mpsc::Receiver<Sync>,
+    inbox: mpsc::Receiver<Membership>,
     queued: mpsc::Receiver<Outgoing>,
 }
 
@@ -495,7 +491,7 @@ impl Link {
                 }
                 command = inboxes.inbox.recv() => match command {
                     None => break,
-                    Some(Sync { user, done }) => {
+                    Some(Membership { user, done }) => {
                         self.sync(&channel, &mut bound, user, done).await?;
                     }
                 },

@@ -493,7 +493,12 @@ async fn declare(
 /// Whether the broker refused a declaration because the entity exists with
 /// other properties (`PRECONDITION_FAILED`, 406).
 fn is_precondition_failed(err: &lapin::Error) -> bool {
-    err.to_string().contains("PRECONDITION_FAILED")
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
 }
 
 /// Resolves once the server shuts down (without holding the watch's lock).
