@@ -42,6 +42,35 @@ impl Client {
             .unwrap_or_else(|err| panic!("connect failed: {err:?}"))
     }
 
+    /// Connects from `source` (one of the 127.0.0.0/8 addresses, so that
+    /// thousands of connections do not use up one address's ports) with
+    /// the token in the query; returns the client and its `connected`
+    /// frame.
+    pub async fn connect_from(
+        server: &Server,
+        source: std::net::IpAddr,
+        token: &str,
+    ) -> Result<(Client, Value), Refused> {
+        let refused = |err: &dyn std::fmt::Display| Refused::Other(err.to_string());
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|err| refused(&err))?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|err| refused(&err))?;
+        let stream = socket
+            .connect(server.addr)
+            .await
+            .map_err(|err| refused(&err))?;
+        let request = format!("{}?access_token={token}", server.ws_url())
+            .into_client_request()
+            .map_err(|err| refused(&err))?;
+        let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+            .await
+            .map_err(|err| refused(&err))?;
+        let mut client = Client { ws };
+        let connected = client.recv().await;
+        Ok((client, connected))
+    }
+
     /// Connects with the given headers and query string.
     pub async fn try_connect(
         server: &Server,

@@ -240,3 +240,139 @@ async fn a_killed_node_leaves_no_routing_that_loses_or_duplicates() {
     assert_eq!(consultant.recv().await["data"]["text"], "still here");
     assert_quiet(&mut [&mut student, &mut consultant]).await;
 }
+
+/// Connections in the storm (as in the benchmark of issue #34).
+const STORM_CONNECTIONS: usize = 19_500;
+/// Handshakes in flight at once.
+const STORM_IN_FLIGHT: usize = 200;
+/// The publisher's pace on the other node.
+const PUBLISH_EVERY: Duration = Duration::from_millis(4);
+
+/// A connect storm on node A while node B publishes to the users already
+/// told `connected`, the newest first (the user whose presence has only
+/// just reached B): every push arrives exactly once, on the right user.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_from_another_node_reach_every_user_of_a_connect_storm_once() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let (a, b, _names) = two_nodes().await;
+    let connected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let received: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let (stop_readers, readers_stop) = tokio::sync::watch::channel(false);
+
+    // B publishes while A takes the storm.
+    let (stop_publisher, mut publisher_stop) = tokio::sync::watch::channel(false);
+    let publisher = {
+        let connected = Arc::clone(&connected);
+        let b_addr = b.addr;
+        tokio::spawn(async move {
+            let service = token("billing", "service");
+            let mut published: Vec<(String, String)> = Vec::new();
+            let mut pace = tokio::time::interval(PUBLISH_EVERY);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = publisher_stop.changed() => break,
+                    _ = pace.tick() => {}
+                }
+                let user = {
+                    let connected = connected.lock().unwrap();
+                    match connected.len() {
+                        0 => continue,
+                        // The newest, then one from before.
+                        len if n % 2 == 0 => connected[len - 1].clone(),
+                        len => connected[(n as usize * 7919) % len].clone(),
+                    }
+                };
+                n += 1;
+                let mut data = payment(&user, n);
+                data["consultantId"] = json!("c_storm_offline");
+                let body =
+                    json!({"event": "PAYMENT_PROCESSED", "data": data, "id": format!("storm-{n}")});
+                let response = sockets_tests::client::publish_at(b_addr, &service, &body).await;
+                assert_eq!(response.status, 202, "{}", response.body);
+                published.push((user, format!("p_{n}")));
+            }
+            published
+        })
+    };
+
+    let mut handshakes = FuturesUnordered::new();
+    let mut readers = Vec::with_capacity(STORM_CONNECTIONS);
+    let mut started = 0;
+    while started < STORM_CONNECTIONS || !handshakes.is_empty() {
+        while started < STORM_CONNECTIONS && handshakes.len() < STORM_IN_FLIGHT {
+            let user = format!("storm_{started}");
+            // 127.0.0.2–17: the storm does not use up 127.0.0.1's ports.
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (started % 16) as u8);
+            let token = token(&user, "student");
+            let a = &a;
+            handshakes.push(async move {
+                let (client, frame) = Client::connect_from(a, source.into(), &token)
+                    .await
+                    .unwrap_or_else(|err| panic!("{user} could not connect: {err:?}"));
+                assert_eq!(frame["event"], "connected", "{frame}");
+                (user, client)
+            });
+            started += 1;
+        }
+        let Some((user, mut client)) = handshakes.next().await else {
+            continue;
+        };
+        connected.lock().unwrap().push(user.clone());
+        let received = Arc::clone(&received);
+        let mut stop = readers_stop.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    frame = client.try_recv(Duration::from_secs(1)) => {
+                        let Some(frame) = frame else { continue };
+                        assert_eq!(frame["event"], "paymentProcessed", "{frame}");
+                        let payment = frame["data"]["paymentId"].as_str().unwrap().to_owned();
+                        received.lock().unwrap().entry(user.clone()).or_default().push(payment);
+                    }
+                }
+            }
+        }));
+    }
+    stop_publisher.send_replace(true);
+    let published = publisher.await.unwrap();
+    assert!(
+        published.len() >= 20,
+        "the storm was too short to publish into: {} pushes",
+        published.len()
+    );
+
+    eventually(
+        Duration::from_secs(30),
+        "every push published on B reaches its user on A",
+        || async {
+            let received: usize = received.lock().unwrap().values().map(Vec::len).sum();
+            (received >= published.len()).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(QUIET).await;
+    stop_readers.send_replace(true);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for (user, payment) in published {
+        expected.entry(user).or_default().push(payment);
+    }
+    let mut received = std::mem::take(&mut *received.lock().unwrap());
+    for payments in received.values_mut().chain(expected.values_mut()) {
+        payments.sort();
+    }
+    assert_eq!(
+        received, expected,
+        "each push once, to its user, none missing"
+    );
+}

@@ -35,8 +35,8 @@ pub fn encoded_len(copy: &DeliveryCopy) -> usize {
 }
 
 /// Encodes copies into one message body.
-pub fn encode(copies: &[DeliveryCopy]) -> Vec<u8> {
-    let size: usize = copies.iter().map(encoded_len).sum();
+pub fn encode(copies: &[&DeliveryCopy]) -> Vec<u8> {
+    let size: usize = copies.iter().copied().map(encoded_len).sum();
     let mut body = Vec::with_capacity(5 + size);
     body.push(VERSION);
     body.extend_from_slice(&len_u32(copies.len()).to_be_bytes());
@@ -134,13 +134,16 @@ mod tests {
             copy("d1", &["u1", "ü2"], r#"{"event":"message","data":"é\"x"}"#),
             copy("d2", &["u3"], "{}"),
         ];
-        assert_eq!(decode(&encode(&copies)), Ok(copies));
+        assert_eq!(
+            decode(&encode(&copies.iter().collect::<Vec<_>>())),
+            Ok(copies)
+        );
         assert_eq!(decode(&encode(&[])), Ok(Vec::new()));
     }
 
     #[test]
     fn truncated_or_foreign_bodies_are_refused() {
-        let body = encode(&[copy("d1", &["u1"], "{}")]);
+        let body = encode(&[&copy("d1", &["u1"], "{}")]);
         for cut in 0..body.len() {
             assert_eq!(decode(&body[..cut]), Err(Malformed), "cut at {cut}");
         }

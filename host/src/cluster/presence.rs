@@ -1,22 +1,26 @@
-//! What this node knows of the other nodes' connections, so that a reply's
-//! `delivered` counts the recipient's connections cluster-wide (PROTOCOL.md
-//! §4) without asking a database per message.
+//! What this node knows of the other nodes' connections: which nodes hold a
+//! user (so a delivery is published to those nodes' queues and no others)
+//! and how many connections each has (so a reply's `delivered` counts them
+//! cluster-wide, PROTOCOL.md §4, without asking a database per message).
 //!
-//! Every node publishes its per-user connection counts on a fanout exchange
-//! that all node queues are bound to: a delta whenever one of its users'
-//! counts changes, and its full table every [`SNAPSHOT_EVERY`], which heals
-//! lost deltas and tells new nodes. The delta of a new connection carries a
-//! sequence number; the peers it knows answer it once applied (an
-//! [`ACK_TYPE`] message to its queue), and the connection hears `connected`
-//! only then — so a message sent after that, on any node, counts it. A peer
-//! that does not answer within [`ACK_TIMEOUT`] is forgotten until it is heard
-//! again; one not heard from for [`FORGET_AFTER`] (killed) as well; one that
-//! stops cleanly says it is leaving.
+//! Every node announces changes of its per-user connection counts on a
+//! fanout exchange that all node queues are bound to, gathered for a few
+//! milliseconds into one message (deltas only: a user's count after the
+//! change). Each announcement carries the node's link session and a
+//! sequence number, so a receiver notices a gap (a new session, a lost
+//! message) and asks that node alone for its table. A node whose link comes
+//! up says `hello` with its own table; the others answer with theirs, to
+//! it alone. Nothing re-sends whole tables on a timer: a heartbeat (the
+//! current sequence number, no users) every [`HEARTBEAT_EVERY`] keeps a
+//! quiet node known, and a node not heard from for [`FORGET_AFTER`]
+//! (killed) counts nothing. One that stops cleanly says it is leaving.
 //!
-//! Body: JSON `{"full": bool, "users": {"<user id>": <connections>},
-//! "seq": <u64, when an answer is wanted>, "leaving": <bool, when true>}`;
-//! an answer's body is the sequence number in decimal. The sending node is
-//! the message's `app_id`.
+//! Body: JSON `{"session": "<id>", "seq": <u64>, "full": bool, "users":
+//! {"<user id>": <connections>}, "answer": <bool, when the sender waits for
+//! the receivers' answers>, "hello": <bool, when it asks for their tables>,
+//! "leaving": <bool, when it stops>}`. An answer's body is the sequence
+//! number in decimal; a table request's is empty. The sending node is the
+//! message's `app_id`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,27 +31,45 @@ use serde::{Deserialize, Serialize};
 use crate::connections::Connections;
 use crate::store::Presence;
 
-/// How often a node publishes its full table.
-pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// How often a node says it is alive when nothing changed.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A node not heard from for this long counts no connections.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15);
 /// How long a join waits for a peer's answer before forgetting the peer.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
-/// The AMQP `type` of presence announcements (delivery batches have none).
+/// How long changes are gathered into one announcement: the first change
+/// waits at most this long for others.
+pub const GATHER: Duration = Duration::from_millis(2);
+/// Most users in one announcement of changes.
+pub const MAX_CHANGES: usize = 512;
+/// How long a node whose link came up collects the others' tables before
+/// it routes by them and answers its joins.
+pub const DISCOVERY: Duration = Duration::from_millis(500);
+/// The AMQP `type` of announcements and tables (delivery batches have none).
 pub const MESSAGE_TYPE: &str = "presence";
-/// The AMQP `type` of a peer's answer to an announcement with a `seq`.
+/// The AMQP `type` of a peer's answer to an announcement with `answer`.
 pub const ACK_TYPE: &str = "presence-ack";
+/// The AMQP `type` of a request for the receiver's table.
+pub const REQUEST_TYPE: &str = "presence-request";
 
 /// One presence message.
-#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
+    /// The sender's link session: sequence numbers count within one.
+    pub session: String,
+    /// The sender's sequence number: one more for every change announced;
+    /// a table or heartbeat carries the last one.
+    pub seq: u64,
     /// The whole table of the node (users absent have no connection), or
     /// changes only.
     pub full: bool,
     pub users: HashMap<String, u32>,
-    /// Set when the sender waits for the peers' answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seq: Option<u64>,
+    /// The sender waits for the receivers' answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer: bool,
+    /// The sender's link just came up: receivers send it their tables.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hello: bool,
     /// The sender stops: forget it now rather than after [`FORGET_AFTER`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
@@ -72,68 +94,212 @@ impl Announcement {
     }
 }
 
-struct NodeTable {
-    users: HashMap<String, u32>,
-    heard: Instant,
+/// What applying an announcement asks of the receiving node.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The sender's table is incomplete here (a node not known, a new
+    /// session, a missed announcement): ask it for its table.
+    pub wants_table: bool,
 }
 
-/// The other nodes' connection counts, as last announced.
+/// A node's number in the index (never reused).
+type NodeKey = u32;
+
+struct NodeState {
+    name: Arc<str>,
+    heard: Instant,
+    session: String,
+    seq: u64,
+    /// A table was asked for and has not come yet: no second request.
+    table_asked: bool,
+}
+
+#[derive(Default)]
+struct Tables {
+    keys: HashMap<Arc<str>, NodeKey>,
+    nodes: HashMap<NodeKey, NodeState>,
+    /// User → the nodes holding it and their connections. One entry per
+    /// user, so a lookup costs the same whatever the number of nodes.
+    holders: HashMap<Box<str>, Vec<(NodeKey, u32)>>,
+    next_key: NodeKey,
+}
+
+impl Tables {
+    fn live(&self, key: NodeKey, now: Instant) -> Option<&NodeState> {
+        self.nodes
+            .get(&key)
+            .filter(|node| now.duration_since(node.heard) < FORGET_AFTER)
+    }
+
+    fn set(&mut self, key: NodeKey, user: &str, count: u32) {
+        match self.holders.get_mut(user) {
+            Some(holders) => {
+                match holders.iter().position(|(node, _)| *node == key) {
+                    Some(at) if count == 0 => {
+                        holders.swap_remove(at);
+                    }
+                    Some(at) => holders[at].1 = count,
+                    None if count > 0 => holders.push((key, count)),
+                    None => {}
+                }
+                if holders.is_empty() {
+                    self.holders.remove(user);
+                }
+            }
+            None if count > 0 => {
+                self.holders.insert(user.into(), vec![(key, count)]);
+            }
+            None => {}
+        }
+    }
+
+    /// Removes everything `key` held: O(users), done when a node is
+    /// forgotten or sends its whole table, not per message.
+    fn clear(&mut self, key: NodeKey) {
+        self.holders.retain(|_, holders| {
+            holders.retain(|(node, _)| *node != key);
+            !holders.is_empty()
+        });
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        if let Some(key) = self.keys.remove(name) {
+            self.nodes.remove(&key);
+            self.clear(key);
+        }
+    }
+
+    fn forget_silent(&mut self, now: Instant) {
+        let silent: Vec<Arc<str>> = self
+            .nodes
+            .values()
+            .filter(|node| now.duration_since(node.heard) >= FORGET_AFTER)
+            .map(|node| Arc::clone(&node.name))
+            .collect();
+        for name in silent {
+            self.remove_node(&name);
+        }
+    }
+}
+
+/// The other nodes' connections per user, as they announced them.
 #[derive(Default)]
 pub struct RemotePresence {
-    nodes: Mutex<HashMap<String, NodeTable>>,
+    tables: Mutex<Tables>,
 }
 
 impl RemotePresence {
-    /// Applies what `node` announced at `now`. Returns whether the node was
-    /// unknown (forgotten or new) and stays, so that it can be told this
-    /// node's table. A node with no connections stays known: it still
-    /// routes messages, so joins wait for its answers too.
-    pub fn apply(&self, node: &str, announcement: Announcement, now: Instant) -> bool {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.retain(|_, table| now.duration_since(table.heard) < FORGET_AFTER);
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies what `node` announced at `now`.
+    pub fn apply(&self, node: &str, announcement: Announcement, now: Instant) -> Applied {
+        let mut tables = self.tables();
+        tables.forget_silent(now);
         if announcement.leaving {
-            nodes.remove(node);
-            return false;
+            tables.remove_node(node);
+            return Applied::default();
         }
-        let known = nodes.contains_key(node);
-        let table = nodes.entry(node.to_owned()).or_insert_with(|| NodeTable {
-            users: HashMap::new(),
-            heard: now,
-        });
-        table.heard = now;
+        let key = match tables.keys.get(node) {
+            Some(key) => *key,
+            None => {
+                let key = tables.next_key;
+                tables.next_key += 1;
+                let name: Arc<str> = node.into();
+                tables.keys.insert(Arc::clone(&name), key);
+                tables.nodes.insert(
+                    key,
+                    NodeState {
+                        name,
+                        heard: now,
+                        session: String::new(),
+                        seq: 0,
+                        table_asked: false,
+                    },
+                );
+                key
+            }
+        };
+        let state = tables.nodes.get_mut(&key).expect("inserted above");
+        state.heard = now;
+        let in_step = state.session == announcement.session
+            && (announcement.seq == state.seq + 1
+                || (announcement.seq == state.seq && announcement.users.is_empty()));
+        let mut applied = Applied::default();
         if announcement.full {
-            table.users = announcement.users;
-        } else {
-            table.users.extend(announcement.users);
+            state.table_asked = false;
+        } else if !in_step && !state.table_asked {
+            state.table_asked = true;
+            applied.wants_table = true;
         }
-        table.users.retain(|_, count| *count > 0);
-        !known
+        state.session = announcement.session;
+        state.seq = announcement.seq;
+        if announcement.full {
+            tables.clear(key);
+        }
+        // Counts are absolute, so a change applies even after a gap.
+        for (user, count) in &announcement.users {
+            tables.set(key, user, *count);
+        }
+        applied
     }
 
     /// The nodes heard from recently.
     pub fn nodes(&self, now: Instant) -> Vec<String> {
-        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes
-            .iter()
-            .filter(|(_, table)| now.duration_since(table.heard) < FORGET_AFTER)
-            .map(|(node, _)| node.clone())
+        let tables = self.tables();
+        tables
+            .nodes
+            .values()
+            .filter(|node| now.duration_since(node.heard) < FORGET_AFTER)
+            .map(|node| node.name.to_string())
             .collect()
     }
 
     /// Stops counting `node`'s connections until it is heard from again.
     pub fn forget(&self, node: &str) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.remove(node);
+        self.tables().remove_node(node);
     }
 
     /// The user's connections on other nodes heard from recently.
     pub fn connections_of(&self, user: &str, now: Instant) -> u32 {
-        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes
-            .values()
-            .filter(|table| now.duration_since(table.heard) < FORGET_AFTER)
-            .filter_map(|table| table.users.get(user))
-            .sum()
+        let tables = self.tables();
+        let Some(holders) = tables.holders.get(user) else {
+            return 0;
+        };
+        holders
+            .iter()
+            .filter(|(node, _)| tables.live(*node, now).is_some())
+            .map(|(_, count)| *count)
+            .fold(0, u32::saturating_add)
+    }
+
+    /// The other nodes holding at least one of `users`, each once.
+    pub fn nodes_holding<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a str>,
+        now: Instant,
+    ) -> Vec<Arc<str>> {
+        let tables = self.tables();
+        if tables.holders.is_empty() {
+            return Vec::new();
+        }
+        let mut found: Vec<Arc<str>> = Vec::new();
+        for user in users {
+            for (key, _) in tables.holders.get(user).into_iter().flatten() {
+                if let Some(node) = tables.live(*key, now)
+                    && !found.contains(&node.name)
+                {
+                    found.push(Arc::clone(&node.name));
+                }
+            }
+        }
+        found
+    }
+
+    /// How many users the other nodes hold, for metrics and tests.
+    pub fn users_known(&self) -> usize {
+        self.tables().holders.len()
     }
 }
 
@@ -157,85 +323,132 @@ impl Presence for ClusterPresence {
 mod tests {
     use super::*;
 
-    fn announcement(full: bool, users: &[(&str, u32)]) -> Announcement {
+    fn change(session: &str, seq: u64, users: &[(&str, u32)]) -> Announcement {
         Announcement {
-            full,
+            session: session.to_owned(),
+            seq,
             users: users
                 .iter()
                 .map(|(user, count)| ((*user).to_owned(), *count))
                 .collect(),
-            seq: None,
-            leaving: false,
+            ..Announcement::default()
         }
     }
 
+    fn table(session: &str, seq: u64, users: &[(&str, u32)]) -> Announcement {
+        Announcement {
+            full: true,
+            ..change(session, seq, users)
+        }
+    }
+
+    fn names(nodes: Vec<Arc<str>>) -> Vec<String> {
+        let mut names: Vec<String> = nodes.iter().map(|node| node.to_string()).collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn counts_add_up_over_nodes_and_follow_deltas_and_snapshots() {
+    fn counts_add_up_over_nodes_and_follow_changes_and_tables() {
         let presence = RemotePresence::default();
         let now = Instant::now();
-        assert!(presence.apply("a", announcement(true, &[("u", 2), ("v", 1)]), now));
-        assert!(presence.apply("b", announcement(false, &[("u", 1)]), now));
+        presence.apply("a", table("s", 3, &[("u", 2), ("v", 1)]), now);
+        presence.apply("b", table("t", 1, &[("u", 1)]), now);
         assert_eq!(presence.connections_of("u", now), 3);
+        assert_eq!(names(presence.nodes_holding(["u", "v"], now)), ["a", "b"]);
+        assert_eq!(names(presence.nodes_holding(["v", "w"], now)), ["a"]);
 
-        assert!(!presence.apply("a", announcement(false, &[("u", 0)]), now));
+        assert_eq!(
+            presence.apply("a", change("s", 4, &[("u", 0)]), now),
+            Applied::default()
+        );
         assert_eq!(presence.connections_of("u", now), 1);
         assert_eq!(presence.connections_of("v", now), 1);
+        assert_eq!(names(presence.nodes_holding(["u"], now)), ["b"]);
 
-        // A snapshot replaces the node's table.
-        presence.apply("a", announcement(true, &[("w", 1)]), now);
+        // A table replaces the node's users.
+        presence.apply("a", table("s", 4, &[("w", 1)]), now);
         assert_eq!(presence.connections_of("v", now), 0);
         assert_eq!(presence.connections_of("w", now), 1);
+        assert_eq!(presence.users_known(), 2, "u on b, w on a");
+    }
+
+    #[test]
+    fn a_gap_a_new_session_or_an_unknown_node_asks_for_the_table_once() {
+        let presence = RemotePresence::default();
+        let now = Instant::now();
+        let unknown = presence.apply("a", change("s", 7, &[("u", 1)]), now);
+        assert!(unknown.wants_table, "a node known only by a change");
+        assert_eq!(
+            presence.connections_of("u", now),
+            1,
+            "the change applies meanwhile"
+        );
+        assert!(
+            !presence
+                .apply("a", change("s", 9, &[("v", 1)]), now)
+                .wants_table,
+            "asked already"
+        );
+        presence.apply("a", table("s", 9, &[("u", 1), ("v", 1)]), now);
+        assert!(!presence.apply("a", change("s", 10, &[]), now).wants_table);
+        assert!(
+            !presence.apply("a", change("s", 10, &[]), now).wants_table,
+            "a heartbeat repeats the last number"
+        );
+        assert!(
+            presence.apply("a", change("s", 12, &[]), now).wants_table,
+            "number 11 was missed"
+        );
+        presence.apply("a", table("s", 12, &[]), now);
+        assert!(
+            presence.apply("a", change("r", 1, &[]), now).wants_table,
+            "the node's link restarted"
+        );
     }
 
     #[test]
     fn a_silent_node_is_forgotten_and_a_leaving_one_at_once() {
         let presence = RemotePresence::default();
         let then = Instant::now();
-        presence.apply("a", announcement(true, &[("u", 1)]), then);
-        presence.apply("b", announcement(true, &[("u", 1)]), then);
+        presence.apply("a", table("s", 1, &[("u", 1)]), then);
+        presence.apply("b", table("t", 1, &[("u", 1)]), then);
         assert_eq!(presence.connections_of("u", then), 2);
 
-        assert!(!presence.apply("b", Announcement::leaving(), then));
+        presence.apply("b", Announcement::leaving(), then);
         assert_eq!(presence.connections_of("u", then), 1);
-
         assert_eq!(presence.nodes(then), ["a"]);
+
         let later = then + FORGET_AFTER;
         assert_eq!(presence.connections_of("u", later), 0);
+        assert!(presence.nodes_holding(["u"], later).is_empty());
         assert!(presence.nodes(later).is_empty());
         assert!(
-            presence.apply("a", announcement(false, &[]), later),
-            "a forgotten node is new again"
+            presence.apply("a", change("s", 2, &[]), later).wants_table,
+            "a forgotten node is asked for its table again"
         );
-    }
-
-    #[test]
-    fn a_node_without_connections_stays_known_and_is_new_only_once() {
-        let presence = RemotePresence::default();
-        let now = Instant::now();
-        // Two idle nodes must not answer each other's empty tables forever.
-        assert!(presence.apply("a", announcement(true, &[]), now));
-        assert!(!presence.apply("a", announcement(true, &[]), now));
-        assert_eq!(presence.nodes(now), ["a"]);
+        assert_eq!(presence.users_known(), 0, "the forgotten table is gone");
     }
 
     #[test]
     fn a_forgotten_node_counts_nothing_until_heard_again() {
         let presence = RemotePresence::default();
         let now = Instant::now();
-        presence.apply("a", announcement(true, &[("u", 1)]), now);
+        presence.apply("a", table("s", 1, &[("u", 1)]), now);
         presence.forget("a");
         assert_eq!(presence.connections_of("u", now), 0);
-        assert!(presence.apply("a", announcement(true, &[("u", 1)]), now));
+        presence.apply("a", table("s", 1, &[("u", 1)]), now);
         assert_eq!(presence.connections_of("u", now), 1);
     }
 
     #[test]
     fn the_body_round_trips() {
-        let sent = announcement(true, &[("u", 2)]);
+        let sent = table("s", 2, &[("u", 2)]);
         assert_eq!(Announcement::decode(&sent.encode()).unwrap(), sent);
         let asking = Announcement {
-            seq: Some(7),
-            ..announcement(false, &[("u", 1)])
+            answer: true,
+            hello: true,
+            ..change("s", 3, &[("u", 1)])
         };
         assert_eq!(Announcement::decode(&asking.encode()).unwrap(), asking);
         assert!(Announcement::decode(b"not json").is_err());

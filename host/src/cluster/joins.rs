@@ -1,0 +1,360 @@
+//! The bookkeeping between a connection's registration and its `connected`
+//! frame in a cluster: this node's changed users are gathered for
+//! [`GATHER`] into one announcement, and a new connection hears `connected`
+//! once every peer known when it was announced has applied it (answered its
+//! sequence number), or did not answer within [`ACK_TIMEOUT`] (then it is
+//! forgotten until heard from again). That is all correctness needs: after
+//! it, a delivery made on any node is published to this one. With no peer
+//! known, a join waits for nothing. While the link discovers the others
+//! (the first [`DISCOVERY`] of a session) joins wait for the discovery to
+//! end, then for the peers it found.
+//!
+//! No I/O here: the link feeds it events and publishes what it returns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::presence::{ACK_TIMEOUT, DISCOVERY, GATHER, MAX_CHANGES};
+
+/// A batch of changes to announce: the users whose counts changed (the
+/// link reads their counts when it publishes) under a new sequence number.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Changes {
+    pub seq: u64,
+    pub users: Vec<Arc<str>>,
+    /// Joins wait for the receivers' answers.
+    pub answer: bool,
+}
+
+struct WaitingJoin {
+    seq: u64,
+    /// The peers yet to answer; `None` while the link discovers them.
+    peers: Option<HashSet<String>>,
+    done: Vec<oneshot::Sender<()>>,
+    deadline: Instant,
+}
+
+/// This node's side of presence: what to announce, and who waits for it.
+pub struct Joins {
+    session: String,
+    /// The last sequence number announced in this session.
+    seq: u64,
+    changed: HashSet<Arc<str>>,
+    /// Joins among the changes not yet announced.
+    joining: Vec<oneshot::Sender<()>>,
+    gather_until: Option<Instant>,
+    discovery_until: Option<Instant>,
+    /// The highest sequence number each peer answered in this session.
+    answered: HashMap<String, u64>,
+    waiting: Vec<WaitingJoin>,
+}
+
+impl Default for Joins {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Joins {
+    pub fn new() -> Self {
+        Self {
+            session: String::new(),
+            seq: 0,
+            changed: HashSet::new(),
+            joining: Vec::new(),
+            gather_until: None,
+            discovery_until: None,
+            answered: HashMap::new(),
+            waiting: Vec::new(),
+        }
+    }
+
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    /// The last sequence number announced.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The link came up: a new session, whose first message (sequence
+    /// number 1) is this node's whole table, so pending changes are in it.
+    /// Joins still waiting wait for the discovery, then for its peers.
+    pub fn start_session(&mut self, session: String, now: Instant) {
+        self.session = session;
+        self.seq = 1;
+        self.changed.clear();
+        self.gather_until = None;
+        self.answered.clear();
+        let deadline = now + DISCOVERY + ACK_TIMEOUT;
+        let mut done: Vec<oneshot::Sender<()>> = std::mem::take(&mut self.joining);
+        for join in self.waiting.drain(..) {
+            done.extend(join.done);
+        }
+        if !done.is_empty() {
+            self.waiting.push(WaitingJoin {
+                seq: 1,
+                peers: None,
+                done,
+                deadline,
+            });
+        }
+        self.discovery_until = Some(now + DISCOVERY);
+    }
+
+    /// Whether the link is still collecting the others' tables.
+    pub fn discovering(&self) -> bool {
+        self.discovery_until.is_some()
+    }
+
+    /// The link is down: joins go on (they would wait for nothing), and
+    /// changes are covered by the next session's table.
+    pub fn link_down(&mut self) {
+        self.changed.clear();
+        self.joining.clear();
+        self.waiting.clear();
+        self.gather_until = None;
+        self.discovery_until = None;
+    }
+
+    /// A user's local connection count changed; `join` is a new
+    /// connection's wait for `connected`. `alone`: no peer is known.
+    pub fn change(
+        &mut self,
+        user: Arc<str>,
+        join: Option<oneshot::Sender<()>>,
+        alone: bool,
+        now: Instant,
+    ) {
+        if let Some(join) = join {
+            if alone && !self.discovering() {
+                let _ = join.send(());
+            } else {
+                self.joining.push(join);
+            }
+        }
+        self.changed.insert(user);
+        self.gather_until.get_or_insert(now + GATHER);
+    }
+
+    /// Whether the gathered changes are to be announced now.
+    pub fn changes_due(&self, now: Instant) -> bool {
+        self.changed.len() >= MAX_CHANGES || self.gather_until.is_some_and(|until| until <= now)
+    }
+
+    /// Takes the gathered changes under the next sequence number; their
+    /// joins wait for `peers` (the nodes known now) to answer it.
+    pub fn take_changes(&mut self, peers: Vec<String>, now: Instant) -> Option<Changes> {
+        self.gather_until = None;
+        if self.changed.is_empty() {
+            return None;
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let users: Vec<Arc<str>> = self.changed.drain().collect();
+        let done = std::mem::take(&mut self.joining);
+        let answer = !done.is_empty();
+        if answer {
+            let discovering = self.discovering();
+            self.waiting.push(WaitingJoin {
+                seq,
+                peers: (!discovering).then(|| peers.into_iter().collect()),
+                done,
+                deadline: now.max(self.discovery_until.unwrap_or(now)) + ACK_TIMEOUT,
+            });
+        }
+        Some(Changes { seq, users, answer })
+    }
+
+    /// `peer` has applied this node's announcements up to `seq` (a node's
+    /// messages arrive in order).
+    pub fn answered(&mut self, peer: &str, seq: u64) {
+        let highest = self.answered.entry(peer.to_owned()).or_default();
+        *highest = (*highest).max(seq);
+        for join in &mut self.waiting {
+            if let Some(peers) = &mut join.peers
+                && join.seq <= seq
+            {
+                peers.remove(peer);
+            }
+        }
+    }
+
+    /// Ends the discovery at its time: the joins it held wait for the
+    /// peers found (those that have not answered yet). Returns whether it
+    /// ended now.
+    pub fn end_discovery(&mut self, peers: &[String], now: Instant) -> bool {
+        if self.discovery_until.is_none_or(|until| until > now) {
+            return false;
+        }
+        self.discovery_until = None;
+        for join in &mut self.waiting {
+            if join.peers.is_none() {
+                join.peers = Some(
+                    peers
+                        .iter()
+                        .filter(|peer| self.answered.get(*peer).is_none_or(|seq| *seq < join.seq))
+                        .cloned()
+                        .collect(),
+                );
+            }
+        }
+        true
+    }
+
+    /// Answers the joins every peer has answered, and those whose time is
+    /// up. Returns the peers that did not answer in time.
+    pub fn release(&mut self, now: Instant) -> HashSet<String> {
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|join| {
+                join.peers.as_ref().is_some_and(HashSet::is_empty) || join.deadline <= now
+            });
+        self.waiting = waiting;
+        let mut silent = HashSet::new();
+        for join in ready {
+            silent.extend(join.peers.into_iter().flatten());
+            for done in join.done {
+                let _ = done.send(());
+            }
+        }
+        silent
+    }
+
+    /// When something is due next: changes to announce, the discovery's
+    /// end, a join's deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let joins = self.waiting.iter().map(|join| join.deadline);
+        joins
+            .chain(self.gather_until)
+            .chain(self.discovery_until)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join() -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
+        oneshot::channel()
+    }
+
+    fn answered(receiver: &mut oneshot::Receiver<()>) -> bool {
+        receiver.try_recv().is_ok()
+    }
+
+    fn peers(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    /// A session past its discovery.
+    fn started(now: Instant) -> Joins {
+        let mut joins = Joins::new();
+        joins.start_session("s".to_owned(), now);
+        assert!(joins.end_discovery(&[], now + DISCOVERY));
+        joins
+    }
+
+    #[test]
+    fn alone_a_join_waits_for_nothing() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (done, mut heard) = join();
+        joins.change("u".into(), Some(done), true, now);
+        assert!(answered(&mut heard));
+        // The change is still announced, for peers to come.
+        assert!(!joins.changes_due(now));
+        assert!(joins.changes_due(now + GATHER));
+        let changes = joins.take_changes(Vec::new(), now + GATHER).unwrap();
+        assert_eq!((changes.seq, changes.answer), (2, false));
+        assert_eq!(changes.users, vec![Arc::<str>::from("u")]);
+    }
+
+    #[test]
+    fn a_join_waits_for_every_peer_to_answer_its_number_or_a_later_one() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (first, mut first_heard) = join();
+        let (second, mut second_heard) = join();
+        joins.change("u".into(), Some(first), false, now);
+        joins.change("v".into(), None, false, now);
+        let changes = joins.take_changes(peers(&["a", "b"]), now).unwrap();
+        assert_eq!((changes.seq, changes.answer), (2, true));
+        assert_eq!(changes.users.len(), 2);
+        joins.change("w".into(), Some(second), false, now);
+        joins.take_changes(peers(&["a", "b"]), now).unwrap();
+
+        joins.answered("a", 2);
+        assert!(joins.release(now).is_empty());
+        assert!(!answered(&mut first_heard));
+        joins.answered("b", 3);
+        assert!(joins.release(now).is_empty());
+        assert!(answered(&mut first_heard), "b's answer to 3 covers 2");
+        assert!(!answered(&mut second_heard), "a answered 2 only");
+        joins.answered("a", 3);
+        joins.release(now);
+        assert!(answered(&mut second_heard));
+        assert_eq!(joins.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_silent_peer_holds_a_join_for_the_timeout_and_is_named() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (done, mut heard) = join();
+        joins.change("u".into(), Some(done), false, now);
+        joins.take_changes(peers(&["a", "dead"]), now);
+        joins.answered("a", 2);
+        assert!(joins.release(now).is_empty());
+        assert_eq!(joins.next_deadline(), Some(now + ACK_TIMEOUT));
+        let silent = joins.release(now + ACK_TIMEOUT);
+        assert_eq!(silent, ["dead".to_owned()].into());
+        assert!(answered(&mut heard));
+    }
+
+    #[test]
+    fn during_discovery_joins_wait_for_its_end_then_for_the_peers_found() {
+        let now = Instant::now();
+        let mut joins = Joins::new();
+        joins.start_session("s".to_owned(), now);
+        let (done, mut heard) = join();
+        // Even with no peer known yet: the discovery may find some.
+        joins.change("u".into(), Some(done), true, now);
+        let changes = joins.take_changes(Vec::new(), now).unwrap();
+        assert!(changes.answer);
+        joins.answered("a", 2);
+        assert!(joins.release(now).is_empty());
+        assert!(!answered(&mut heard), "discovery still on");
+        assert!(!joins.end_discovery(&peers(&["a", "b"]), now));
+        assert!(joins.end_discovery(&peers(&["a", "b"]), now + DISCOVERY));
+        joins.release(now + DISCOVERY);
+        assert!(!answered(&mut heard), "b found and not answered yet");
+        joins.answered("b", 2);
+        joins.release(now + DISCOVERY);
+        assert!(answered(&mut heard));
+    }
+
+    #[test]
+    fn a_new_session_carries_waiting_joins_into_its_discovery() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (done, mut heard) = join();
+        joins.change("u".into(), Some(done), false, now);
+        joins.take_changes(peers(&["a"]), now);
+        joins.start_session("t".to_owned(), now);
+        assert_eq!(joins.seq(), 1);
+        assert!(
+            joins.take_changes(Vec::new(), now).is_none(),
+            "the session's table has them"
+        );
+        joins.answered("a", 1);
+        assert!(joins.end_discovery(&peers(&["a"]), now + DISCOVERY));
+        joins.release(now + DISCOVERY);
+        assert!(answered(&mut heard));
+    }
+}
