@@ -26,6 +26,7 @@ pub struct Metrics {
     cluster_received: AtomicU64,
     cluster_dropped: AtomicU64,
     presence_received: AtomicU64,
+    presence_sent: AtomicU64,
     connections_over_cap: AtomicU64,
     connection_panics: AtomicU64,
     cluster_rejected: AtomicU64,
@@ -104,6 +105,12 @@ impl Metrics {
     /// A presence announcement from another node arrived.
     pub fn presence_announcement_received(&self) {
         add(&self.presence_received, 1);
+    }
+
+    /// This node published a presence message (announcement, heartbeat,
+    /// table, answer or request).
+    pub fn presence_message_sent(&self) {
+        add(&self.presence_sent, 1);
     }
 
     /// One event's plugin dispatch took `elapsed`.
@@ -218,6 +225,12 @@ impl Metrics {
             "counter",
             "Presence announcements (connections per user) received from other nodes.",
             read(&self.presence_received),
+        );
+        metric(
+            "sockets_cluster_presence_sent_total",
+            "counter",
+            "Presence messages this node published: announcements, heartbeats, tables, answers.",
+            read(&self.presence_sent),
         );
         metric(
             "sockets_plugin_load_failures_total",

@@ -219,12 +219,17 @@ impl Server {
 
     /// Sends SIGTERM, without waiting.
     pub fn begin_stop(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal (`TERM`, `STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running");
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success());
+        assert!(status.success(), "kill -{name} {pid}");
     }
 
     /// Like [`Server::stopped`], with the whole log once it exited.

@@ -241,6 +241,53 @@ async fn a_killed_node_leaves_no_routing_that_loses_or_duplicates() {
     assert_quiet(&mut [&mut student, &mut consultant]).await;
 }
 
+/// A node that stalls past a join's wait is forgotten by its peer (with
+/// the users it holds); nothing re-sends whole tables on a timer, so when it
+/// is heard again the peer must ask it for its table to route to its users.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_forgotten_during_a_stall_is_relearned_from_its_table() {
+    let (a, b, _names) = two_nodes().await;
+    let mut consultant = connect(&a, "c_1", "consultant").await;
+
+    a.signal("STOP");
+    // B's join waits 1 s for A's answer, then forgets A and its users.
+    let connected =
+        tokio::time::timeout(Duration::from_secs(4), connect(&b, "s_1", "student")).await;
+    a.signal("CONT");
+    let student = connected.expect("a join does not wait for a stalled node for long");
+
+    // Until B counts (and so routes to) A's consultant again.
+    let student = std::sync::Arc::new(tokio::sync::Mutex::new(student));
+    let tried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reached = eventually(
+        Duration::from_secs(15),
+        "B routes to A's user again",
+        || {
+            let (student, tried) = (student.clone(), tried.clone());
+            async move {
+                let ack = tried.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let mut student = student.lock().await;
+                student
+                    .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": format!("try {ack}")}, "ack": ack}))
+                    .await;
+                let reply = student.recv().await;
+                assert_eq!(reply["ok"], true, "{reply}");
+                (reply["data"]["delivered"] == 1).then_some(ack)
+            }
+        },
+    )
+    .await;
+    assert!(
+        b.log()
+            .contains("did not answer a presence announcement in time"),
+        "B should have forgotten A during the stall:\n{}",
+        b.log()
+    );
+    let push = consultant.recv().await;
+    assert_eq!(push["data"]["text"], format!("try {reached}"), "{push}");
+    assert_quiet(&mut [&mut consultant]).await;
+}
+
 /// Connections in the storm (as in the benchmark of issue #34).
 const STORM_CONNECTIONS: usize = 19_500;
 /// Handshakes in flight at once.
@@ -285,7 +332,7 @@ async fn pushes_from_another_node_reach_every_user_of_a_connect_storm_once() {
                     match connected.len() {
                         0 => continue,
                         // The newest, then one from before.
-                        len if n % 2 == 0 => connected[len - 1].clone(),
+                        len if n.is_multiple_of(2) => connected[len - 1].clone(),
                         len => connected[(n as usize * 7919) % len].clone(),
                     }
                 };

@@ -624,6 +624,7 @@ impl Link {
                 properties,
             )
             .await?;
+        self.metrics.presence_message_sent();
         Ok(())
     }
 
