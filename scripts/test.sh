@@ -76,4 +76,5 @@ smoke=(BUILD=dev OUT=target/bench-smoke)
 env "${smoke[@]}" PAIRS=2 WIDE_PAIRS=4 WINDOW=2 DURATION=2 FAN_USERS=5 FAN_EVENTS=200 IDLE=50 ROUNDS=1 scripts/bench.sh
 env "${smoke[@]}" PAIRS=4 WINDOW=2 DURATION=3 SAMPLE=1 scripts/profile.sh
 BUILD=dev EVENTS=200 MONGO_EVENTS=100 ROUNDS=1 scripts/bench-keys.sh > target/bench-smoke/keys.jsonl
+BUILD=dev CONNECTIONS=200 ROUNDS=1 scripts/bench-storm.sh > target/bench-smoke/storm.jsonl
 target/debug/loadgen check-results target/bench-smoke/keys.jsonl

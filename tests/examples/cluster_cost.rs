@@ -2,8 +2,8 @@
 //! two `sockets-host` processes on one RabbitMQ, measured side by side in
 //! one run. Prints one JSON object with
 //! - connect time (upgrade to `connected`) of new users on a single node
-//!   without a broker vs on a clustered node, where `connected` waits for
-//!   the user's binding on the node's queue;
+//!   without a broker vs on a clustered node with a peer, where
+//!   `connected` waits for the peer's answer to the user's announcement;
 //! - `sendMessage` latency (send to push received, one message in flight)
 //!   with both users on one clustered node vs on two nodes.
 //!

@@ -79,6 +79,9 @@ enum Run {
     Idle {
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
         /// The server's process id (its memory is read from /proc).
         #[arg(long)]
         server_pid: u32,
@@ -238,12 +241,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Run::Idle {
             connections,
+            in_flight,
             server_pid,
         } => {
             let options = idle::Options {
                 target: cli.target,
                 server: cli.server,
                 connections,
+                in_flight,
                 server_pid,
             };
             idle::run(options, &tokens()?).await?
