@@ -9,6 +9,8 @@
 # The host is pinned to CPU 0 and the load generator to CPU 1 (the peer and
 # RabbitMQ share what is left). One JSON line per run, then the medians of
 # connects/s and handshake p99 relative to the embedded default's.
+# BEFORE=path/to/another/sockets-host adds a fourth way, that binary as a
+# clustered node (an earlier commit's build, for before/after in one run).
 # BUILD=release (default) or dev. Needs RabbitMQ on 127.0.0.1
 # (scripts/services.sh).
 set -euo pipefail
@@ -50,14 +52,15 @@ ready() {
     exec 3<&-
     [ "$status" = 200 ]
 }
-# start ADDR CPU VAR=value...: a fresh host; sets `pid`.
+# start ADDR CPU VAR=value...: a fresh host ($host, else ours); sets `pid`.
 start() {
     local addr=$1 cpu=$2
     shift 2
+    local binary=${host:-$bin_dir/sockets-host}
     servers=$((servers + 1))
     env "$@" SOCKETS_LISTEN="$addr" SOCKETS_JWT_SECRET=$SECRET SOCKETS_DATA_DIR="$work/data-$servers" \
         SOCKETS_PLUGINS_DIR=target/plugins/wasm32-wasip2/release SOCKETS_LOG=warn \
-        $(pin "$cpu") "$bin_dir/sockets-host" serve >/dev/null 2>>"$work/host.log" &
+        $(pin "$cpu") "$binary" serve >/dev/null 2>>"$work/host.log" &
     pid=$!
     pids+=("$pid")
     for _ in $(seq 1 200); do
@@ -76,14 +79,25 @@ stop_all() {
     done
     pids=()
 }
+# metric ADDR NAME: a counter of the host at ADDR (0 when absent).
+metric() {
+    { exec 4<>"/dev/tcp/${1%:*}/${1#*:}"; } 2>/dev/null || { echo 0; return; }
+    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&4
+    local value
+    value=$(awk -v name="$2" '$1 == name { print $2 }' <&4)
+    exec 4<&-
+    echo "${value:-0}"
+}
 storm() {
     SOCKETS_JWT_SECRET=$SECRET $(pin 1) "$bin_dir/loadgen" --target sockets --server $ADDR \
         idle --connections "$CONNECTIONS" --in-flight "$IN_FLIGHT" --server-pid "$1" | tail -1 | cut -c2-
 }
 
 results=$work/results.jsonl
+ways=(embedded clustered with-peer)
+[ -z "${BEFORE:-}" ] || ways+=(clustered-before)
 for round in $(seq 1 "$ROUNDS"); do
-    for node in embedded clustered with-peer; do
+    for node in "${ways[@]}"; do
         # Each run on exchanges of its own: no queue of an earlier run's
         # node is taken for a peer.
         cluster=(SOCKETS_AMQP_URL="$AMQP" SOCKETS_CLUSTER_KEY=bench-storm-cluster-key-not-a-secret-0123456789 SOCKETS_AMQP_EXCHANGE="bench-storm.$round.$node.events"
@@ -95,8 +109,18 @@ for round in $(seq 1 "$ROUNDS"); do
             with-peer)
                 start $PEER_ADDR 1 "${cluster[@]}"
                 start $ADDR 0 "${cluster[@]}" ;;
+            clustered-before) host=$BEFORE start $ADDR 0 "${cluster[@]}" ;;
         esac
-        printf '{"round":%s,"node":"%s",%s\n' "$round" "$node" "$(storm "$pid")" | tee -a "$results"
+        line=$(storm "$pid")
+        # What the presence cost the broker over the storm and its
+        # disconnects (loadgen drops its connections before it prints).
+        traffic=
+        if [ "$node" = with-peer ]; then
+            sleep 1
+            traffic=$(printf '"presence_sent_by_node":%s,"presence_sent_by_peer":%s,' \
+                "$(metric $ADDR sockets_cluster_presence_sent_total)" "$(metric $PEER_ADDR sockets_cluster_presence_sent_total)")
+        fi
+        printf '{"round":%s,"node":"%s",%s%s\n' "$round" "$node" "$traffic" "$line" | tee -a "$results"
         stop_all
     done
 done
@@ -114,7 +138,7 @@ def median(node, key):
 rate = lambda run: run["connects_per_s"]
 p99 = lambda run: run["handshake"]["p99_ms"]
 base_rate, base_p99 = median("embedded", rate), median("embedded", p99)
-for node in ("embedded", "clustered", "with-peer"):
+for node in dict.fromkeys(run["node"] for run in runs):
     print(json.dumps({"summary": node, "connects_per_s": round(median(node, rate)),
         "handshake_p99_ms": median(node, p99), "connects_vs_embedded": round(median(node, rate) / base_rate, 2),
         "p99_vs_embedded": round(median(node, p99) / base_p99, 2)}))

@@ -175,7 +175,7 @@ async fn plugins_count_the_users_connections_on_every_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_nodes_exchange_a_few_presence_announcements_not_a_stream() {
     let (a, b, _names) = two_nodes().await;
-    // Each hears the other's table at start or in answer; wait for that
+    // Each hears the other's hello or its table in answer; wait for that
     // (a loaded machine may be slow), then give a storm time to show.
     eventually(
         Duration::from_secs(10),
@@ -189,7 +189,7 @@ async fn idle_nodes_exchange_a_few_presence_announcements_not_a_stream() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in [&a, &b] {
         let heard = counter(node, "sockets_cluster_presence_received_total").await;
-        // A few more at most (a snapshot every 5 s); two empty tables once
+        // A few more at most (a heartbeat every 5 s); two empty tables once
         // answered each other without end, thousands in 2 s.
         assert!(heard <= 10, "{heard} announcements in about 2 s");
     }

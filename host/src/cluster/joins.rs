@@ -1,6 +1,10 @@
 //! The bookkeeping between a connection's registration and its `connected`
-//! frame in a cluster: this node's changed users are gathered for
-//! [`GATHER`] into one announcement, and a new connection hears `connected`
+//! frame in a cluster: a new connection's user is announced at once unless
+//! an earlier announcement still waits for answers, and other changes once
+//! the last announcement is [`GATHER`] old; changes meanwhile are gathered
+//! into the next one (group commit: a lone connect waits for no timer, a
+//! storm sends one announcement per round trip to the peers, or per
+//! [`GATHER`]). A new connection hears `connected`
 //! once every peer known when it was announced has applied it (answered its
 //! sequence number), or did not answer within [`ACK_TIMEOUT`] (then it is
 //! forgotten until heard from again). That is all correctness needs: after
@@ -46,6 +50,8 @@ pub struct Joins {
     /// Joins among the changes not yet announced.
     joining: Vec<oneshot::Sender<()>>,
     gather_until: Option<Instant>,
+    /// When the last changes were announced.
+    last_announced: Option<Instant>,
     discovery_until: Option<Instant>,
     /// The highest sequence number each peer answered in this session.
     answered: HashMap<String, u64>,
@@ -66,6 +72,7 @@ impl Joins {
             changed: HashSet::new(),
             joining: Vec::new(),
             gather_until: None,
+            last_announced: None,
             discovery_until: None,
             answered: HashMap::new(),
             waiting: Vec::new(),
@@ -138,7 +145,25 @@ impl Joins {
             }
         }
         self.changed.insert(user);
-        self.gather_until.get_or_insert(now + GATHER);
+        self.schedule(now);
+    }
+
+    /// When the gathered changes go out: at once for joins when no earlier
+    /// announcement waits for answers, else [`GATHER`] after the last one.
+    fn schedule(&mut self, now: Instant) {
+        if self.changed.is_empty() {
+            return;
+        }
+        let paced = self
+            .last_announced
+            .map_or(now, |last| last + GATHER)
+            .max(now);
+        let due = if !self.joining.is_empty() && self.waiting.is_empty() {
+            now
+        } else {
+            paced
+        };
+        self.gather_until = Some(self.gather_until.map_or(due, |until| until.min(due)));
     }
 
     /// Whether the gathered changes are to be announced now.
@@ -153,6 +178,7 @@ impl Joins {
         if self.changed.is_empty() {
             return None;
         }
+        self.last_announced = Some(now);
         self.seq += 1;
         let seq = self.seq;
         let users: Vec<Arc<str>> = self.changed.drain().collect();
@@ -222,6 +248,8 @@ impl Joins {
                 let _ = done.send(());
             }
         }
+        // Joins gathered behind the answered announcement may go now.
+        self.schedule(now);
         silent
     }
 
@@ -268,11 +296,49 @@ mod tests {
         joins.change("u".into(), Some(done), true, now);
         assert!(answered(&mut heard));
         // The change is still announced, for peers to come.
-        assert!(!joins.changes_due(now));
-        assert!(joins.changes_due(now + GATHER));
-        let changes = joins.take_changes(Vec::new(), now + GATHER).unwrap();
+        assert!(joins.changes_due(now));
+        let changes = joins.take_changes(Vec::new(), now).unwrap();
         assert_eq!((changes.seq, changes.answer), (2, false));
         assert_eq!(changes.users, vec![Arc::<str>::from("u")]);
+    }
+
+    #[test]
+    fn a_join_goes_out_at_once_unless_one_waits_for_answers() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (first, _first_heard) = join();
+        joins.change("u".into(), Some(first), false, now);
+        assert!(joins.changes_due(now), "nothing waits for answers");
+        joins.take_changes(peers(&["a"]), now);
+        let soon = now + GATHER / 4;
+        let (second, _second_heard) = join();
+        joins.change("v".into(), Some(second), false, soon);
+        joins.change("w".into(), None, false, soon);
+        assert!(!joins.changes_due(soon), "u's announcement waits for a");
+        joins.answered("a", 2);
+        joins.release(soon);
+        assert!(joins.changes_due(soon), "answered: the gathered join goes");
+        let changes = joins.take_changes(peers(&["a"]), soon).unwrap();
+        assert_eq!(changes.users.len(), 2, "gathered into one");
+    }
+
+    #[test]
+    fn other_changes_go_out_gather_after_the_last_announcement() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        joins.change("u".into(), None, false, now);
+        assert!(joins.changes_due(now), "nothing announced lately");
+        joins.take_changes(Vec::new(), now);
+        let soon = now + GATHER / 2;
+        joins.change("v".into(), None, false, soon);
+        joins.change("w".into(), None, false, soon);
+        assert!(!joins.changes_due(soon));
+        assert_eq!(joins.next_deadline(), Some(now + GATHER));
+        let changes = joins.take_changes(Vec::new(), now + GATHER).unwrap();
+        assert_eq!(changes.users.len(), 2, "gathered into one");
+        let later = now + 10 * GATHER;
+        joins.change("x".into(), None, false, later);
+        assert!(joins.changes_due(later));
     }
 
     #[test]

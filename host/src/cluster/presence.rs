@@ -4,9 +4,9 @@
 //! cluster-wide, PROTOCOL.md §4, without asking a database per message).
 //!
 //! Every node announces changes of its per-user connection counts on a
-//! fanout exchange that all node queues are bound to, gathered for a few
-//! milliseconds into one message (deltas only: a user's count after the
-//! change). Each announcement carries the node's link session and a
+//! fanout exchange that all node queues are bound to, paced by the peers'
+//! answers and by [`GATHER`] (module `joins`; changes meanwhile gathered
+//! into the next message; deltas only: a user's count after the change). Each announcement carries the node's link session and a
 //! sequence number, so a receiver notices a gap (a new session, a lost
 //! message) and asks that node alone for its table. A node whose link comes
 //! up says `hello` with its own table; the others answer with theirs, to
@@ -37,8 +37,9 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 pub const FORGET_AFTER: Duration = Duration::from_secs(15);
 /// How long a join waits for a peer's answer before forgetting the peer.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long changes are gathered into one announcement: the first change
-/// waits at most this long for others.
+/// The least time between two announcements of changes, but for a join's
+/// when no earlier announcement waits for answers: changes made sooner are
+/// gathered until then into one.
 pub const GATHER: Duration = Duration::from_millis(2);
 /// Most users in one announcement of changes.
 pub const MAX_CHANGES: usize = 512;
@@ -70,7 +71,7 @@ pub struct Announcement {
     /// The sender's link just came up: receivers send it their tables.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hello: bool,
-    /// The sender stops: forget it now rather than after [`FORGET_AFTER`].
+    /// The sender stops: forget it now rather than after 15 s of silence.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
 }
