@@ -27,6 +27,7 @@ pub struct Metrics {
     cluster_dropped: AtomicU64,
     presence_received: AtomicU64,
     presence_sent: AtomicU64,
+    cluster_unroutable: AtomicU64,
     connections_over_cap: AtomicU64,
     connection_panics: AtomicU64,
     cluster_rejected: AtomicU64,
@@ -105,6 +106,11 @@ impl Metrics {
     /// A presence announcement from another node arrived.
     pub fn presence_announcement_received(&self) {
         add(&self.presence_received, 1);
+    }
+
+    /// Copies for another node came back: its queue was gone.
+    pub fn cluster_copies_unroutable(&self, n: usize) {
+        add(&self.cluster_unroutable, n as u64);
     }
 
     /// This node published a presence message (announcement, heartbeat,
@@ -223,8 +229,14 @@ impl Metrics {
         metric(
             "sockets_cluster_presence_received_total",
             "counter",
-            "Presence announcements (connections per user) received from other nodes.",
+            "Presence messages (announcements, heartbeats, tables) received from other nodes.",
             read(&self.presence_received),
+        );
+        metric(
+            "sockets_cluster_copies_unroutable_total",
+            "counter",
+            "Delivery copies for another node that came back unroutable: that node's queue was gone.",
+            read(&self.cluster_unroutable),
         );
         metric(
             "sockets_cluster_presence_sent_total",

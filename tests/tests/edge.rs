@@ -486,6 +486,19 @@ async fn forged_cluster_messages_are_ignored() {
             .with_app_id("intruder".into())
             .with_headers(headers)
     };
+    // Copies are routed by node id: the node's queue, from its log.
+    let queue_prefix = format!("{}.", names.nodes);
+    let node_id = eventually(
+        Duration::from_secs(10),
+        "the node logs its queue",
+        || async {
+            server.log().split_whitespace().find_map(|word| {
+                let queue = word.strip_prefix("queue=")?;
+                Some(queue.strip_prefix(&queue_prefix)?.to_owned())
+            })
+        },
+    )
+    .await;
     // No signature, a wrong one, and a well-formed one under another key.
     for properties in [
         BasicProperties::default().with_app_id("intruder".into()),
@@ -493,7 +506,12 @@ async fn forged_cluster_messages_are_ignored() {
         signed_with(&"ab".repeat(32)),
     ] {
         publisher
-            .publish(&names.nodes, "s_1", &forged_batch("s_1", frame), properties)
+            .publish(
+                &names.nodes,
+                &node_id,
+                &forged_batch("s_1", frame),
+                properties,
+            )
             .await;
     }
     // Forged presence: a node claiming 5 connections of c_1.

@@ -4,14 +4,15 @@
 //! the last announcement is [`GATHER`] old; changes meanwhile are gathered
 //! into the next one (group commit: a lone connect waits for no timer, a
 //! storm sends one announcement per round trip to the peers, or per
-//! [`GATHER`]). A new connection hears `connected`
-//! once every peer known when it was announced has applied it (answered its
-//! sequence number), or did not answer within [`ACK_TIMEOUT`] (then it is
-//! forgotten until heard from again). That is all correctness needs: after
-//! it, a delivery made on any node is published to this one. With no peer
-//! known, a join waits for nothing. While the link discovers the others
-//! (the first [`DISCOVERY`] of a session) joins wait for the discovery to
-//! end, then for the peers it found.
+//! [`GATHER`]). A new connection hears `connected` once every peer known
+//! when it was announced has applied it (answered its sequence number in
+//! this session), or did not answer within [`ACK_TIMEOUT`]: such a peer is
+//! *unresponsive* — still routed to, but not waited for — until it answers
+//! again. That is all correctness needs: after it, a delivery made on any
+//! responsive node is published to this one. With no responsive peer, a
+//! join waits for nothing. While the link discovers the others (until
+//! [`DISCOVERY`] after its hello came back, [`DISCOVERY_LIMIT`] at most)
+//! joins wait for the discovery to end, then for the peers it found.
 //!
 //! No I/O here: the link feeds it events and publishes what it returns.
 
@@ -21,7 +22,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::presence::{ACK_TIMEOUT, DISCOVERY, GATHER, MAX_CHANGES};
+use super::presence::{ACK_TIMEOUT, DISCOVERY, DISCOVERY_LIMIT, GATHER, MAX_CHANGES};
 
 /// A batch of changes to announce: the users whose counts changed (the
 /// link reads their counts when it publishes) under a new sequence number.
@@ -55,6 +56,9 @@ pub struct Joins {
     discovery_until: Option<Instant>,
     /// The highest sequence number each peer answered in this session.
     answered: HashMap<String, u64>,
+    /// Peers that let a join's wait run out: not waited for until they
+    /// answer again.
+    unresponsive: HashSet<String>,
     waiting: Vec<WaitingJoin>,
 }
 
@@ -75,6 +79,7 @@ impl Joins {
             last_announced: None,
             discovery_until: None,
             answered: HashMap::new(),
+            unresponsive: HashSet::new(),
             waiting: Vec::new(),
         }
     }
@@ -89,28 +94,27 @@ impl Joins {
     }
 
     /// The link came up: a new session, whose first message (sequence
-    /// number 1) is this node's whole table, so pending changes are in it.
-    /// Joins still waiting wait for the discovery, then for its peers.
+    /// number 1) is this node's whole table. The discovery starts.
     pub fn start_session(&mut self, session: String, now: Instant) {
+        self.link_down();
         self.session = session;
         self.seq = 1;
-        self.changed.clear();
-        self.gather_until = None;
         self.answered.clear();
-        let deadline = now + DISCOVERY + ACK_TIMEOUT;
-        let mut done: Vec<oneshot::Sender<()>> = std::mem::take(&mut self.joining);
-        for join in self.waiting.drain(..) {
-            done.extend(join.done);
+        self.unresponsive.clear();
+        self.discovery_until = Some(now + DISCOVERY_LIMIT);
+    }
+
+    /// This node's hello came back through its own queue: what was queued
+    /// before it has been read, and the peers' tables are on their way.
+    pub fn hello_returned(&mut self, now: Instant) {
+        if let Some(until) = &mut self.discovery_until {
+            *until = (*until).min(now + DISCOVERY);
         }
-        if !done.is_empty() {
-            self.waiting.push(WaitingJoin {
-                seq: 1,
-                peers: None,
-                done,
-                deadline,
-            });
-        }
-        self.discovery_until = Some(now + DISCOVERY);
+    }
+
+    /// The peers not to wait for (they did not answer in time lately).
+    pub fn unresponsive(&self) -> &HashSet<String> {
+        &self.unresponsive
     }
 
     /// Whether the link is still collecting the others' tables.
@@ -121,6 +125,7 @@ impl Joins {
     /// The link is down: joins go on (they would wait for nothing), and
     /// changes are covered by the next session's table.
     pub fn link_down(&mut self) {
+        self.last_announced = None;
         self.changed.clear();
         self.joining.clear();
         self.waiting.clear();
@@ -129,7 +134,8 @@ impl Joins {
     }
 
     /// A user's local connection count changed; `join` is a new
-    /// connection's wait for `connected`. `alone`: no peer is known.
+    /// connection's wait for `connected`. `alone`: no responsive peer is
+    /// known.
     pub fn change(
         &mut self,
         user: Arc<str>,
@@ -186,9 +192,15 @@ impl Joins {
         let answer = !done.is_empty();
         if answer {
             let discovering = self.discovering();
+            let unresponsive = &self.unresponsive;
             self.waiting.push(WaitingJoin {
                 seq,
-                peers: (!discovering).then(|| peers.into_iter().collect()),
+                peers: (!discovering).then(|| {
+                    peers
+                        .into_iter()
+                        .filter(|peer| !unresponsive.contains(peer))
+                        .collect()
+                }),
                 done,
                 deadline: now.max(self.discovery_until.unwrap_or(now)) + ACK_TIMEOUT,
             });
@@ -196,15 +208,31 @@ impl Joins {
         Some(Changes { seq, users, answer })
     }
 
-    /// `peer` has applied this node's announcements up to `seq` (a node's
-    /// messages arrive in order).
-    pub fn answered(&mut self, peer: &str, seq: u64) {
+    /// `peer` has applied this node's announcements of `session` up to
+    /// `seq` (a node's messages arrive in order). An answer of another
+    /// session (queued before a reconnect) says nothing of this one.
+    pub fn answered(&mut self, peer: &str, session: &str, seq: u64) {
+        if session != self.session {
+            return;
+        }
+        self.unresponsive.remove(peer);
         let highest = self.answered.entry(peer.to_owned()).or_default();
         *highest = (*highest).max(seq);
         for join in &mut self.waiting {
             if let Some(peers) = &mut join.peers
                 && join.seq <= seq
             {
+                peers.remove(peer);
+            }
+        }
+    }
+
+    /// `peer` stopped cleanly: nobody waits for it any more.
+    pub fn peer_left(&mut self, peer: &str) {
+        self.answered.remove(peer);
+        self.unresponsive.remove(peer);
+        for join in &mut self.waiting {
+            if let Some(peers) = &mut join.peers {
                 peers.remove(peer);
             }
         }
@@ -233,7 +261,7 @@ impl Joins {
     }
 
     /// Answers the joins every peer has answered, and those whose time is
-    /// up. Returns the peers that did not answer in time.
+    /// up. Returns the peers that did not answer in time (now unresponsive).
     pub fn release(&mut self, now: Instant) -> HashSet<String> {
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()
@@ -246,6 +274,15 @@ impl Joins {
             silent.extend(join.peers.into_iter().flatten());
             for done in join.done {
                 let _ = done.send(());
+            }
+        }
+        for peer in &silent {
+            // Not waited for until it answers; other joins stop waiting.
+            self.unresponsive.insert(peer.clone());
+            for join in &mut self.waiting {
+                if let Some(peers) = &mut join.peers {
+                    peers.remove(peer);
+                }
             }
         }
         // Joins gathered behind the answered announcement may go now.
@@ -284,6 +321,7 @@ mod tests {
     fn started(now: Instant) -> Joins {
         let mut joins = Joins::new();
         joins.start_session("s".to_owned(), now);
+        joins.hello_returned(now);
         assert!(joins.end_discovery(&[], now + DISCOVERY));
         joins
     }
@@ -315,7 +353,7 @@ mod tests {
         joins.change("v".into(), Some(second), false, soon);
         joins.change("w".into(), None, false, soon);
         assert!(!joins.changes_due(soon), "u's announcement waits for a");
-        joins.answered("a", 2);
+        joins.answered("a", "s", 2);
         joins.release(soon);
         assert!(joins.changes_due(soon), "answered: the gathered join goes");
         let changes = joins.take_changes(peers(&["a"]), soon).unwrap();
@@ -355,14 +393,14 @@ mod tests {
         joins.change("w".into(), Some(second), false, now);
         joins.take_changes(peers(&["a", "b"]), now).unwrap();
 
-        joins.answered("a", 2);
+        joins.answered("a", "s", 2);
         assert!(joins.release(now).is_empty());
         assert!(!answered(&mut first_heard));
-        joins.answered("b", 3);
+        joins.answered("b", "s", 3);
         assert!(joins.release(now).is_empty());
         assert!(answered(&mut first_heard), "b's answer to 3 covers 2");
         assert!(!answered(&mut second_heard), "a answered 2 only");
-        joins.answered("a", 3);
+        joins.answered("a", "s", 3);
         joins.release(now);
         assert!(answered(&mut second_heard));
         assert_eq!(joins.next_deadline(), None);
@@ -375,7 +413,7 @@ mod tests {
         let (done, mut heard) = join();
         joins.change("u".into(), Some(done), false, now);
         joins.take_changes(peers(&["a", "dead"]), now);
-        joins.answered("a", 2);
+        joins.answered("a", "s", 2);
         assert!(joins.release(now).is_empty());
         assert_eq!(joins.next_deadline(), Some(now + ACK_TIMEOUT));
         let silent = joins.release(now + ACK_TIMEOUT);
@@ -388,39 +426,88 @@ mod tests {
         let now = Instant::now();
         let mut joins = Joins::new();
         joins.start_session("s".to_owned(), now);
+        joins.hello_returned(now);
         let (done, mut heard) = join();
         // Even with no peer known yet: the discovery may find some.
         joins.change("u".into(), Some(done), true, now);
         let changes = joins.take_changes(Vec::new(), now).unwrap();
         assert!(changes.answer);
-        joins.answered("a", 2);
+        joins.answered("a", "s", 2);
         assert!(joins.release(now).is_empty());
         assert!(!answered(&mut heard), "discovery still on");
         assert!(!joins.end_discovery(&peers(&["a", "b"]), now));
         assert!(joins.end_discovery(&peers(&["a", "b"]), now + DISCOVERY));
         joins.release(now + DISCOVERY);
         assert!(!answered(&mut heard), "b found and not answered yet");
-        joins.answered("b", 2);
+        joins.answered("b", "s", 2);
         joins.release(now + DISCOVERY);
         assert!(answered(&mut heard));
     }
 
     #[test]
-    fn a_new_session_carries_waiting_joins_into_its_discovery() {
+    fn a_peer_that_did_not_answer_in_time_is_not_waited_for_until_it_answers() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (first, mut first_heard) = join();
+        joins.change("u".into(), Some(first), false, now);
+        joins.take_changes(peers(&["slow", "b"]), now);
+        let (second, mut second_heard) = join();
+        joins.change("v".into(), Some(second), false, now);
+        joins.answered("b", "s", 2);
+        joins.release(now + ACK_TIMEOUT);
+        assert!(answered(&mut first_heard));
+        assert!(joins.unresponsive().contains("slow"));
+        assert!(
+            joins.changes_due(now + ACK_TIMEOUT),
+            "v goes: nothing waits now"
+        );
+        joins.take_changes(peers(&["slow", "b"]), now + ACK_TIMEOUT);
+        joins.answered("b", "s", 3);
+        joins.release(now + ACK_TIMEOUT);
+        assert!(answered(&mut second_heard), "slow is not waited for");
+        joins.answered("slow", "s", 3);
+        assert!(joins.unresponsive().is_empty(), "it answered again");
+    }
+
+    #[test]
+    fn an_answer_of_another_session_counts_for_nothing() {
         let now = Instant::now();
         let mut joins = started(now);
         let (done, mut heard) = join();
         joins.change("u".into(), Some(done), false, now);
         joins.take_changes(peers(&["a"]), now);
-        joins.start_session("t".to_owned(), now);
-        assert_eq!(joins.seq(), 1);
-        assert!(
-            joins.take_changes(Vec::new(), now).is_none(),
-            "the session's table has them"
-        );
-        joins.answered("a", 1);
-        assert!(joins.end_discovery(&peers(&["a"]), now + DISCOVERY));
-        joins.release(now + DISCOVERY);
+        joins.answered("a", "an earlier session", 9);
+        joins.release(now);
+        assert!(!answered(&mut heard));
+        joins.answered("a", "s", 2);
+        joins.release(now);
         assert!(answered(&mut heard));
+    }
+
+    #[test]
+    fn a_peer_that_leaves_is_not_waited_for() {
+        let now = Instant::now();
+        let mut joins = started(now);
+        let (done, mut heard) = join();
+        joins.change("u".into(), Some(done), false, now);
+        joins.take_changes(peers(&["a", "leaving"]), now);
+        joins.answered("a", "s", 2);
+        joins.peer_left("leaving");
+        assert!(joins.release(now).is_empty(), "nobody was silent");
+        assert!(answered(&mut heard));
+    }
+
+    #[test]
+    fn discovery_ends_after_the_hello_came_back_or_at_its_limit() {
+        let now = Instant::now();
+        let mut joins = Joins::new();
+        joins.start_session("s".to_owned(), now);
+        assert!(!joins.end_discovery(&[], now + DISCOVERY));
+        assert!(joins.end_discovery(&[], now + DISCOVERY_LIMIT));
+        joins.start_session("t".to_owned(), now);
+        let backlog_read = now + DISCOVERY;
+        joins.hello_returned(backlog_read);
+        assert!(!joins.end_discovery(&[], backlog_read));
+        assert!(joins.end_discovery(&[], backlog_read + DISCOVERY));
     }
 }

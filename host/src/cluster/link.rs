@@ -300,12 +300,12 @@ impl Link {
         self.routing.send_replace(false);
         self.joins
             .start_session(uuid::Uuid::now_v7().to_string(), Instant::now());
-        let hello = Announcement {
-            hello: true,
-            answer: true,
-            ..self.local_table()
-        };
-        self.announce(&channel, &hello).await?;
+        let mut table = self.local_table();
+        table[0].hello = true;
+        table[0].answer = true;
+        for part in &table {
+            self.announce(&channel, part).await?;
+        }
         tracing::info!(queue = %self.queue, exchange = %self.settings.nodes_exchange, "cluster link up, discovering the other nodes");
 
         let mut heartbeats = tokio::time::interval(presence::HEARTBEAT_EVERY);
@@ -335,7 +335,7 @@ impl Link {
                     None => break,
                     Some(Membership { user, done }) => {
                         let now = Instant::now();
-                        let alone = self.remote.nodes(now).is_empty();
+                        let alone = !self.remote.has_live_node(now, self.joins.unresponsive());
                         self.joins.change(user, done, alone, now);
                         if self.joins.changes_due(now) {
                             self.announce_changes(&channel).await?;
@@ -425,13 +425,13 @@ impl Link {
         u32::try_from(self.connections.count_of_user(user)).unwrap_or(u32::MAX)
     }
 
-    /// Answers the joins that are done; the peers that did not answer in
-    /// time are forgotten until heard from again (a node killed moments
-    /// ago should not slow every connect down).
+    /// Answers the joins that are done. The peers that did not answer in
+    /// time are not waited for until they answer again (a node killed
+    /// moments ago should not slow every connect down), but still routed
+    /// to: a slow node keeps its users' deliveries.
     fn release_joins(&mut self, now: Instant) {
         for peer in self.joins.release(now) {
-            tracing::warn!(%peer, "a node did not answer a presence announcement in time; its connections are not counted until it is heard from");
-            self.remote.forget(&peer);
+            tracing::warn!(%peer, "a node did not answer a presence announcement in time; joins do not wait for it until it answers again");
         }
     }
 
@@ -459,7 +459,10 @@ impl Link {
         confirmed: lapin::Result<Confirmation>,
     ) -> lapin::Result<()> {
         let confirmation = confirmed?;
-        let batch = self.outbox.pop_front().unwrap_or_default();
+        let batch = self
+            .outbox
+            .pop_front()
+            .expect("every confirm awaited has its batch in the outbox");
         match confirmation {
             Confirmation::Nack(_) => self.send(publisher, confirms, batch).await,
             Confirmation::Ack(_) | Confirmation::NotRequested => {
@@ -503,9 +506,9 @@ impl Link {
     }
 
     /// The nodes exchange and this node's queue, bound to it once by the
-    /// node's id and to the presence exchange. The queue is not exclusive
-    /// so that it (and what was routed to it) survives a short broker
-    /// outage; it expires once unused.
+    /// node's id and to the presence exchange. The queue is durable and not
+    /// exclusive, so that it (and what was routed to it) survives a short
+    /// outage of the link or the broker; it expires once unused.
     async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -516,10 +519,15 @@ impl Link {
             "x-expires".into(),
             AMQPValue::LongLongInt(NODE_QUEUE_EXPIRES_MS),
         );
+        // Durable, so that a broker restart keeps it (and its bindings):
+        // copies republished after the restart must find it.
         channel
             .queue_declare(
                 self.queue.as_str().into(),
-                QueueDeclareOptions::default(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
                 arguments,
             )
             .await?;
@@ -554,22 +562,38 @@ impl Link {
     }
 
     /// This node's whole table (users with connections), under the last
-    /// sequence number announced: the changes after it follow.
-    fn local_table(&self) -> Announcement {
-        let users = self
-            .connections
-            .users()
-            .iter()
-            .map(|user| (user.to_string(), self.count_of(user)))
-            .filter(|(_, count)| *count > 0)
-            .collect();
-        Announcement {
+    /// sequence number announced (the changes after it follow), in parts
+    /// of at most [`presence::TABLE_PART`] bytes of user ids: the first
+    /// `full`, the others `more`.
+    fn local_table(&self) -> Vec<Announcement> {
+        let part = || Announcement {
             session: self.joins.session().to_owned(),
             seq: self.joins.seq(),
-            full: true,
-            users,
             ..Announcement::default()
+        };
+        let mut parts = vec![Announcement {
+            full: true,
+            ..part()
+        }];
+        let mut bytes = 0;
+        for user in self.connections.users().iter() {
+            let count = self.count_of(user);
+            if count == 0 {
+                continue;
+            }
+            if bytes >= presence::TABLE_PART {
+                parts.push(Announcement {
+                    more: true,
+                    ..part()
+                });
+                bytes = 0;
+            }
+            // The id as JSON escapes it at worst (6 bytes a byte), the count.
+            bytes += 6 * user.len() + 16;
+            let last = parts.last_mut().expect("one part at least");
+            last.users.insert(user.to_string(), count);
         }
+        parts
     }
 
     /// Publishes a presence message to every node (this one ignores its
@@ -591,15 +615,18 @@ impl Link {
     /// reaches `node` before any later announcement.
     async fn send_table(&self, channel: &Channel, node: &str) -> lapin::Result<()> {
         let queue = self.queue_of(node);
-        self.publish_presence(
-            channel,
-            "",
-            &queue,
-            presence::MESSAGE_TYPE,
-            presence::MESSAGE_TYPE.to_owned(),
-            self.local_table().encode(),
-        )
-        .await
+        for part in self.local_table() {
+            self.publish_presence(
+                channel,
+                "",
+                &queue,
+                presence::MESSAGE_TYPE,
+                presence::MESSAGE_TYPE.to_owned(),
+                part.encode(),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn publish_presence(
@@ -632,19 +659,19 @@ impl Link {
         format!("{}.{node}", self.settings.nodes_exchange)
     }
 
-    /// Takes another node's presence message. A node that said hello gets
-    /// this node's table; one whose table is incomplete here is asked for
-    /// it; one that waits for an answer gets it.
+    /// Takes a presence message. Another node that said hello gets this
+    /// node's table; one whose table is incomplete here is asked for it;
+    /// one that waits for an answer gets it. This node's own hello, back
+    /// through its queue, says the backlog before it has been read.
     async fn hear(
         &mut self,
         channel: &Channel,
         delivery: &lapin::message::Delivery,
     ) -> lapin::Result<()> {
-        let Some(node) = sender(delivery).filter(|node| *node != &*self.instance_id) else {
+        let Some(node) = sender(delivery) else {
             return Ok(());
         };
         let node = node.to_owned();
-        self.metrics.presence_announcement_received();
         let announcement = match Announcement::decode(&delivery.data) {
             Ok(announcement) => announcement,
             Err(err) => {
@@ -652,7 +679,19 @@ impl Link {
                 return Ok(());
             }
         };
+        if node == *self.instance_id {
+            // This node's own, back through the fanout.
+            if announcement.hello && announcement.session == self.joins.session() {
+                self.joins.hello_returned(Instant::now());
+            }
+            return Ok(());
+        }
+        self.metrics.presence_announcement_received();
+        if announcement.leaving {
+            self.joins.peer_left(&node);
+        }
         let (seq, hello, answer) = (announcement.seq, announcement.hello, announcement.answer);
+        let session = announcement.session.clone();
         let applied = self.remote.apply(&node, announcement, Instant::now());
         if hello {
             self.send_table(channel, &node).await?;
@@ -674,26 +713,28 @@ impl Link {
                 &self.queue_of(&node),
                 presence::ACK_TYPE,
                 addressed_kind(presence::ACK_TYPE, &node),
-                seq.to_string().into_bytes(),
+                format!("{seq} {session}").into_bytes(),
             )
             .await?;
         }
         Ok(())
     }
 
-    /// A peer has applied this node's announcements up to the answered one.
+    /// A peer has applied this node's announcements up to the answered one
+    /// (body: `<seq> <session>`).
     fn answered(&mut self, delivery: &lapin::message::Delivery) {
         let Some(node) = sender(delivery) else {
             return;
         };
-        let Some(seq) = std::str::from_utf8(&delivery.data)
+        let answer = std::str::from_utf8(&delivery.data)
             .ok()
-            .and_then(|body| body.parse::<u64>().ok())
-        else {
+            .and_then(|body| body.split_once(' '))
+            .and_then(|(seq, session)| Some((seq.parse::<u64>().ok()?, session)));
+        let Some((seq, session)) = answer else {
             tracing::warn!("dropping a malformed presence answer from {node}");
             return;
         };
-        self.joins.answered(node, seq);
+        self.joins.answered(node, session, seq);
         self.release_joins(Instant::now());
     }
 
@@ -706,22 +747,34 @@ impl Link {
             let properties = BasicProperties::default()
                 .with_app_id(self.instance_id.as_ref().into())
                 .with_headers(self.signed(BATCH_KIND, &body, FieldTable::default()));
+            // Mandatory: a copy for a node whose queue is gone comes back
+            // and is counted, not silently dropped by the broker.
             let confirm = channel
                 .basic_publish(
                     self.settings.nodes_exchange.as_str().into(),
                     routing_key(node).as_ref().into(),
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &body,
                     properties,
                 )
                 .await?;
-            confirms.push(confirm);
+            confirms.push((copies.len(), confirm));
         }
+        let metrics = Arc::clone(&self.metrics);
         Ok(Box::pin(async move {
             let mut answer = Confirmation::NotRequested;
-            for confirm in confirms {
+            for (copies, confirm) in confirms {
                 match confirm.await? {
                     nack @ Confirmation::Nack(_) => answer = nack,
+                    Confirmation::Ack(Some(_)) => {
+                        // Its node is gone (its users are not connected
+                        // there any more): nobody to push them to.
+                        metrics.cluster_copies_unroutable(copies);
+                        tracing::warn!(copies, "delivery copies for a node whose queue is gone");
+                    }
                     ack if !matches!(answer, Confirmation::Nack(_)) => answer = ack,
                     _ => {}
                 }

@@ -58,9 +58,12 @@ struct Membership {
     done: Option<oneshot::Sender<()>>,
 }
 
-/// The outbox is full: the broker is away or does not keep up.
+/// No room for copies: the broker is away or does not keep up, or the
+/// link is still discovering the other nodes.
 #[derive(Debug, thiserror::Error)]
-#[error("the cluster link's outbox is full (the broker is unreachable or slow)")]
+#[error(
+    "the cluster link has no room for copies (the broker is unreachable or slow, or the link is still discovering the other nodes)"
+)]
 pub struct OutboxFull;
 
 /// Room reserved in the outbox for an event's copies.

@@ -16,13 +16,15 @@
 //! (killed) counts nothing. One that stops cleanly says it is leaving.
 //!
 //! Body: JSON `{"session": "<id>", "seq": <u64>, "full": bool, "users":
-//! {"<user id>": <connections>}, "answer": <bool, when the sender waits for
-//! the receivers' answers>, "hello": <bool, when it asks for their tables>,
-//! "leaving": <bool, when it stops>}`. An answer's body is the sequence
-//! number in decimal; a table request's is empty. The sending node is the
-//! message's `app_id`.
+//! {"<user id>": <connections>}, "more": <bool, a further part of the
+//! table just sent>, "answer": <bool, when the sender waits for the
+//! receivers' answers>, "hello": <bool, when it asks for their tables>,
+//! "leaving": <bool, when it stops>}`. A table larger than [`TABLE_PART`]
+//! goes in parts: the first `full`, the others `more`, all under one
+//! sequence number. An answer's body is `<seq> <session>`; a table
+//! request's is empty. The sending node is the message's `app_id`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,9 +45,17 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 pub const GATHER: Duration = Duration::from_millis(2);
 /// Most users in one announcement of changes.
 pub const MAX_CHANGES: usize = 512;
-/// How long a node whose link came up collects the others' tables before
-/// it routes by them and answers its joins.
+/// How long a node whose link came up collects the others' tables, counted
+/// from when its own hello came back through its queue (so a backlog in
+/// the queue is read first), before it routes by them and answers joins.
 pub const DISCOVERY: Duration = Duration::from_millis(500);
+/// The longest discovery, should the hello not come back.
+pub const DISCOVERY_LIMIT: Duration = Duration::from_secs(5);
+/// A table asked for and not received is asked for again after this.
+pub const TABLE_RETRY: Duration = Duration::from_secs(10);
+/// The most bytes of user ids in one part of a table: far below RabbitMQ's
+/// message size limit whatever the number of connections.
+pub const TABLE_PART: usize = 1 << 20;
 /// The AMQP `type` of announcements and tables (delivery batches have none).
 pub const MESSAGE_TYPE: &str = "presence";
 /// The AMQP `type` of a peer's answer to an announcement with `answer`.
@@ -65,6 +75,9 @@ pub struct Announcement {
     /// changes only.
     pub full: bool,
     pub users: HashMap<String, u32>,
+    /// A further part of the table sent just before, under the same number.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
     /// The sender waits for the receivers' answers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub answer: bool,
@@ -111,8 +124,12 @@ struct NodeState {
     heard: Instant,
     session: String,
     seq: u64,
-    /// A table was asked for and has not come yet: no second request.
-    table_asked: bool,
+    /// When its table was asked for, until it comes: asked again only
+    /// after [`TABLE_RETRY`].
+    table_asked: Option<Instant>,
+    /// The users it holds, so that forgetting it or replacing its table
+    /// costs its own users, not the cluster's.
+    users: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -121,7 +138,7 @@ struct Tables {
     nodes: HashMap<NodeKey, NodeState>,
     /// User → the nodes holding it and their connections. One entry per
     /// user, so a lookup costs the same whatever the number of nodes.
-    holders: HashMap<Box<str>, Vec<(NodeKey, u32)>>,
+    holders: HashMap<Arc<str>, Vec<(NodeKey, u32)>>,
     next_key: NodeKey,
 }
 
@@ -132,41 +149,60 @@ impl Tables {
             .filter(|node| now.duration_since(node.heard) < FORGET_AFTER)
     }
 
+    /// Sets `user`'s connections on node `key` (0: none).
     fn set(&mut self, key: NodeKey, user: &str, count: u32) {
-        match self.holders.get_mut(user) {
-            Some(holders) => {
-                match holders.iter().position(|(node, _)| *node == key) {
-                    Some(at) if count == 0 => {
-                        holders.swap_remove(at);
-                    }
-                    Some(at) => holders[at].1 = count,
-                    None if count > 0 => holders.push((key, count)),
-                    None => {}
-                }
-                if holders.is_empty() {
-                    self.holders.remove(user);
-                }
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        let known = self
+            .holders
+            .get_key_value(user)
+            .map(|(shared, _)| Arc::clone(shared));
+        let Some(shared) = known else {
+            if count > 0 {
+                let user: Arc<str> = user.into();
+                node.users.insert(Arc::clone(&user));
+                self.holders.insert(user, vec![(key, count)]);
             }
+            return;
+        };
+        let holders = self.holders.get_mut(user).expect("found above");
+        match holders.iter().position(|(holder, _)| *holder == key) {
+            Some(at) if count == 0 => {
+                holders.swap_remove(at);
+                node.users.remove(user);
+            }
+            Some(at) => holders[at].1 = count,
             None if count > 0 => {
-                self.holders.insert(user.into(), vec![(key, count)]);
+                holders.push((key, count));
+                node.users.insert(shared);
             }
             None => {}
         }
+        if holders.is_empty() {
+            self.holders.remove(user);
+        }
     }
 
-    /// Removes everything `key` held: O(users), done when a node is
-    /// forgotten or sends its whole table, not per message.
+    /// Removes everything node `key` holds: the cost of its own users.
     fn clear(&mut self, key: NodeKey) {
-        self.holders.retain(|_, holders| {
-            holders.retain(|(node, _)| *node != key);
-            !holders.is_empty()
-        });
+        let Some(node) = self.nodes.get_mut(&key) else {
+            return;
+        };
+        for user in std::mem::take(&mut node.users) {
+            if let Some(holders) = self.holders.get_mut(&user) {
+                holders.retain(|(holder, _)| *holder != key);
+                if holders.is_empty() {
+                    self.holders.remove(&user);
+                }
+            }
+        }
     }
 
     fn remove_node(&mut self, name: &str) {
         if let Some(key) = self.keys.remove(name) {
-            self.nodes.remove(&key);
             self.clear(key);
+            self.nodes.remove(&key);
         }
     }
 
@@ -216,7 +252,8 @@ impl RemotePresence {
                         heard: now,
                         session: String::new(),
                         seq: 0,
-                        table_asked: false,
+                        table_asked: None,
+                        users: HashSet::new(),
                     },
                 );
                 key
@@ -224,15 +261,30 @@ impl RemotePresence {
         };
         let state = tables.nodes.get_mut(&key).expect("inserted above");
         state.heard = now;
-        let in_step = state.session == announcement.session
-            && (announcement.seq == state.seq + 1
-                || (announcement.seq == state.seq && announcement.users.is_empty()));
+        let same_session = state.session == announcement.session;
         let mut applied = Applied::default();
-        if announcement.full {
-            state.table_asked = false;
-        } else if !in_step && !state.table_asked {
-            state.table_asked = true;
-            applied.wants_table = true;
+        if announcement.more {
+            // A part of a table: it belongs to the one just applied.
+            if !same_session || announcement.seq != state.seq {
+                return applied;
+            }
+        } else if announcement.full {
+            state.table_asked = None;
+        } else {
+            // A change is the next number; a heartbeat repeats the last.
+            let expected = if announcement.users.is_empty() {
+                state.seq
+            } else {
+                state.seq + 1
+            };
+            let in_step = same_session && announcement.seq == expected;
+            let asked_lately = state
+                .table_asked
+                .is_some_and(|asked| now.duration_since(asked) < TABLE_RETRY);
+            if !in_step && !asked_lately {
+                state.table_asked = Some(now);
+                applied.wants_table = true;
+            }
         }
         state.session = announcement.session;
         state.seq = announcement.seq;
@@ -257,9 +309,12 @@ impl RemotePresence {
             .collect()
     }
 
-    /// Stops counting `node`'s connections until it is heard from again.
-    pub fn forget(&self, node: &str) {
-        self.tables().remove_node(node);
+    /// Whether a node other than those in `except` was heard from recently.
+    pub fn has_live_node(&self, now: Instant, except: &HashSet<String>) -> bool {
+        let tables = self.tables();
+        tables.nodes.values().any(|node| {
+            now.duration_since(node.heard) < FORGET_AFTER && !except.contains(&*node.name)
+        })
     }
 
     /// The user's connections on other nodes heard from recently.
@@ -375,7 +430,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_a_new_session_or_an_unknown_node_asks_for_the_table_once() {
+    fn a_gap_a_new_session_or_an_unknown_node_asks_for_the_table() {
         let presence = RemotePresence::default();
         let now = Instant::now();
         let unknown = presence.apply("a", change("s", 7, &[("u", 1)]), now);
@@ -391,20 +446,62 @@ mod tests {
                 .wants_table,
             "asked already"
         );
+        assert!(
+            presence
+                .apply("a", change("s", 10, &[]), now + TABLE_RETRY)
+                .wants_table,
+            "the table did not come: asked again"
+        );
         presence.apply("a", table("s", 9, &[("u", 1), ("v", 1)]), now);
-        assert!(!presence.apply("a", change("s", 10, &[]), now).wants_table);
+        assert!(
+            !presence
+                .apply("a", change("s", 10, &[("u", 2)]), now)
+                .wants_table
+        );
         assert!(
             !presence.apply("a", change("s", 10, &[]), now).wants_table,
             "a heartbeat repeats the last number"
         );
         assert!(
-            presence.apply("a", change("s", 12, &[]), now).wants_table,
-            "number 11 was missed"
+            presence.apply("a", change("s", 11, &[]), now).wants_table,
+            "a heartbeat after number 11 was lost"
         );
-        presence.apply("a", table("s", 12, &[]), now);
+        presence.apply("a", table("s", 11, &[]), now);
+        assert!(
+            presence
+                .apply("a", change("s", 13, &[("u", 1)]), now)
+                .wants_table,
+            "number 12 was missed"
+        );
+        presence.apply("a", table("s", 13, &[]), now);
         assert!(
             presence.apply("a", change("r", 1, &[]), now).wants_table,
             "the node's link restarted"
+        );
+    }
+
+    #[test]
+    fn a_table_in_parts_adds_up_and_a_stray_part_is_ignored() {
+        let presence = RemotePresence::default();
+        let now = Instant::now();
+        presence.apply("a", table("s", 4, &[("u", 1)]), now);
+        let part = |session: &str, seq: u64, users: &[(&str, u32)]| Announcement {
+            more: true,
+            ..change(session, seq, users)
+        };
+        assert_eq!(
+            presence.apply("a", part("s", 4, &[("v", 2)]), now),
+            Applied::default()
+        );
+        assert_eq!(presence.connections_of("v", now), 2);
+        presence.apply("a", part("s", 3, &[("w", 1)]), now);
+        presence.apply("a", part("old", 4, &[("w", 1)]), now);
+        assert_eq!(presence.connections_of("w", now), 0, "not of this table");
+        assert!(
+            !presence
+                .apply("a", change("s", 5, &[("x", 1)]), now)
+                .wants_table,
+            "the parts kept the sequence"
         );
     }
 
@@ -429,17 +526,6 @@ mod tests {
             "a forgotten node is asked for its table again"
         );
         assert_eq!(presence.users_known(), 0, "the forgotten table is gone");
-    }
-
-    #[test]
-    fn a_forgotten_node_counts_nothing_until_heard_again() {
-        let presence = RemotePresence::default();
-        let now = Instant::now();
-        presence.apply("a", table("s", 1, &[("u", 1)]), now);
-        presence.forget("a");
-        assert_eq!(presence.connections_of("u", now), 0);
-        presence.apply("a", table("s", 1, &[("u", 1)]), now);
-        assert_eq!(presence.connections_of("u", now), 1);
     }
 
     #[test]
