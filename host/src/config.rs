@@ -488,7 +488,7 @@ impl Config {
             )?,
             users_file: match &settings.users_file {
                 Some(file) => absolute(file, "SOCKETS_USERS_FILE")?,
-                None => crate::directory::demo_users_file().to_owned(),
+                None => crate::store::directory::demo_users_file().to_owned(),
             },
             amqp: settings.amqp_url.map(|url| AmqpSettings {
                 url,

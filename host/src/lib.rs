@@ -3,22 +3,21 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of modules.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod backoff;
-pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;
-pub mod connections;
-pub mod directory;
+pub mod dispatch;
 pub mod gateway;
 pub mod health;
-pub mod hotswap;
 pub mod intake;
 pub mod metrics;
 pub mod plugin;
 pub mod protocol;
 pub mod recent;
-pub mod router;
+pub mod registry;
 pub mod server;
 pub mod store;

@@ -68,7 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default();
                 args.plugin_config = config.plugin_configs.get(name).cloned();
             }
-            let handled = sockets_host::check::run(&args, &mut std::io::stdout().lock())?;
+            let handled = sockets_host::cli::check::run(&args, &mut std::io::stdout().lock())?;
             Ok(if handled {
                 ExitCode::SUCCESS
             } else {

@@ -15,17 +15,17 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::cluster::{Cluster, ClusterKey, ClusterPresence, LocalNode, RemotePresence};
 use crate::config::Config;
-use crate::connections::Connections;
-use crate::directory::FileDirectory;
-use crate::directory::UserDirectory;
+use crate::dispatch::{Dispatcher, PluginServices};
 use crate::gateway::{self, AppState, ConnectionLimits, app};
 use crate::health::Health;
-use crate::hotswap::{self, PluginManager};
 use crate::intake::Idempotency;
 use crate::intake::amqp::AmqpIntake;
 use crate::metrics::Metrics;
+use crate::plugin::manager::{self, PluginManager};
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
-use crate::router::{PluginServices, Router};
+use crate::registry::ConnectionRegistry;
+use crate::store::directory::FileDirectory;
+use crate::store::directory::UserDirectory;
 use crate::store::mongo::{
     Maintenance, Mongo, MongoConnections, MongoDirectory, MongoKeys, MongoLog,
 };
@@ -122,7 +122,7 @@ pub struct Server {
     stop_link: watch::Sender<bool>,
     cluster_link: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the plugins folder watched for as long as the server runs.
-    _watcher: notify::RecommendedWatcher,
+    _watcher: manager::FolderWatch,
 }
 
 impl std::fmt::Debug for Server {
@@ -157,7 +157,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
             stopped.clone(),
         ));
     }
-    let connections = Arc::new(Connections::new());
+    let connections = Arc::new(ConnectionRegistry::new());
     let metrics = Arc::new(Metrics::default());
     let instance_id: Arc<str> = crate::protocol::new_id().into();
     let store = match &config.mongo_url {
@@ -219,7 +219,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         );
     }
     let watcher =
-        hotswap::watch(Arc::clone(&manager), config.config_file.clone()).with_context(|| {
+        manager::watch(Arc::clone(&manager), config.config_file.clone()).with_context(|| {
             format!(
                 "watching the plugins folder {} (SOCKETS_PLUGINS_DIR)",
                 config.plugins_dir.display()
@@ -256,7 +256,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
                 link_stopped,
             )
         });
-    let router = Arc::new(Router::new(
+    let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&plugins),
         Arc::clone(&connections),
         Arc::clone(&store.log),
@@ -269,7 +269,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         let status = Arc::new(Health::connecting());
         let intake = AmqpIntake {
             settings,
-            router: Arc::clone(&router),
+            dispatcher: Arc::clone(&dispatcher),
             plugins: Arc::clone(&plugins),
             idempotency: Arc::clone(&idempotency),
             status: Arc::clone(&status),
@@ -284,7 +284,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         connections: Arc::clone(&connections),
         connection_store: store.connections,
         store_health: store.health,
-        router,
+        dispatcher,
         plugins,
         manager,
         metrics,
@@ -395,7 +395,7 @@ struct Store {
 
 impl Store {
     /// The log on disk, connection records in memory, the users file.
-    fn embedded(config: &Config, connections: &Arc<Connections>) -> anyhow::Result<Self> {
+    fn embedded(config: &Config, connections: &Arc<ConnectionRegistry>) -> anyhow::Result<Self> {
         Ok(Self {
             log: Arc::new(EmbeddedLog::open(&config.data_dir).with_context(|| {
                 format!(

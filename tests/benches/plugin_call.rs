@@ -8,10 +8,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sockets_host::directory::User;
 use sockets_host::plugin::{
     ClientOrigin, Event, HostServices, Origin, PluginLimits, PluginRuntime,
 };
+use sockets_host::store::directory::User;
 use sockets_sdk::Plugin as _;
 use sockets_tests::plugin_wasm;
 

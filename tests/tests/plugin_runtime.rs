@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sockets_host::directory::User;
 use sockets_host::plugin::{
     CallError, ClientOrigin, DispatchError, Event, HostServices, LoadError, LoadedPlugin, Origin,
     Outcome, PluginLimits, PluginRegistry, PluginRuntime, Recipient, RefusalCode,
 };
+use sockets_host::store::directory::User;
 use sockets_tests::plugin_wasm;
 
 /// A directory of two students and a consultant; `c_1` has two connections.

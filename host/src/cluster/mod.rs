@@ -12,7 +12,7 @@
 //! announcement (module `joins`): from then on, every node routes the
 //! user's deliveries here.
 //!
-//! Copies go through a bounded in-memory outbox: the router does not wait
+//! Copies go through a bounded in-memory outbox: the dispatcher does not wait
 //! for the broker, only for room ([`Cluster::reserve`], before it pushes
 //! anything, so a full outbox fails the event cleanly instead of dropping
 //! copies). Whatever is waiting when the link publishes goes out as one
@@ -22,10 +22,14 @@
 //! left and waits for the broker's confirms before it closes.
 
 mod batch;
+mod gossip;
+mod inbound;
 mod joins;
 mod link;
+mod outbox;
 mod presence;
 mod signing;
+mod topology;
 
 pub use presence::{Announcement, ClusterPresence, RemotePresence};
 pub use signing::ClusterKey;
@@ -35,11 +39,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::connections::{Connections, OutboundFrame};
 use crate::health::Health;
 use crate::intake::amqp::AmqpSettings;
 use crate::metrics::Metrics;
 use crate::recent::RecentDeliveries;
+use crate::registry::{ConnectionRegistry, OutboundFrame};
 use batch::DeliveryCopy;
 use link::{Inboxes, Link};
 
@@ -142,12 +146,12 @@ pub struct LocalNode {
     /// This node's id.
     pub instance_id: Arc<str>,
     /// Its connections, which other nodes' copies are pushed to.
-    pub connections: Arc<Connections>,
+    pub connections: Arc<ConnectionRegistry>,
     /// The other nodes' connections per user, kept up to date by the link.
     pub remote: Arc<RemotePresence>,
     /// Where copies are counted.
     pub metrics: Arc<Metrics>,
-    /// Delivery ids pushed on this node (shared with the router).
+    /// Delivery ids pushed on this node (shared with the dispatcher).
     pub recent: Arc<RecentDeliveries>,
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::connections::Connections;
+use crate::registry::ConnectionRegistry;
 use crate::store::Presence;
 
 /// How often a node says it is alive when nothing changed.
@@ -362,7 +362,7 @@ impl RemotePresence {
 /// Plugins' `connection-count` in a cluster: this node's connections plus
 /// those the other nodes announced, from memory (no database per call).
 pub struct ClusterPresence {
-    pub local: Arc<Connections>,
+    pub local: Arc<ConnectionRegistry>,
     pub remote: Arc<RemotePresence>,
 }
 

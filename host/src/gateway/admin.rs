@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::claims::{AdminRole, Authorized, LimitedBody, UploadLimit};
 use super::error::ApiError;
-use crate::hotswap::OperationError;
+use crate::plugin::manager::OperationError;
 
 /// Every admin route takes this before anything else (the upload's body
 /// included).

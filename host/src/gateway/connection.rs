@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -18,13 +18,13 @@ use tokio::time::{sleep_until, timeout};
 use super::AppState;
 use super::rate::{RateLimiter, Verdict};
 use crate::auth::Claims;
-use crate::connections::{CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame};
+use crate::dispatch::Inbound;
 use crate::plugin::{ClientOrigin, Event, Origin};
 use crate::protocol::{
     ClientFrame, ErrorBody, ErrorCode, FrameError, error_frame, event_frame, new_id, ok_reply,
     parse_client_frame, rfc3339,
 };
-use crate::router::Inbound;
+use crate::registry::{CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame};
 use crate::store::{ConnectionRecord, Source};
 
 /// Close codes of PROTOCOL.md §6.
@@ -233,7 +233,7 @@ async fn write_frames(
         // too slow for its queue gets the close at once.
         if close.code != CLOSE_TRY_AGAIN_LATER {
             while let Some(frame) = handle.try_next_frame() {
-                if sink.send(Message::Text(frame)).await.is_err() {
+                if sink.send(text_message(frame)).await.is_err() {
                     return;
                 }
                 metrics.frames_out(1);
@@ -263,17 +263,23 @@ async fn write_queued(
     first: OutboundFrame,
     handle: &ConnectionHandle,
 ) -> Result<u64, axum::Error> {
-    sink.feed(Message::Text(first)).await?;
+    sink.feed(text_message(first)).await?;
     let mut frames = 1;
     while frames < FRAMES_PER_FLUSH {
         let Some(frame) = handle.try_next_frame() else {
             break;
         };
-        sink.feed(Message::Text(frame)).await?;
+        sink.feed(text_message(frame)).await?;
         frames += 1;
     }
     sink.flush().await?;
     Ok(frames)
+}
+
+/// The WebSocket message of a registry frame.
+fn text_message(frame: OutboundFrame) -> Message {
+    let text = Utf8Bytes::try_from(frame.into_bytes()).expect("frames are built from strings");
+    Message::Text(text)
 }
 
 /// What the rate limiter decided for a frame.
@@ -560,13 +566,13 @@ impl Connection {
             from: claims.sub.clone(),
         };
         let ack = frame.ack;
-        let delivered = match self.state.router.deliver(&inbound).await {
+        let delivered = match self.state.dispatcher.deliver(&inbound).await {
             Ok(delivered) => delivered,
             Err(err) => return Reply::Now(reply_frame(ack, Err(err.to_error_body()))),
         };
-        let router = Arc::clone(&self.state.router);
+        let dispatcher = Arc::clone(&self.state.dispatcher);
         Reply::Later(Box::pin(async move {
-            let routed = router.record(delivered).await;
+            let routed = dispatcher.record(delivered).await;
             reply_frame(
                 ack,
                 routed

@@ -24,13 +24,13 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::connections::Connections;
+use crate::dispatch::Dispatcher;
 use crate::health::Health;
-use crate::hotswap::PluginManager;
 use crate::intake::Idempotency;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
-use crate::router::Router as EventRouter;
+use crate::plugin::manager::PluginManager;
+use crate::registry::ConnectionRegistry;
 use crate::store::ConnectionStore;
 
 /// Everything request handlers and connection tasks share.
@@ -41,13 +41,13 @@ pub struct AppState {
     /// Token verification.
     pub auth: Arc<Authenticator>,
     /// This node's live connections.
-    pub connections: Arc<Connections>,
+    pub connections: Arc<ConnectionRegistry>,
     /// Connection records.
     pub connection_store: Arc<dyn ConnectionStore>,
     /// The database's health, when the store is MongoDB.
     pub store_health: Option<Arc<Health>>,
     /// Event routing.
-    pub router: Arc<EventRouter>,
+    pub dispatcher: Arc<Dispatcher>,
     /// The loaded plugins.
     pub plugins: Arc<PluginRegistry>,
     /// Plugin operations (admin API).

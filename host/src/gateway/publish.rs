@@ -1,5 +1,5 @@
 //! `POST /api/events`: backend services publish events over HTTP
-//! (PROTOCOL.md §5), into the same router as every other intake.
+//! (PROTOCOL.md §5), into the same dispatcher as every other intake.
 
 use std::time::SystemTime;
 
@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::claims::{Authorized, LimitedBody, RequestBodyLimit, ServiceRole};
 use super::error::ApiError;
+use crate::dispatch::{Inbound, RouteError};
 use crate::intake::Accepted;
 use crate::plugin::{Event, Origin};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
-use crate::router::{Inbound, RouteError};
 use crate::store::Source;
 
 /// Longest idempotency key: it becomes part of delivery ids and log ids.
@@ -50,7 +50,7 @@ pub async fn publish(
     let (accepted, duplicate) = state
         .idempotency
         .run(publication.key.as_deref(), || async {
-            let routed = state.router.route(&inbound).await?;
+            let routed = state.dispatcher.route(&inbound).await?;
             Ok::<_, RouteError>(Accepted {
                 event_id: inbound.event.id.clone(),
                 recipients: routed.recipients,
@@ -62,7 +62,7 @@ pub async fn publish(
     // like the first call. The plugins are the validators: a repeat is
     // shown to them (nothing is delivered) before it is called a duplicate.
     if duplicate {
-        state.router.check(&inbound).map_err(rejected)?;
+        state.dispatcher.check(&inbound).map_err(rejected)?;
     }
 
     let mut body = json!({"id": accepted.event_id, "recipients": accepted.recipients});

@@ -1,5 +1,5 @@
 //! The RabbitMQ intake (PROTOCOL.md §5): backend events from the
-//! `sockets.events` topic exchange into the router, acknowledged only after
+//! `sockets.events` topic exchange into the dispatcher, acknowledged only after
 //! their deliveries were queued and logged; what can never be processed is
 //! dead-lettered with the reason, never dropped and never requeued forever.
 //! With `cluster`, the only modules that know lapin.
@@ -21,10 +21,10 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, Idempotency};
 use crate::backoff::Backoff;
+use crate::dispatch::{Dispatcher, Inbound, RouteError};
 use crate::health::Health;
 use crate::plugin::{Event, Origin, PluginRegistry};
 use crate::protocol::{is_valid_event_name, new_id, rfc3339};
-use crate::router::{Inbound, RouteError, Router};
 use crate::store::{Source, StoreError};
 
 /// The header that carries why a message was dead-lettered.
@@ -66,7 +66,7 @@ pub struct AmqpIntake {
     /// Where and how.
     pub settings: AmqpSettings,
     /// Event routing.
-    pub router: Arc<Router>,
+    pub dispatcher: Arc<Dispatcher>,
     /// The loaded plugins (their subscriptions decide the bindings).
     pub plugins: Arc<PluginRegistry>,
     /// Shared with the HTTP API: one idempotency namespace.
@@ -310,9 +310,9 @@ impl AmqpIntake {
                     };
                     let next = &next;
                     async move {
-                        let delivered = self.router.deliver(&inbound).await?;
+                        let delivered = self.dispatcher.deliver(&inbound).await?;
                         next.lock().unwrap_or_else(PoisonError::into_inner).take();
-                        let routed = self.router.record(delivered).await?;
+                        let routed = self.dispatcher.record(delivered).await?;
                         Ok::<_, RouteError>(Accepted {
                             event_id: inbound.event.id,
                             recipients: routed.recipients,

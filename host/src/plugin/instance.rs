@@ -8,7 +8,7 @@ use wasmtime::{ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::sockets::plugin::{host, types as wit};
-use crate::directory::User;
+use crate::store::directory::User;
 
 /// What plugins may ask of the rest of the host, answered synchronously
 /// (plugin calls are synchronous and bounded by their deadline).

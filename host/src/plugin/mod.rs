@@ -10,6 +10,7 @@ mod bindings;
 mod error;
 mod instance;
 mod loaded;
+pub mod manager;
 mod outcome;
 mod placement;
 mod registry;

@@ -4,6 +4,7 @@
 //! (journals of JSON lines); MongoDB implements the same traits for a
 //! cluster.
 
+pub mod directory;
 mod embedded_keys;
 mod embedded_log;
 mod memory_connections;
@@ -209,8 +210,8 @@ pub trait Presence: Send + Sync {
     fn count_of_user(&self, user_id: &str) -> usize;
 }
 
-impl Presence for crate::connections::Connections {
+impl Presence for crate::registry::ConnectionRegistry {
     fn count_of_user(&self, user_id: &str) -> usize {
-        crate::connections::Connections::count_of_user(self, user_id)
+        crate::registry::ConnectionRegistry::count_of_user(self, user_id)
     }
 }

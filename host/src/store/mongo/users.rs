@@ -9,7 +9,7 @@ use mongodb::Collection;
 use mongodb::bson::{Document, doc};
 
 use super::{Mongo, USERS};
-use crate::directory::{User, UserDirectory};
+use crate::store::directory::{User, UserDirectory};
 
 /// How long a found user is trusted.
 const FOUND_TTL: Duration = Duration::from_secs(60);

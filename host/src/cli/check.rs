@@ -8,10 +8,10 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::CheckArgs;
-use crate::directory::{FileDirectory, User, demo_users_file};
 use crate::plugin::{
     ClientOrigin, DispatchError, Event, HostServices, Origin, Outcome, PluginLimits, PluginRuntime,
 };
+use crate::store::directory::{FileDirectory, User, demo_users_file};
 
 /// A directory from a users file and nobody online.
 struct OfflineServices {

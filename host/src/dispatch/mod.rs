@@ -11,8 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
-use crate::connections::{Connections, OutboundFrame};
-use crate::directory::{User, UserDirectory};
 use crate::metrics::Metrics;
 use crate::plugin::{
     CallError, DispatchError, Event, HostServices, Origin, PluginDelivery, PluginRegistry,
@@ -20,13 +18,15 @@ use crate::plugin::{
 };
 use crate::protocol::{ErrorBody, ErrorCode, delivery_id, push_frame, rfc3339};
 use crate::recent::RecentDeliveries;
+use crate::registry::{ConnectionRegistry, OutboundFrame};
+use crate::store::directory::{User, UserDirectory};
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
 use fanout::{Reached, Sender, fan_out};
 
 /// How long a client or HTTP publisher waits for its log records.
 pub const LOG_WAIT: Duration = Duration::from_secs(5);
 
-/// An event entering the router, with what the log needs about its sender.
+/// An event entering the dispatcher, with what the log needs about its sender.
 #[derive(Debug, Clone)]
 pub struct Inbound {
     /// The event handed to plugins.
@@ -149,9 +149,9 @@ fn route_error(err: DispatchError) -> RouteError {
 }
 
 /// Routes events through the current plugins to connections and the log.
-pub struct Router {
+pub struct Dispatcher {
     plugins: Arc<PluginRegistry>,
-    connections: Arc<Connections>,
+    connections: Arc<ConnectionRegistry>,
     log: Arc<dyn NotificationLog>,
     metrics: Arc<Metrics>,
     /// The other nodes, when there are any (a broker is configured).
@@ -160,11 +160,11 @@ pub struct Router {
     recent: Arc<RecentDeliveries>,
 }
 
-impl Router {
-    /// A router over these parts.
+impl Dispatcher {
+    /// A dispatcher over these parts.
     pub fn new(
         plugins: Arc<PluginRegistry>,
-        connections: Arc<Connections>,
+        connections: Arc<ConnectionRegistry>,
         log: Arc<dyn NotificationLog>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
@@ -198,10 +198,10 @@ impl Router {
             .map_err(route_error)
     }
 
-    /// The first half of [`Router::route`]: asks the plugins, pushes the
+    /// The first half of [`Dispatcher::route`]: asks the plugins, pushes the
     /// deliveries and forwards them to the other nodes. Callers that must
     /// keep deliveries in order run this in order and may overlap the
-    /// [`Router::record`] halves, so that log writes are committed together.
+    /// [`Dispatcher::record`] halves, so that log writes are committed together.
     pub async fn deliver(&self, inbound: &Inbound) -> Result<Delivered, RouteError> {
         let plugins = self.plugins.snapshot();
         let started = Instant::now();
@@ -301,7 +301,7 @@ impl Router {
         })
     }
 
-    /// The second half of [`Router::route`]: makes the log records durable
+    /// The second half of [`Dispatcher::route`]: makes the log records durable
     /// and, for a backend event, waits until the broker has its copies for
     /// other nodes (a node killed after acking must not take them along).
     /// A broker message waits as long as the log needs (its ack is the

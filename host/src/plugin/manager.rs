@@ -448,12 +448,18 @@ fn plugin_name(path: &Path) -> Option<String> {
     is_valid_plugin_name(name).then(|| name.to_owned())
 }
 
+/// A running watch of the plugins folder; dropping it ends the watch.
+#[derive(Debug)]
+pub struct FolderWatch {
+    _watcher: notify::RecommendedWatcher,
+}
+
 /// Watches the plugins folder (and the config file, if any) and keeps the
-/// manager in step, until the returned watcher is dropped.
+/// manager in step, until the returned watch is dropped.
 pub fn watch(
     manager: Arc<PluginManager>,
     config_file: Option<PathBuf>,
-) -> notify::Result<notify::RecommendedWatcher> {
+) -> notify::Result<FolderWatch> {
     let (changes, mut changed) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
@@ -513,5 +519,5 @@ pub fn watch(
             }
         }
     });
-    Ok(watcher)
+    Ok(FolderWatch { _watcher: watcher })
 }

@@ -6,13 +6,51 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 /// Close code for a client that cannot keep up (PROTOCOL.md §6).
 pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
-/// A frame ready to write: shared between all its recipients.
-pub type OutboundFrame = axum::extract::ws::Utf8Bytes;
+/// A text frame ready to write: UTF-8 by construction and shared between
+/// all its recipients (a clone is a reference count). The registry keeps
+/// its own type so that delivery does not depend on the WebSocket library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundFrame(Bytes);
+
+impl OutboundFrame {
+    /// The frame's text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("frames are built from strings")
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bytes, for the socket's writer.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl From<String> for OutboundFrame {
+    fn from(text: String) -> Self {
+        Self(Bytes::from(text))
+    }
+}
+
+impl From<&str> for OutboundFrame {
+    fn from(text: &str) -> Self {
+        Self(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
 
 /// Why and how a connection is to be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,12 +219,12 @@ struct Maps {
 
 /// The registry of this node's connections.
 #[derive(Debug, Default)]
-pub struct Connections {
+pub struct ConnectionRegistry {
     maps: RwLock<Maps>,
     count: AtomicUsize,
 }
 
-impl Connections {
+impl ConnectionRegistry {
     /// No connections.
     pub fn new() -> Self {
         Self::default()
@@ -277,7 +315,7 @@ mod tests {
 
     #[test]
     fn users_map_to_their_connections() {
-        let connections = Connections::new();
+        let connections = ConnectionRegistry::new();
         let a = handle("a", "u1", 4);
         let b = handle("b", "u1", 4);
         connections.register(Arc::clone(&a));
@@ -329,7 +367,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 while got.len() < 40 {
-                    got.push(connection.next_frame().await.unwrap().to_string());
+                    got.push(connection.next_frame().await.unwrap().as_str().to_owned());
                 }
                 got
             })

@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::connections::{ConnectionHandle, Connections, OutboundFrame, Push};
 use crate::plugin::Recipient;
+use crate::registry::{ConnectionHandle, ConnectionRegistry, OutboundFrame, Push};
 
 /// Where one frame went.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub struct Sender<'a> {
 /// `sender-others` copies are pushed but not counted: the addressed users'
 /// records are the audit.
 pub fn fan_out(
-    connections: &Connections,
+    connections: &ConnectionRegistry,
     recipients: &[Recipient],
     sender: Option<Sender<'_>>,
     frame: &OutboundFrame,
@@ -162,13 +162,13 @@ mod tests {
     use super::*;
 
     struct Node {
-        connections: Connections,
+        connections: ConnectionRegistry,
         handles: HashMap<&'static str, Arc<ConnectionHandle>>,
     }
 
     /// A node with these `(connection, user, queue size)` connections.
     fn node(live: &[(&'static str, &str, usize)]) -> Node {
-        let connections = Connections::new();
+        let connections = ConnectionRegistry::new();
         let mut handles = HashMap::new();
         for &(id, user, queue) in live {
             let handle = Arc::new(ConnectionHandle::new(

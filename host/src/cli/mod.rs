@@ -1,5 +1,7 @@
 //! The command line (PROTOCOL.md §9).
 
+pub mod check;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
