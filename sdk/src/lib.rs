@@ -34,6 +34,8 @@
 //! Plugin logic is tested natively with [`testing::TestHost`], a stand-in for
 //! the host's user directory, presence, configuration and log.
 
+#![deny(missing_docs)]
+
 mod helpers;
 mod host;
 pub mod testing;
