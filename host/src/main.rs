@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use sockets_host::auth::Authenticator;
 use sockets_host::cli::{Cli, Command, PluginCommand};
-use sockets_host::config::{Config, Settings};
+use sockets_host::config::Config;
 use sockets_host::server;
 use tracing_subscriber::EnvFilter;
 
@@ -27,18 +27,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config_file = cli
-        .config
-        .as_deref()
-        .map(|path| sockets_host::config::absolute(path, "--config"))
-        .transpose()?;
-    let file = match &config_file {
-        Some(path) => Settings::from_file(path)?,
-        None => Settings::default(),
-    };
-    let settings = cli.settings.clone().or(file);
-    let mut config = Config::from_settings(settings)?;
-    config.config_file = config_file;
+    let mut config = cli.config()?;
 
     let filter = EnvFilter::try_new(&config.log).context("invalid SOCKETS_LOG filter")?;
     tracing_subscriber::fmt()

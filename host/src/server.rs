@@ -372,6 +372,7 @@ impl Server {
 /// that heard `unavailable` while the database was slow, before the process
 /// exits; gives up after [`LOG_FLUSH_TIMEOUT`] (a database still down).
 async fn flush_log(log: &dyn NotificationLog) {
+    tracing::info!("flushing the notification log (at most {LOG_FLUSH_TIMEOUT:?})");
     match tokio::time::timeout(LOG_FLUSH_TIMEOUT, log.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::error!("notification log not flushed at shutdown: {err}"),

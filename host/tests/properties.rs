@@ -4,8 +4,6 @@
 //! with the right key — they answer with a value or an error, never a panic,
 //! and what they accept keeps its promises.
 
-use std::time::Duration;
-
 use jsonwebtoken::{EncodingKey, Header};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -16,18 +14,7 @@ use sockets_host::protocol::{is_valid_event_name, parse_client_frame};
 const SECRET: &str = "property-test-secret";
 
 fn authenticator() -> Authenticator {
-    Authenticator::new(&JwtConfig {
-        secret: Some(SECRET.into()),
-        public_key_pem: None,
-        issuer: None,
-        audience: None,
-        algorithms: None,
-        leeway: Duration::from_secs(30),
-        max_sub_bytes: 256,
-        jwks_url: None,
-        jwks_refetch: Duration::from_secs(30),
-    })
-    .unwrap()
+    Authenticator::new(&JwtConfig::with_secret(SECRET)).unwrap()
 }
 
 fn signed(claims: &Value) -> String {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 
 use serde_json::{Value, json};
 
@@ -126,8 +127,32 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        let confirmation = self
-            .channel
+        let confirm = self.send(exchange, routing_key, body, properties).await;
+        assert_acked(confirm).await;
+    }
+
+    /// Publishes every body, then waits for the broker's confirmations:
+    /// the messages are queued back to back, in this order.
+    pub async fn publish_all(&self, exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let properties = BasicProperties::default();
+            confirms.push(self.send(exchange, routing_key, body, properties).await);
+        }
+        for confirm in confirms {
+            assert_acked(confirm).await;
+        }
+    }
+
+    /// Publishes a JSON body, without waiting for its confirmation.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> PublisherConfirm {
+        self.channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -137,12 +162,6 @@ impl Publisher {
             )
             .await
             .unwrap()
-            .await
-            .unwrap();
-        assert!(
-            confirmation.is_ack(),
-            "the broker refused the message: {confirmation:?}"
-        );
     }
 
     /// Waits up to 10 s for the next dead letter in `queue`; returns its
@@ -182,4 +201,13 @@ impl Publisher {
 /// Properties with a `message_id`.
 pub fn with_message_id(id: &str) -> BasicProperties {
     BasicProperties::default().with_message_id(id.into())
+}
+
+/// Waits for a publish's confirmation; panics unless the broker took it.
+async fn assert_acked(confirm: PublisherConfirm) {
+    let confirmation = confirm.await.unwrap();
+    assert!(
+        confirmation.is_ack(),
+        "the broker refused the message: {confirmation:?}"
+    );
 }

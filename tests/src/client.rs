@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::server::Server;
+use crate::server::{Server, token};
 
 /// How long a test waits for an expected frame.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,12 @@ impl Client {
         Self::try_connect(server, &[("authorization", format!("Bearer {token}"))], "")
             .await
             .unwrap_or_else(|err| panic!("connect failed: {err:?}"))
+    }
+
+    /// Connects as `user` with `role` (a valid test token); returns the
+    /// client, its `connected` frame read.
+    pub async fn connect_as(server: &Server, user: &str, role: &str) -> Client {
+        Self::connect(server, &token(user, role)).await.0
     }
 
     /// Connects from `source` (one of the 127.0.0.0/8 addresses, so that
@@ -212,6 +218,14 @@ impl Response {
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(body["error"]["message"].is_string(), "{body}");
     }
+}
+
+/// The pair most tests talk through: student `s_1` and consultant `c_1`,
+/// both connected.
+pub async fn student_and_consultant(server: &Server) -> (Client, Client) {
+    let student = Client::connect_as(server, "s_1", "student").await;
+    let consultant = Client::connect_as(server, "c_1", "consultant").await;
+    (student, consultant)
 }
 
 /// The value of a counter or gauge on the server's `/metrics`; `name` is

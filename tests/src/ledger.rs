@@ -147,13 +147,27 @@ pub struct Ledger {
 pub struct Connections<'a> {
     /// Open from before the first event to the end: each received every
     /// confirmed event, once, and nothing else.
-    pub throughout: &'a [&'a Receipts],
+    pub throughout: Vec<&'a Receipts>,
     /// Opened late or ended by a fault: each received no delivery id twice.
-    pub partly: &'a [&'a Receipts],
+    pub partly: Vec<&'a Receipts>,
 }
 
+impl<'a> Connections<'a> {
+    /// One connection, open throughout.
+    pub fn one(receipts: &'a Receipts) -> Self {
+        Connections {
+            throughout: vec![receipts],
+            partly: Vec::new(),
+        }
+    }
+}
+
+/// How long a fault scenario may take to catch up after its last event
+/// (a restarted broker redelivers, a database comes back).
+pub const CATCH_UP: Duration = Duration::from_secs(90);
+
 impl Ledger {
-    /// Waits (at most `wait`) until the log and the receipts caught up,
+    /// Waits (at most [`CATCH_UP`]) until the log and the receipts caught up,
     /// then checks, with nothing left to arrive, that:
     /// - the broker holds nothing (every message acked or dead-lettered),
     ///   and its dead letters are exactly [`Ledger::dead`];
@@ -161,14 +175,8 @@ impl Ledger {
     ///   none of an event nobody sent, and no `_id` twice;
     /// - no connection received a delivery id twice, and each connection
     ///   open throughout received every confirmed event and nothing else.
-    pub async fn check(
-        &self,
-        names: Option<&Names>,
-        log: Log<'_>,
-        connections: Connections<'_>,
-        wait: Duration,
-    ) {
-        let deadline = Instant::now() + wait;
+    pub async fn check(&self, names: Option<&Names>, log: Log<'_>, connections: Connections<'_>) {
+        let deadline = Instant::now() + CATCH_UP;
         let behind = || -> Option<(usize, Vec<String>)> {
             connections
                 .throughout
@@ -194,7 +202,7 @@ impl Ledger {
             }
             assert!(
                 Instant::now() < deadline,
-                "not caught up within {wait:?}: logged {} of {} confirmed (missing {:?}), \
+                "not caught up within {CATCH_UP:?}: logged {} of {} confirmed (missing {:?}), \
                  a connection open throughout is missing events: {:?}, broker queue depth {:?}",
                 logged.intersection(&self.confirmed).count(),
                 self.confirmed.len(),
@@ -248,7 +256,7 @@ impl Ledger {
             self.unknown_in_flight
         );
 
-        let all = connections.throughout.iter().chain(connections.partly);
+        let all = connections.throughout.iter().chain(&connections.partly);
         for (index, receipts) in all.enumerate() {
             assert!(
                 receipts.duplicates().is_empty(),

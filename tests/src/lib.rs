@@ -148,7 +148,8 @@ fn debug_binaries() -> &'static Path {
     })
 }
 
-fn target_dir() -> PathBuf {
+/// The workspace's target folder (`CARGO_TARGET_DIR` if set).
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -176,6 +177,7 @@ where
 
 pub mod broker;
 pub mod client;
+pub mod in_process;
 pub mod ledger;
 pub mod mongo;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The real `sockets-host` binary, started on a free port with its own data
 //! and plugins folders, and stopped (SIGTERM) or killed on drop.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::in_process::InProcess;
 use crate::{host_binary, plugin_wasm, workspace_root};
 
 /// The HS256 secret every test server uses.
@@ -64,7 +66,7 @@ impl ServerConfig {
 
 /// A running server.
 pub struct Server {
-    child: Child,
+    process: Process,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its data folder (kept after stop for inspection).
@@ -72,6 +74,14 @@ pub struct Server {
     /// Its plugins folder.
     pub plugins_dir: PathBuf,
     stderr_log: PathBuf,
+}
+
+/// How a server runs.
+enum Process {
+    /// The binary, as operators run it.
+    Spawned(Child),
+    /// The library, inside the test process.
+    InProcess(InProcess),
 }
 
 /// Reads `child`'s stdout until the line `<prefix><address>`, for at most
@@ -105,6 +115,49 @@ pub async fn listening_addr(
     addr
 }
 
+/// A test server's folders: data, plugins (with `config.plugins` copied
+/// in) and its log.
+struct Folders {
+    data_dir: PathBuf,
+    plugins_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Folders {
+    fn new(config: &ServerConfig) -> Folders {
+        let root = scratch_dir("server");
+        let data_dir = match config.data_dir.clone() {
+            Some(dir) => dir,
+            None => fresh_data_dir_sharing_compiled_plugins(&root),
+        };
+        let plugins_dir = root.join("plugins");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        for plugin in &config.plugins {
+            let file = format!("{}.wasm", plugin.replace('-', "_"));
+            std::fs::copy(plugin_wasm(plugin), plugins_dir.join(file)).unwrap();
+        }
+        Folders {
+            data_dir,
+            plugins_dir,
+            stderr_log: root.join("stderr.log"),
+        }
+    }
+}
+
+/// A fresh data folder whose artifact cache (`plugin-cache`) is the one all
+/// test servers share: each would otherwise compile the same plugins again
+/// (a second or so of every start). wasmtime writes cache entries
+/// atomically, so servers sharing it concurrently is safe; tests of the
+/// cache itself pass their own data folder.
+fn fresh_data_dir_sharing_compiled_plugins(root: &Path) -> PathBuf {
+    let data_dir = root.join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let shared = crate::target_dir().join("test-plugin-cache");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, data_dir.join("plugin-cache")).unwrap();
+    data_dir
+}
+
 /// A fresh, unique folder under `target/`.
 pub fn scratch_dir(label: &str) -> PathBuf {
     let dir = workspace_root()
@@ -123,15 +176,11 @@ impl Server {
     /// Starts a server and waits until it listens; panics (with its log) if
     /// it does not come up.
     pub async fn start_with(config: ServerConfig) -> Server {
-        let root = scratch_dir("server");
-        let data_dir = config.data_dir.clone().unwrap_or_else(|| root.join("data"));
-        let plugins_dir = root.join("plugins");
-        std::fs::create_dir_all(&plugins_dir).unwrap();
-        for plugin in &config.plugins {
-            let file = format!("{}.wasm", plugin.replace('-', "_"));
-            std::fs::copy(plugin_wasm(plugin), plugins_dir.join(file)).unwrap();
-        }
-        let stderr_log = root.join("stderr.log");
+        let Folders {
+            data_dir,
+            plugins_dir,
+            stderr_log,
+        } = Folders::new(&config);
         let mut command = match config.prefix.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -166,6 +215,59 @@ impl Server {
         Server::adopt(child, addr, data_dir, plugins_dir, stderr_log)
     }
 
+    /// Starts the default server (chat, payments, reviews) inside the test
+    /// process: for tests of HTTP and WebSocket behaviour, which need no
+    /// process of their own.
+    pub async fn in_process() -> Server {
+        Self::in_process_with(ServerConfig::default()).await
+    }
+
+    /// Starts a server inside the test process with the command line the
+    /// binary would get (`config.env` as flags); panics (with its log) if
+    /// it does not come up. `kill`, `signal` and `pid` need a spawned one.
+    pub async fn in_process_with(config: ServerConfig) -> Server {
+        assert!(
+            config.prefix.is_empty(),
+            "a command prefix needs a spawned server"
+        );
+        let Folders {
+            data_dir,
+            plugins_dir,
+            stderr_log,
+        } = Folders::new(&config);
+        let mut settings: Vec<(String, OsString)> = vec![
+            ("SOCKETS_LISTEN".into(), "127.0.0.1:0".into()),
+            ("SOCKETS_JWT_SECRET".into(), SECRET.into()),
+            ("SOCKETS_CLUSTER_KEY".into(), CLUSTER_KEY.into()),
+            ("SOCKETS_DATA_DIR".into(), data_dir.clone().into()),
+            ("SOCKETS_PLUGINS_DIR".into(), plugins_dir.clone().into()),
+            ("SOCKETS_LOG".into(), "info,sockets_host=debug".into()),
+        ];
+        for (name, value) in &config.env {
+            settings.retain(|(set, _)| set != name);
+            settings.push((name.clone(), value.into()));
+        }
+        let mut args: Vec<OsString> = vec!["sockets-host".into(), "serve".into()];
+        args.extend(config.args.iter().map(OsString::from));
+        for (name, value) in settings {
+            args.push(crate::in_process::flag_of(&name).into());
+            args.push(value);
+        }
+        let (process, addr) = tokio::task::spawn_blocking({
+            let stderr_log = stderr_log.clone();
+            move || InProcess::start(args, &stderr_log)
+        })
+        .await
+        .expect("the server starts or says why");
+        Server {
+            process: Process::InProcess(process),
+            addr,
+            data_dir,
+            plugins_dir,
+            stderr_log,
+        }
+    }
+
     /// A server started some other way (a script, the binary with no
     /// settings), once it printed its listening line; stopped like any
     /// other.
@@ -177,7 +279,7 @@ impl Server {
         stderr_log: PathBuf,
     ) -> Server {
         Server {
-            child,
+            process: Process::Spawned(child),
             addr,
             data_dir,
             plugins_dir,
@@ -187,7 +289,14 @@ impl Server {
 
     /// The server's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id().expect("the server runs")
+        self.child().id().expect("the server runs")
+    }
+
+    fn child(&self) -> &Child {
+        match &self.process {
+            Process::Spawned(child) => child,
+            Process::InProcess(_) => panic!("this test needs a spawned server"),
+        }
     }
 
     /// The server's log so far.
@@ -202,9 +311,12 @@ impl Server {
 
     /// Kills the process with SIGKILL (no shutdown of any kind) and waits
     /// until it is gone.
-    pub async fn kill(mut self) {
-        self.child.start_kill().expect("the server can be killed");
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+    pub async fn kill(self) {
+        let Process::Spawned(mut child) = self.process else {
+            panic!("this test needs a spawned server");
+        };
+        child.start_kill().expect("the server can be killed");
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .expect("a killed server exits")
             .expect("wait works");
@@ -212,19 +324,22 @@ impl Server {
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it
     /// exited successfully.
-    pub async fn stop(self) -> bool {
+    pub async fn stop(mut self) -> bool {
         self.begin_stop();
         self.stopped().await
     }
 
-    /// Sends SIGTERM, without waiting.
-    pub fn begin_stop(&self) {
-        self.signal("TERM");
+    /// Sends SIGTERM (or its in-process equivalent), without waiting.
+    pub fn begin_stop(&mut self) {
+        match &mut self.process {
+            Process::Spawned(_) => self.signal("TERM"),
+            Process::InProcess(process) => process.begin_stop(),
+        }
     }
 
     /// Sends the signal (`TERM`, `STOP`, `CONT`, …) to the process.
     pub fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running");
+        let pid = self.child().id().expect("running");
         let status = std::process::Command::new("kill")
             .args([&format!("-{name}"), &pid.to_string()])
             .status()
@@ -241,12 +356,17 @@ impl Server {
 
     /// Waits (30 s at most) for the process to exit after [`Server::begin_stop`];
     /// returns whether it exited successfully.
-    pub async fn stopped(mut self) -> bool {
-        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the server stops within 30 s after SIGTERM")
-            .expect("wait works");
-        exit.success()
+    pub async fn stopped(self) -> bool {
+        match self.process {
+            Process::Spawned(mut child) => {
+                let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+                    .await
+                    .expect("the server stops within 30 s after SIGTERM")
+                    .expect("wait works");
+                exit.success()
+            }
+            Process::InProcess(process) => process.stopped().await,
+        }
     }
 }
 

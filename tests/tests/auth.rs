@@ -31,7 +31,7 @@ async fn assert_unauthorized(server: &Server, headers: &[(&str, String)], query:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_valid_header_token_connects_and_the_first_frame_is_connected() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let (_client, connected) = Client::connect(&server, &token("s_1", "student")).await;
     assert_eq!(connected["event"], "connected");
     assert_eq!(connected["data"]["userId"], "s_1");
@@ -49,7 +49,7 @@ async fn a_valid_header_token_connects_and_the_first_frame_is_connected() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_query_parameter_works_and_role_defaults_to_user() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let token = token_with(json!({"sub": "u_9", "exp": now() + 600}));
     let (_client, connected) = Client::try_connect(&server, &[], &format!("?access_token={token}"))
         .await
@@ -60,7 +60,7 @@ async fn the_query_parameter_works_and_role_defaults_to_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_tokens_get_401_before_the_upgrade() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let exp = now() + 600;
     let hs_wrong_key = EncodingKey::from_secret(b"another secret");
     let rsa_public = std::fs::read(fixture("rsa_public.pem")).unwrap();
@@ -153,14 +153,14 @@ async fn bad_tokens_get_401_before_the_upgrade() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_present_but_invalid_header_is_not_rescued_by_the_query() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let query = format!("?access_token={}", token("s_1", "student"));
     assert_unauthorized(&server, &bearer("invalid"), &query).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bearer_scheme_is_case_insensitive() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let headers = [(
         "authorization",
         format!("bEaReR {}", token("s_1", "student")),
@@ -173,7 +173,7 @@ async fn issuer_and_audience_are_checked_when_configured() {
     let config = ServerConfig::default()
         .env("SOCKETS_JWT_ISSUER", "marketplace")
         .env("SOCKETS_JWT_AUDIENCE", "sockets");
-    let server = Server::start_with(config).await;
+    let server = Server::in_process_with(config).await;
     let exp = now() + 600;
     let good =
         token_with(json!({"sub": "s_1", "exp": exp, "iss": "marketplace", "aud": "sockets"}));
@@ -204,7 +204,7 @@ async fn rs256_and_es256_tokens_verify_with_a_configured_public_key() {
             "SOCKETS_JWT_PUBLIC_KEY",
             fixture(public).display().to_string(),
         );
-        let server = Server::start_with(config).await;
+        let server = Server::in_process_with(config).await;
         let pem = std::fs::read(fixture(private)).unwrap();
         let key = match alg {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
@@ -232,7 +232,7 @@ async fn rs256_and_es256_tokens_verify_with_a_configured_public_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_algorithm_allow_list_is_explicit() {
     let config = ServerConfig::default().env("SOCKETS_JWT_ALGORITHMS", "HS384");
-    let server = Server::start_with(config).await;
+    let server = Server::in_process_with(config).await;
     assert_unauthorized(&server, &bearer(&token("s_1", "student")), "").await;
     let hs384 = sign(
         Algorithm::HS384,
@@ -252,7 +252,7 @@ async fn a_disallowed_origin_gets_403_whatever_the_token() {
         "SOCKETS_ALLOWED_ORIGINS",
         "https://app.example, https://admin.example",
     );
-    let server = Server::start_with(config).await;
+    let server = Server::in_process_with(config).await;
     let good = token("s_1", "student");
     let with_origin = |origin: &str| {
         let mut headers = bearer(&good);
@@ -299,4 +299,50 @@ fn base64_url(text: &str) -> String {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_reach_the_log_or_an_error_body() {
+    let server = Server::in_process().await;
+    let expired = token_with(json!({"sub": "s_1", "role": "student", "exp": now() - 3600}));
+    let forged = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"not-the-server-secret"),
+        &json!({"sub": "s_1", "role": "student", "exp": now() + 600}),
+    );
+    let valid = token("s_1", "student");
+    for bad in [&expired, &forged] {
+        let (status, body) = refusal(&server, &bearer(bad), "").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(!body.to_string().contains(signature(bad)), "{body}");
+        let (status, body) = refusal(&server, &[], &format!("?access_token={bad}")).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(!body.to_string().contains(signature(bad)), "{body}");
+    }
+    let (mut client, _) = Client::try_connect(&server, &[], &format!("?access_token={valid}"))
+        .await
+        .unwrap();
+    client
+        .send(&json!({"event": "refreshToken", "data": {"token": expired}, "ack": 1}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply["error"]["code"], "unauthorized", "{reply}");
+    assert!(!reply.to_string().contains(signature(&expired)), "{reply}");
+
+    let log = server.log();
+    assert!(
+        log.contains("s_1"),
+        "the connection is logged, so the log is the one to search:\n{log}"
+    );
+    for token in [&expired, &forged, &valid] {
+        assert!(
+            !log.contains(signature(token)),
+            "a token's signature is in the log:\n{log}"
+        );
+    }
+}
+
+/// A JWT's signature, the part that must never be repeated anywhere.
+fn signature(token: &str) -> &str {
+    token.rsplit('.').next().unwrap()
 }

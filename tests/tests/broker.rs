@@ -7,7 +7,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, Publisher, consuming, with_message_id};
-use sockets_tests::client::{Client, http};
+use sockets_tests::client::{Client, http, student_and_consultant};
 use sockets_tests::server::{Server, ServerConfig, token};
 
 /// Starts a server consuming from fresh names and waits until it consumes.
@@ -15,6 +15,20 @@ async fn server_with_broker() -> (Server, Names) {
     let names = Names::unique();
     let server = consuming(names.server_config()).await;
     (server, names)
+}
+
+/// Publishes the default payment (to `s_1`) and waits for its confirm.
+async fn publish_payment(publisher: &Publisher, names: &Names) {
+    let body = payment().to_string();
+    let properties = BasicProperties::default();
+    publisher
+        .publish(
+            &names.exchange,
+            "PAYMENT_PROCESSED",
+            body.as_bytes(),
+            properties,
+        )
+        .await;
 }
 
 fn payment() -> Value {
@@ -25,19 +39,9 @@ fn payment() -> Value {
 async fn broker_events_reach_the_right_clients_with_the_protocol_frames() {
     let (server, names) = server_with_broker().await;
     let publisher = Publisher::connect().await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
 
-    publisher
-        .publish(
-            &names.exchange,
-            "PAYMENT_PROCESSED",
-            payment().to_string().as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
+    publish_payment(&publisher, &names).await;
     let push = student.recv().await;
     assert_eq!(push["event"], "paymentProcessed");
     assert_eq!(
@@ -81,10 +85,34 @@ async fn broker_events_reach_the_right_clients_with_the_protocol_frames() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn broker_events_for_one_user_arrive_in_queue_order() {
+    let (server, names) = server_with_broker().await;
+    let publisher = Publisher::connect().await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    // Back to back, so that up to the prefetch (64) are taken at once and
+    // their log writes overlap: the pushes must still keep queue order.
+    const EVENTS: usize = 300;
+    let bodies: Vec<Vec<u8>> = (0..EVENTS)
+        .map(|n| {
+            let mut body = payment();
+            body["paymentId"] = json!(format!("p_{n}"));
+            body.to_string().into_bytes()
+        })
+        .collect();
+    publisher
+        .publish_all(&names.exchange, "PAYMENT_PROCESSED", &bodies)
+        .await;
+    for n in 0..EVENTS {
+        let push = student.recv().await;
+        assert_eq!(push["data"]["paymentId"], format!("p_{n}"), "{push}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered_with_the_reason_and_consumption_continues() {
     let (server, names) = server_with_broker().await;
     let publisher = Publisher::connect().await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
 
     publisher
         .publish(
@@ -137,14 +165,7 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_consumption_conti
     let (_, _, reason) = publisher.dead_letter(&names.dead).await;
     assert!(reason.contains("no handler"), "{reason}");
 
-    publisher
-        .publish(
-            &names.exchange,
-            "PAYMENT_PROCESSED",
-            payment().to_string().as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
+    publish_payment(&publisher, &names).await;
     assert_eq!(
         student.recv().await["event"],
         "paymentProcessed",
@@ -156,7 +177,7 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_consumption_conti
 async fn the_same_message_id_twice_is_delivered_once_and_shares_the_http_namespace() {
     let (server, names) = server_with_broker().await;
     let publisher = Publisher::connect().await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     for _ in 0..2 {
         publisher
             .publish(
@@ -191,10 +212,7 @@ async fn an_unreachable_broker_degrades_readiness_but_not_the_service() {
     let ready = http(&server, "GET", "/readyz", &[], b"").await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["checks"]["broker"]["status"], "degraded");
-    let (mut student, _) = Client::connect(&server, &token("s_1", "student")).await;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
     student
         .send(
             &json!({"event": "sendMessage", "data": {"to": "c_1", "text": "still here"}, "ack": 1}),
@@ -221,15 +239,8 @@ async fn an_event_whose_plugin_keeps_failing_is_retried_then_dead_lettered() {
     assert!(reason.contains("failed 3 times"), "{reason}");
     assert!(reason.contains("trapped"), "{reason}");
     // Still consuming afterwards.
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
-    publisher
-        .publish(
-            &names.exchange,
-            "PAYMENT_PROCESSED",
-            payment().to_string().as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    publish_payment(&publisher, &names).await;
     assert_eq!(student.recv().await["event"], "paymentProcessed");
 }
 
@@ -272,7 +283,7 @@ async fn an_intake_queue_declared_by_an_older_host_is_kept_and_consumed() {
         "{}",
         server.log()
     );
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     Publisher::connect()
         .await
         .publish(

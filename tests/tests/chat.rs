@@ -21,7 +21,7 @@ async fn send(client: &mut Client, to: &str, text: &str, ack: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_reaches_every_recipient_connection_and_the_senders_other_devices() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut phone = connect(&server, "s_1", "student").await;
     let mut laptop = connect(&server, "s_1", "student").await;
     let mut consultant_a = connect(&server, "c_1", "consultant").await;
@@ -63,7 +63,7 @@ async fn a_message_reaches_every_recipient_connection_and_the_senders_other_devi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offline_recipient_is_not_an_error_and_the_message_is_still_logged() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut student = connect(&server, "s_1", "student").await;
     let reply = send(&mut student, "c_2", "are you there?", 1).await;
     assert_eq!(reply["ok"], true);
@@ -91,7 +91,7 @@ async fn an_offline_recipient_is_not_an_error_and_the_message_is_still_logged() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refusals_follow_the_protocol_order_and_codes() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut student = connect(&server, "s_1", "student").await;
     let cases = [
         (json!({"to": "c_1"}), "bad_request"),
@@ -121,7 +121,7 @@ async fn refusals_follow_the_protocol_order_and_codes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn frames_of_one_connection_are_delivered_in_order() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut student = connect(&server, "s_1", "student").await;
     let mut consultant = connect(&server, "c_1", "consultant").await;
     for i in 0..50 {
@@ -142,7 +142,7 @@ async fn the_log_survives_a_restart() {
         ..ServerConfig::default()
     };
 
-    let server = Server::start_with(config()).await;
+    let server = Server::in_process_with(config()).await;
     let mut student = connect(&server, "s_1", "student").await;
     let mut consultant = connect(&server, "c_1", "consultant").await;
     assert_eq!(
@@ -152,7 +152,7 @@ async fn the_log_survives_a_restart() {
     consultant.recv().await;
     assert!(server.stop().await);
 
-    let server = Server::start_with(config()).await;
+    let server = Server::in_process_with(config()).await;
     let mut student = connect(&server, "s_1", "student").await;
     assert_eq!(
         send(&mut student, "c_1", "after restart", 2).await["ok"],
@@ -184,7 +184,7 @@ async fn the_log_survives_a_restart() {
 /// count covers each once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_named_by_id_and_through_its_user_gets_one_push() {
-    let server = Server::start_with(ServerConfig::default().with_presence()).await;
+    let server = Server::in_process_with(ServerConfig::default().with_presence()).await;
     let (mut phone, connected) = Client::connect(&server, &token("c_1", "consultant")).await;
     let phone_id = connected["data"]["connectionId"]
         .as_str()

@@ -11,7 +11,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, Publisher, consuming};
-use sockets_tests::client::{Client, Refused, counter, http, publish};
+use sockets_tests::client::{Client, Refused, counter, http, publish, student_and_consultant};
 use sockets_tests::eventually;
 use sockets_tests::server::{Server, ServerConfig, now, token, token_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,7 +40,7 @@ fn status_of(answer: &str) -> u16 {
 
 #[tokio::test]
 async fn no_body_is_read_before_the_token_and_role_are_checked() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let sixteen_mib = 16 << 20;
     let upload = |auth: &str| {
         format!(
@@ -76,7 +76,7 @@ async fn no_body_is_read_before_the_token_and_role_are_checked() {
 #[tokio::test]
 async fn a_socket_that_never_finishes_its_headers_is_closed() {
     let server =
-        Server::start_with(ServerConfig::default().env("SOCKETS_HEADER_TIMEOUT", "1")).await;
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_HEADER_TIMEOUT", "1")).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
@@ -98,7 +98,7 @@ async fn a_socket_that_never_finishes_its_headers_is_closed() {
 #[tokio::test]
 async fn connections_beyond_the_cap_get_503_and_the_cap_frees_up() {
     let server =
-        Server::start_with(ServerConfig::default().env("SOCKETS_MAX_CONNECTIONS", "3")).await;
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_MAX_CONNECTIONS", "3")).await;
     let mut clients = Vec::new();
     for user in ["s_1", "s_2", "s_3"] {
         clients.push(Client::connect(&server, &token(user, "student")).await.0);
@@ -139,7 +139,7 @@ async fn connections_beyond_the_cap_get_503_and_the_cap_frees_up() {
 
 #[tokio::test]
 async fn extreme_claim_values_never_break_a_connection() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     // `exp` at i64::MAX panicked the connection's task on its first frame.
     let forever = token_with(json!({"sub": "s_1", "role": "student", "exp": i64::MAX}));
     let (mut client, connected) = Client::connect(&server, &forever).await;
@@ -192,7 +192,7 @@ async fn extreme_claim_values_never_break_a_connection() {
 
 #[tokio::test]
 async fn user_ids_are_at_most_256_bytes() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let long = "s".repeat(257);
     let bearer = [(
         "authorization",
@@ -217,9 +217,8 @@ async fn user_ids_are_at_most_256_bytes() {
 
 #[tokio::test]
 async fn data_that_is_an_array_is_a_bad_request_not_a_message() {
-    let server = Server::start().await;
-    let (mut student, _) = Client::connect(&server, &token("s_1", "student")).await;
-    let (mut consultant, _) = Client::connect(&server, &token("c_1", "consultant")).await;
+    let server = Server::in_process().await;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
     student
         .send(&json!({"event": "sendMessage", "data": ["c_1", "hi"], "ack": 1}))
         .await;
@@ -259,7 +258,7 @@ async fn data_that_is_an_array_is_a_bad_request_not_a_message() {
 
 #[tokio::test]
 async fn storable_connection_details_only() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let (mut client, _) = Client::connect(&server, &token("s_1", "student")).await;
     for (n, details) in [
         json!({"bad\u{0}key": 1}),
@@ -366,7 +365,7 @@ fn masked(first_byte: u8, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn broken_frames_get_the_close_codes_of_rfc_6455() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     // A text frame that is not UTF-8: 1007.
     assert_eq!(
         close_code_after(&server, &masked(0x81, &[0xff, 0xfe, 0xfd])).await,
@@ -393,7 +392,7 @@ async fn broken_frames_get_the_close_codes_of_rfc_6455() {
 async fn readiness_details_are_for_admins_only() {
     // A MongoDB that is not there: the store is degraded, and its error
     // (which names hosts) is shown to admin tokens alone.
-    let server = Server::start_with(ServerConfig::default().env(
+    let server = Server::in_process_with(ServerConfig::default().env(
         "SOCKETS_MONGO_URL",
         "mongodb://127.0.0.1:1/?directConnection=true",
     ))
@@ -420,7 +419,7 @@ async fn readiness_details_are_for_admins_only() {
 
 #[tokio::test]
 async fn a_plugin_cannot_forge_log_lines_or_flood_the_log() {
-    let server = Server::start_with(ServerConfig {
+    let server = Server::in_process_with(ServerConfig {
         plugins: vec!["misbehaving"],
         ..ServerConfig::default()
     })
@@ -560,7 +559,7 @@ async fn a_clustered_node_without_a_cluster_key_refuses_to_start() {
 /// workers: now the call fails at once and the host keeps serving.
 #[tokio::test]
 async fn a_plugin_that_sleeps_fails_at_once_and_holds_no_thread() {
-    let server = Server::start_with(ServerConfig {
+    let server = Server::in_process_with(ServerConfig {
         plugins: vec!["misbehaving"],
         ..ServerConfig::default()
     })

@@ -12,7 +12,7 @@ async fn student(server: &Server) -> Client {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_frames_get_bad_request_and_the_connection_stays_open() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut client = student(&server).await;
 
     let error_event = |frame: &serde_json::Value| {
@@ -62,7 +62,7 @@ async fn malformed_frames_get_bad_request_and_the_connection_stays_open() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_nobody_handles_is_unknown_event() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut client = student(&server).await;
     client
         .send(&json!({"event": "doesNotExist", "data": 1, "ack": 1}))
@@ -84,7 +84,7 @@ async fn an_event_nobody_handles_is_unknown_event() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_null_ack_counts_as_absent_and_success_without_ack_is_silent() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut client = student(&server).await;
     client
         .send(&json!({"event": "setConnection", "data": {"device": "ios"}, "ack": null}))
@@ -97,7 +97,7 @@ async fn a_null_ack_counts_as_absent_and_success_without_ack_is_silent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn set_connection_stores_details_up_to_4096_bytes() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let (mut client, connected) = Client::connect(&server, &token("s_1", "student")).await;
     client.send(&json!({"event": "setConnection", "data": {"device": "ios", "appVersion": "3.2.1"}, "ack": 1})).await;
     assert_eq!(
@@ -132,7 +132,7 @@ async fn set_connection_stores_details_up_to_4096_bytes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refresh_token_accepts_only_a_valid_token_of_the_same_user() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let mut client = student(&server).await;
     let exp = now() + 7200;
     client
@@ -172,7 +172,7 @@ async fn a_misbehaving_plugin_gets_plugin_failed_and_the_connection_and_server_l
         plugins: vec!["misbehaving"],
         ..Default::default()
     };
-    let server = Server::start_with(config).await;
+    let server = Server::in_process_with(config).await;
     let mut client = student(&server).await;
     let off_workers = "sockets_plugin_off_workers{plugin=\"misbehaving@0.1.0\"}";
     // Spinning first: a panic prints, which moves the calls off the async
@@ -227,8 +227,8 @@ async fn a_plugin_that_prints_is_served_and_its_deliveries_arrive() {
         plugins: vec!["misbehaving"],
         ..Default::default()
     };
-    let server = Server::start_with(config).await;
-    let mut recipient = Client::connect(&server, &token("u_1", "student")).await.0;
+    let server = Server::in_process_with(config).await;
+    let mut recipient = Client::connect_as(&server, "u_1", "student").await;
     let mut client = student(&server).await;
     for ack in 1..=3 {
         // The first print is abandoned on the async worker and made again
@@ -247,5 +247,36 @@ async fn a_plugin_that_prints_is_served_and_its_deliveries_arrive() {
         server.log().contains("it uses WASI's blocking I/O"),
         "{}",
         server.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connected_is_the_first_frame_even_while_pushes_stream_in() {
+    let server = std::sync::Arc::new(Server::in_process().await);
+    let service = token("billing", "service");
+    // Pushes to s_1 without pause while s_1 connects again and again: a
+    // push registered before `connected` was queued would come first.
+    let publishing = {
+        let server = std::sync::Arc::clone(&server);
+        tokio::spawn(async move {
+            for n in 0..5_000 {
+                let body = json!({"event": "PAYMENT_PROCESSED", "data": {
+                    "paymentId": format!("p_{n}"), "studentId": "s_1",
+                    "amount": 100, "currency": "USD"}});
+                let answer = sockets_tests::client::publish(&server, &service, &body).await;
+                assert_eq!(answer.status, 202, "{}", answer.json());
+            }
+        })
+    };
+    let mut pushed_to_a_connection = false;
+    for _ in 0..40 {
+        let (mut client, first) = Client::connect(&server, &token("s_1", "student")).await;
+        assert_eq!(first["event"], "connected", "{first}");
+        pushed_to_a_connection |= client.try_recv(Duration::from_millis(50)).await.is_some();
+    }
+    publishing.abort();
+    assert!(
+        pushed_to_a_connection,
+        "the pushes reached the connections, so they raced the connects"
     );
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sockets_tests::client::{Client, Response, http};
-use sockets_tests::plugin_wasm;
+use sockets_tests::{eventually, plugin_wasm};
+
+/// How long a change of the plugins folder may take to show.
+const TEN_SECONDS: Duration = Duration::from_secs(10);
 use sockets_tests::server::{Server, ServerConfig, token};
 
 fn admin() -> Vec<(&'static str, String)> {
@@ -62,7 +65,8 @@ async fn pair(server: &Server) -> (Client, Client) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_swap_under_load_loses_and_duplicates_nothing() {
-    let server = Server::start_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "0")).await;
+    let server =
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "0")).await;
     let (mut student, mut consultant) = pair(&server).await;
     let v2 = std::fs::read(plugin_wasm("chat-v2")).unwrap();
     let v2_hash = sha256(&v2);
@@ -186,7 +190,7 @@ async fn a_swap_under_load_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_rollback_and_delete_through_the_admin_api() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let (mut student, mut consultant) = pair(&server).await;
     let v1_hash = serving_hash(&server, "chat").await.unwrap();
     assert!(
@@ -278,7 +282,7 @@ async fn upload_rollback_and_delete_through_the_admin_api() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_api_needs_the_admin_role() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let as_student = [(
         "authorization",
         format!("Bearer {}", token("s_1", "student")),
@@ -313,16 +317,19 @@ async fn the_admin_api_needs_the_admin_role() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_folder_is_watched_removed_files_unload_and_broken_files_keep_the_old_version() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let (mut student, mut consultant) = pair(&server).await;
     let v1_hash = serving_hash(&server, "chat").await.unwrap();
 
     // A half-written (truncated) file does not replace the serving version.
     let v2 = std::fs::read(plugin_wasm("chat-v2")).unwrap();
     std::fs::write(server.plugins_dir.join("chat.wasm"), &v2[..v2.len() / 2]).unwrap();
-    let failed =
-        wait_for(|| async { plugins(&server).await["plugins"][0]["lastError"].is_string() }).await;
-    assert!(failed, "the failed load is reported");
+    eventually(TEN_SECONDS, "the failed load is reported", || async {
+        plugins(&server).await["plugins"][0]["lastError"]
+            .is_string()
+            .then_some(())
+    })
+    .await;
     assert_eq!(
         serving_hash(&server, "chat").await.as_deref(),
         Some(v1_hash.as_str())
@@ -344,19 +351,20 @@ async fn the_folder_is_watched_removed_files_unload_and_broken_files_keep_the_ol
     // The rest of the write arrives: the new version loads.
     std::fs::write(server.plugins_dir.join("chat.wasm"), &v2).unwrap();
     let v2_hash = sha256(&v2);
-    assert!(
-        wait_for(|| async {
-            serving_hash(&server, "chat").await.as_deref() == Some(v2_hash.as_str())
-        })
-        .await
-    );
+    eventually(TEN_SECONDS, "the new version serves", || async {
+        (serving_hash(&server, "chat").await.as_deref() == Some(v2_hash.as_str())).then_some(())
+    })
+    .await;
     assert_eq!(
         exchange(&mut student, &mut consultant, "c_1", "v2").await["edition"],
         2
     );
 
     std::fs::remove_file(server.plugins_dir.join("chat.wasm")).unwrap();
-    assert!(wait_for(|| async { serving_hash(&server, "chat").await.is_none() }).await);
+    eventually(TEN_SECONDS, "the removed plugin unloads", || async {
+        serving_hash(&server, "chat").await.is_none().then_some(())
+    })
+    .await;
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "x"}, "ack": 3}))
         .await;
@@ -376,8 +384,8 @@ async fn changing_a_plugins_configuration_reloads_it() {
         args: vec!["--config".into(), file.display().to_string()],
         ..ServerConfig::default()
     };
-    let server = Server::start_with(config).await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process_with(config).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     let to_student = json!({"event": "sendMessage", "data": {"to": "s_2", "text": "hi"}, "ack": 1});
     student.send(&to_student).await;
     assert_eq!(student.recv().await["ok"], true);
@@ -387,13 +395,17 @@ async fn changing_a_plugins_configuration_reloads_it() {
         "[plugins.chat]\nallow = [{ from = \"student\", to = \"consultant\" }]\n",
     )
     .unwrap();
-    let reloaded = wait_for(|| async {
-        plugins(&server).await["plugins"][0]["current"]["config"]
-            .as_str()
-            .is_some_and(|config| config.contains("consultant"))
-    })
+    eventually(
+        TEN_SECONDS,
+        "the configuration change reached the plugin",
+        || async {
+            plugins(&server).await["plugins"][0]["current"]["config"]
+                .as_str()
+                .is_some_and(|config| config.contains("consultant"))
+                .then_some(())
+        },
+    )
     .await;
-    assert!(reloaded, "the configuration change reached the plugin");
     student.send(&to_student).await;
     assert_eq!(student.recv().await["error"]["code"], "forbidden");
 }
@@ -405,12 +417,12 @@ async fn a_restart_with_unchanged_plugins_uses_the_artifact_cache() {
         data_dir: Some(data_dir.clone()),
         ..ServerConfig::default()
     };
-    let server = Server::start_with(config()).await;
+    let server = Server::in_process_with(config()).await;
     let cache = plugins(&server).await["cache"].clone();
     assert_eq!(cache, json!({"hits": 0, "misses": 3}));
     assert!(server.stop().await);
 
-    let server = Server::start_with(config()).await;
+    let server = Server::in_process_with(config()).await;
     assert_eq!(
         plugins(&server).await["cache"],
         json!({"hits": 3, "misses": 0})
@@ -427,7 +439,7 @@ async fn a_restart_with_unchanged_plugins_uses_the_artifact_cache() {
     for entry in walk(&data_dir.join("plugin-cache")) {
         std::fs::write(&entry, b"garbage").unwrap();
     }
-    let server = Server::start_with(config()).await;
+    let server = Server::in_process_with(config()).await;
     assert_eq!(
         plugins(&server).await["cache"],
         json!({"hits": 0, "misses": 3})
@@ -450,20 +462,4 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
-}
-
-/// Polls `check` for up to 10 s.
-async fn wait_for<F, Fut>(check: F) -> bool
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
 }

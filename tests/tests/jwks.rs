@@ -125,7 +125,7 @@ async fn connect_status(server: &Server, token: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread")]
 async fn jwks_keys_rotate_and_survive_an_outage() {
     let jwks = JwksServer::start(key_set(&[jwk("rsa", "k1")])).await;
-    let server = Server::start_with(
+    let server = Server::in_process_with(
         ServerConfig::default()
             .env("SOCKETS_JWT_JWKS_URL", &jwks.url)
             .env("SOCKETS_JWT_JWKS_REFETCH", "2")
@@ -214,7 +214,7 @@ async fn jwks_keys_rotate_and_survive_an_outage() {
 async fn a_jwks_that_never_answered_leaves_the_server_up_and_unready() {
     let jwks = JwksServer::start(json!({"keys": []})).await;
     jwks.serve(Serving::Down);
-    let server = Server::start_with(
+    let server = Server::in_process_with(
         ServerConfig::default()
             .env("SOCKETS_JWT_JWKS_URL", &jwks.url)
             .env("SOCKETS_JWT_JWKS_REFETCH", "1")

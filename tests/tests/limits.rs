@@ -3,14 +3,14 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sockets_tests::client::{Client, counter};
+use sockets_tests::client::{Client, counter, student_and_consultant};
 use sockets_tests::eventually;
 use sockets_tests::server::{Server, ServerConfig, now, token, token_with};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_over_64_kib_closes_with_1009() {
-    let server = Server::start().await;
-    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process().await;
+    let mut client = Client::connect_as(&server, "s_1", "student").await;
     // Exactly at the limit is fine (answered, not closed).
     let at_limit = format!(r#"{{"event":"x","data":"{}"}}"#, "a".repeat(65536 - 23));
     assert_eq!(at_limit.len(), 65536);
@@ -24,8 +24,9 @@ async fn a_message_over_64_kib_closes_with_1009() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn frames_over_the_rate_get_rate_limited() {
-    let server = Server::start_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "5")).await;
-    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server =
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "5")).await;
+    let mut client = Client::connect_as(&server, "s_1", "student").await;
     for ack in 0..30u64 {
         client
             .send(&json!({"event": "setConnection", "data": {}, "ack": ack}))
@@ -50,8 +51,9 @@ async fn frames_over_the_rate_get_rate_limited() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn persistent_abuse_closes_with_1008() {
-    let server = Server::start_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "1")).await;
-    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server =
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "1")).await;
+    let mut client = Client::connect_as(&server, "s_1", "student").await;
     let started = Instant::now();
     // Bounded: 20 frames/s for at most 15 s; the server closes after 10 s.
     let sender = async {
@@ -79,8 +81,8 @@ async fn persistent_abuse_closes_with_1008() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_connection_is_closed_with_4002() {
     let config = ServerConfig::default().env("SOCKETS_IDLE_TIMEOUT", "1");
-    let server = Server::start_with(config).await;
-    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process_with(config).await;
+    let mut client = Client::connect_as(&server, "s_1", "student").await;
     let (code, reason, _) = client.closed(Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (4002, "idle timeout"));
 }
@@ -88,8 +90,8 @@ async fn a_silent_connection_is_closed_with_4002() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_keeps_talking_outlives_the_idle_timeout() {
     let config = ServerConfig::default().env("SOCKETS_IDLE_TIMEOUT", "1");
-    let server = Server::start_with(config).await;
-    let mut client = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process_with(config).await;
+    let mut client = Client::connect_as(&server, "s_1", "student").await;
     // A frame every 300 ms for 3 s: three times the timeout, never 1 s quiet.
     for ack in 0..10u64 {
         client
@@ -105,7 +107,7 @@ async fn a_connection_that_keeps_talking_outlives_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_token_closes_with_4001_unless_refreshed() {
     let config = ServerConfig::default().env("SOCKETS_JWT_LEEWAY", "0");
-    let server = Server::start_with(config).await;
+    let server = Server::in_process_with(config).await;
     // Seconds, not less: `now()` is whole seconds, and on a loaded machine
     // the connect alone has taken over one (401: token expired).
     let short = || token_with(json!({"sub": "s_1", "role": "student", "exp": now() + 5}));
@@ -134,11 +136,9 @@ async fn an_expired_token_closes_with_4001_unless_refreshed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_does_not_read_is_closed_with_1013_and_memory_stays_bounded() {
-    let server = Server::start_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "0")).await;
-    let mut sender = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut stalled = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let server =
+        Server::in_process_with(ServerConfig::default().env("SOCKETS_RATE_LIMIT", "0")).await;
+    let (mut sender, mut stalled) = student_and_consultant(&server).await;
     let text = "x".repeat(3900);
     // Bounded: at most 6000 messages of ~4 KB (~24 MB), more than the
     // outbound queue (1024 frames) plus the socket buffers can hold.

@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use mongodb::bson::{Document, doc};
 use serde_json::json;
 use sockets_tests::broker::{Names, Publisher, connections_counted_across_two_nodes, consuming};
-use sockets_tests::client::{Client, http, publish};
+use sockets_tests::client::{Client, http, publish, student_and_consultant};
 use sockets_tests::eventually;
 use sockets_tests::mongo::{FerretDb, TestDb};
 use sockets_tests::server::{Server, ServerConfig, token};
@@ -82,10 +82,7 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
     db.seed_demo_users().await;
     let server = Server::start_with(db.server_config(ServerConfig::default())).await;
     ready(&server).await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
 
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "logged"}, "ack": 1}))
@@ -165,12 +162,8 @@ async fn the_users_collection_is_the_directory() {
         .unwrap();
     let server =
         Server::start_with(db.server_config(ServerConfig::default().with_presence())).await;
-    let mut student = Client::connect(&server, &token("mongo_student", "student"))
-        .await
-        .0;
-    let mut consultant = Client::connect(&server, &token("mongo_consultant", "consultant"))
-        .await
-        .0;
+    let mut student = Client::connect_as(&server, "mongo_student", "student").await;
+    let mut consultant = Client::connect_as(&server, "mongo_consultant", "consultant").await;
 
     student
         .send(&json!({"event": "whoIs", "data": {"user": "mongo_consultant"}, "ack": 1}))
@@ -215,10 +208,8 @@ async fn a_killed_nodes_records_are_removed_by_the_survivor() {
     let config = || db.server_config(ServerConfig::default().env("SOCKETS_NODE_LEASE", "2"));
     let survivor = Server::start_with(config()).await;
     let doomed = Server::start_with(config()).await;
-    let _alive = Client::connect(&survivor, &token("s_1", "student")).await.0;
-    let dead = Client::connect(&doomed, &token("c_1", "consultant"))
-        .await
-        .0;
+    let _alive = Client::connect_as(&survivor, "s_1", "student").await;
+    let dead = Client::connect_as(&doomed, "c_1", "consultant").await;
     eventually(WAIT, "both connections are recorded", || async {
         let records = db.find("userConnections", doc! {}).await;
         (records.len() == 2).then_some(())
@@ -254,7 +245,7 @@ async fn a_node_whose_clock_runs_ahead_sweeps_no_live_node() {
     let db = TestDb::unique().await;
     let config = || db.server_config(ServerConfig::default().env("SOCKETS_NODE_LEASE", "3"));
     let honest = Server::start_with(config()).await;
-    let _client = Client::connect(&honest, &token("s_1", "student")).await.0;
+    let _client = Client::connect_as(&honest, "s_1", "student").await;
     eventually(WAIT, "the connection is recorded", || async {
         (connection_records(&db, "s_1").await.len() == 1).then_some(())
     })
@@ -343,7 +334,7 @@ async fn a_database_restart_mid_stream_loses_and_duplicates_no_log_record() {
     let db = TestDb::on(&ferret.url()).await;
     let names = Names::unique();
     let server = consuming(db.server_config_at(&ferret.url(), names.server_config())).await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     let publisher = Publisher::connect().await;
 
     let payment = |n: usize| {
@@ -425,10 +416,7 @@ async fn message_during_an_outage() -> Outage {
     let server =
         Server::start_with(db.server_config_at(&ferret.url(), ServerConfig::default())).await;
     ready(&server).await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
     // The directory entry is cached before the outage.
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "before"}, "ack": 1}))
@@ -487,16 +475,25 @@ async fn records_queued_during_an_outage_are_written_before_shutdown_ends() {
     let Outage {
         mut ferret,
         db,
-        server,
+        mut server,
         record_id,
     } = message_during_an_outage().await;
 
     // Told to stop while the database is still down, the server waits for
-    // the record; the database comes back meanwhile, after the server's
-    // other shutdown steps gave up on it (server selection: 2 s), so only
-    // that wait keeps the record.
+    // the record; the database comes back meanwhile, once the server's
+    // other shutdown steps are over, so only that wait keeps the record.
     server.begin_stop();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        Duration::from_secs(30),
+        "the server's shutdown reaches the log's flush",
+        || async {
+            server
+                .log()
+                .contains("flushing the notification log")
+                .then_some(())
+        },
+    )
+    .await;
     ferret.start().await;
     assert!(server.stopped().await, "the server exits cleanly");
     assert_eq!(

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use serde_json::json;
-use sockets_tests::client::{Client, http};
-use sockets_tests::server::{Server, ServerConfig, token};
+use sockets_tests::client::{Client, http, student_and_consultant};
+use sockets_tests::server::{Server, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_metrics() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let health = http(&server, "GET", "/healthz", &[], b"").await;
     assert_eq!(
         (health.status, health.json()["status"].as_str()),
@@ -19,10 +19,7 @@ async fn health_readiness_and_metrics() {
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.json()["checks"]["plugins"]["loaded"], 3);
 
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "hi"}, "ack": 1}))
         .await;
@@ -49,7 +46,7 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_plugins_the_server_is_alive_but_not_ready() {
-    let server = Server::start_with(ServerConfig {
+    let server = Server::in_process_with(ServerConfig {
         plugins: vec![],
         ..ServerConfig::default()
     })
@@ -63,10 +60,7 @@ async fn without_plugins_the_server_is_alive_but_not_ready() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
     let server = Server::start().await;
-    let mut a = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut b = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let (mut a, mut b) = student_and_consultant(&server).await;
     let closing = async {
         let (first, second) = tokio::join!(
             a.closed(Duration::from_secs(15)),
@@ -97,7 +91,7 @@ fn the_token_command_mints_a_token_the_server_accepts() {
     let minted = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let server = Server::start().await;
+        let server = Server::in_process().await;
         let (_client, connected) = Client::connect(&server, &minted).await;
         assert_eq!(connected["data"]["role"], "student");
     });
@@ -141,7 +135,7 @@ fn dev_mode_keeps_one_secret_in_the_data_folder() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readme_demo_runs_against_a_server() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     // Through the tests' cargo helper: with this test's cargo variables
     // left in, ring's build script would rerun, and so would it in the
     // next test binary's build of the host (~3 minutes each).
@@ -162,7 +156,7 @@ async fn the_readme_demo_runs_against_a_server() {
 
 #[tokio::test]
 async fn the_openapi_document_is_served_and_names_every_route() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let served = http(&server, "GET", "/openapi.yaml", &[], b"").await;
     assert_eq!(served.status, 200);
     let file =

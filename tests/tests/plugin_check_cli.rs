@@ -15,6 +15,19 @@ fn check(plugin: &str, args: &[&str]) -> Output {
         .expect("sockets-host runs")
 }
 
+/// `sendMessage` from student `s_1` with `data`, through the chat plugin.
+fn student_sends(data: &str) -> Output {
+    let args = [
+        "--event",
+        "sendMessage",
+        "--user",
+        "s_1",
+        "--role",
+        "student",
+    ];
+    check("chat", &[&args[..], &["--data", data]].concat())
+}
+
 fn report(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
         panic!(
@@ -68,19 +81,7 @@ fn reviews_sample_event_gives_the_protocol_push() {
 
 #[test]
 fn chat_sample_event_uses_the_demo_directory() {
-    let output = check(
-        "chat",
-        &[
-            "--event",
-            "sendMessage",
-            "--user",
-            "s_1",
-            "--role",
-            "student",
-            "--data",
-            r#"{"to":"c_1","text":"hello"}"#,
-        ],
-    );
+    let output = student_sends(r#"{"to":"c_1","text":"hello"}"#);
     assert!(output.status.success());
     let outcome = &report(&output)["outcome"];
     assert_eq!(
@@ -94,19 +95,7 @@ fn chat_sample_event_uses_the_demo_directory() {
 
 #[test]
 fn a_refusal_is_reported_with_its_code_and_a_failing_exit_status() {
-    let output = check(
-        "chat",
-        &[
-            "--event",
-            "sendMessage",
-            "--user",
-            "s_1",
-            "--role",
-            "student",
-            "--data",
-            r#"{"to":"ghost","text":"hi"}"#,
-        ],
-    );
+    let output = student_sends(r#"{"to":"ghost","text":"hi"}"#);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(report(&output)["error"]["code"], "not_found");
 }

@@ -447,6 +447,21 @@ fn the_registry_merges_plugins_subscribed_to_one_event_in_name_order() {
         set.dispatch(&event("NOBODY_LISTENS", Origin::Broker, json!(null))),
         Err(DispatchError::NoHandler(_))
     ));
+
+    // All or nothing: chat-b allows nobody, so the event fails as a whole
+    // and chat-a's delivery is not made either.
+    let strict = PluginRegistry::new();
+    strict.install(runtime.load("chat-a", &chat, "{}").unwrap());
+    strict.install(runtime.load("chat-b", &chat, r#"{"allow":[]}"#).unwrap());
+    let refused = strict.snapshot().dispatch(&event(
+        "sendMessage",
+        client("s_1", "student"),
+        json!({"to":"c_1","text":"hi"}),
+    ));
+    match refused {
+        Err(DispatchError::Plugin { plugin, .. }) => assert_eq!(&*plugin, "chat-b@0.1.0"),
+        other => panic!("one refusal fails the event: {other:?}"),
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 use sockets_host::store::{EmbeddedLog, NotificationLog};
-use sockets_tests::client::{Client, http, publish};
+use sockets_tests::client::{Client, http, publish, student_and_consultant};
 use sockets_tests::server::{Server, token};
 
 fn service() -> String {
@@ -15,12 +15,9 @@ fn payment() -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn payment_processed_reaches_every_connection_of_the_student() {
-    let server = Server::start().await;
-    let mut phone = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut laptop = Client::connect(&server, &token("s_1", "student")).await.0;
-    let mut other = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let server = Server::in_process().await;
+    let mut phone = Client::connect_as(&server, "s_1", "student").await;
+    let (mut laptop, mut other) = student_and_consultant(&server).await;
 
     let response = publish(
         &server,
@@ -49,10 +46,8 @@ async fn payment_processed_reaches_every_connection_of_the_student() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn review_added_reaches_the_consultant_and_is_logged_even_offline() {
-    let server = Server::start().await;
-    let mut consultant = Client::connect(&server, &token("c_1", "consultant"))
-        .await
-        .0;
+    let server = Server::in_process().await;
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
     let review = json!({"reviewId":"r_1","consultantId":"c_1","studentId":"s_1","rating":5,"comment":"Great session"});
     let response = publish(
         &server,
@@ -98,8 +93,8 @@ async fn review_added_reaches_the_consultant_and_is_logged_even_offline() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repeated_id_is_answered_like_the_first_and_delivered_once() {
-    let server = Server::start().await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process().await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     let body = json!({"event": "PAYMENT_PROCESSED", "data": payment(), "id": "pay-p_1"});
     let first = publish(&server, &service(), &body).await.json();
     assert_eq!(first, json!({"id": "pay-p_1", "recipients": 1}));
@@ -121,7 +116,7 @@ async fn a_repeated_id_is_answered_like_the_first_and_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_have_the_protocol_statuses_and_bodies() {
-    let server = Server::start().await;
+    let server = Server::in_process().await;
     let expect = |response: sockets_tests::client::Response, status: u16, code: &str| {
         response.assert_error(status, code);
     };
@@ -239,8 +234,8 @@ async fn errors_have_the_protocol_statuses_and_bodies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_cannot_forge_a_backend_event() {
-    let server = Server::start().await;
-    let mut student = Client::connect(&server, &token("s_1", "student")).await.0;
+    let server = Server::in_process().await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
     student
         .send(&json!({"event": "PAYMENT_PROCESSED", "data": payment(), "ack": 1}))
         .await;
@@ -254,8 +249,8 @@ async fn a_client_cannot_forge_a_backend_event() {
 /// log `_id`s.
 #[tokio::test]
 async fn the_same_event_on_two_nodes_pushes_the_same_delivery_id() {
-    let first = Server::start().await;
-    let second = Server::start().await;
+    let first = Server::in_process().await;
+    let second = Server::in_process().await;
     let service = token("billing", "service");
     let event = json!({"event": "PAYMENT_PROCESSED", "id": "pay-same-everywhere",
         "data": {"paymentId": "p_7", "studentId": "s_1"}});

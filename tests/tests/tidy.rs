@@ -25,7 +25,11 @@ fn each_dependency_is_named_only_by_the_module_that_owns_it() {
     let src = workspace_root().join("host/src");
     let mut crossings = Vec::new();
     for file in rust_files(&src) {
-        let relative = file.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        let relative = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let text = std::fs::read_to_string(&file).unwrap();
         for (number, line) in text.lines().enumerate() {
             let code = line.trim_start();
@@ -49,9 +53,15 @@ fn each_dependency_is_named_only_by_the_module_that_owns_it() {
 #[test]
 fn the_boundary_check_sees_a_crossing() {
     assert!(names_crate("use axum::extract::ws::Message;", "axum"));
-    assert!(names_crate("let frame: axum::extract::ws::Utf8Bytes;", "axum"));
+    assert!(names_crate(
+        "let frame: axum::extract::ws::Utf8Bytes;",
+        "axum"
+    ));
     assert!(!names_crate("let backend = \"mongodb\";", "mongodb"));
-    assert!(!names_crate("use crate::store::mongodb_like::X;", "mongodb"));
+    assert!(!names_crate(
+        "use crate::store::mongodb_like::X;",
+        "mongodb"
+    ));
 }
 
 #[test]
@@ -59,7 +69,7 @@ fn every_crate_inherits_the_workspace_lints() {
     let root = workspace_root();
     let manifests = std::process::Command::new("git")
         .args(["ls-files", "*Cargo.toml"])
-        .current_dir(&root)
+        .current_dir(root)
         .output()
         .expect("git lists the manifests");
     assert!(manifests.status.success());

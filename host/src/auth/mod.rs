@@ -372,17 +372,7 @@ mod tests {
     use super::*;
 
     fn config() -> JwtConfig {
-        JwtConfig {
-            secret: Some("test-secret".into()),
-            public_key_pem: None,
-            issuer: None,
-            audience: None,
-            algorithms: None,
-            leeway: Duration::from_secs(30),
-            max_sub_bytes: 256,
-            jwks_url: None,
-            jwks_refetch: Duration::from_secs(30),
-        }
+        JwtConfig::with_secret("test-secret")
     }
 
     #[test]

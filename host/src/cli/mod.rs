@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Settings;
+use crate::config::{Config, ConfigError, Settings};
 
 /// Realtime WebSocket gateway routed by WebAssembly plugins.
 #[derive(Debug, Parser)]
@@ -21,6 +21,25 @@ pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The configuration this command line names: its `--config` file
+    /// (made absolute) under its flags and environment, validated.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let config_file = self
+            .config
+            .as_deref()
+            .map(|path| crate::config::absolute(path, "--config"))
+            .transpose()?;
+        let file = match &config_file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        let mut config = Config::from_settings(self.settings.clone().or(file))?;
+        config.config_file = config_file;
+        Ok(config)
+    }
 }
 
 /// Subcommands.
