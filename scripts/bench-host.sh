@@ -9,16 +9,7 @@
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-# BUILD: the cargo profile of the host and the load generator. `release`
-# (the default) is what the figures are taken with; `dev` skips the
-# minutes of fat LTO for a smoke run of the scripts (scripts/test.sh),
-# whose figures mean nothing. The plugins are always built for release.
-BUILD=${BUILD:-release}
-case $BUILD in
-    release) bin_dir=target/release ;;
-    dev) bin_dir=target/debug ;;
-    *) echo "BUILD must be release or dev, not '$BUILD'" >&2; exit 1 ;;
-esac
+. scripts/bench-build.sh
 
 # A JSON string of $1.
 json_string() { local s=${1//\\/\\\\}; printf '"%s"' "${s//\"/\\\"}"; }
@@ -37,8 +28,7 @@ sitting_fields() {
 
 build_for_bench() {
     step "Building the host ($BUILD), the plugins and the load generator"
-    scripts/build-plugins.sh >&2
-    cargo build --profile "$BUILD" --locked -p sockets-host -p loadgen >&2
+    build_bench_binaries
 }
 
 # Until something listens on $1 (host:port).

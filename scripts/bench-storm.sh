@@ -16,17 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BUILD=${BUILD:-release}
 CONNECTIONS=${CONNECTIONS:-19500}
 IN_FLIGHT=${IN_FLIGHT:-200}
 ROUNDS=${ROUNDS:-3}
-case $BUILD in
-    release) bin_dir=target/release ;;
-    dev) bin_dir=target/debug ;;
-    *) echo "BUILD must be release or dev, not '$BUILD'" >&2; exit 1 ;;
-esac
-scripts/build-plugins.sh >&2
-cargo build --profile "$BUILD" --locked -p sockets-host -p loadgen >&2
+. scripts/bench-build.sh
+build_bench_binaries
 
 SECRET=bench-storm-secret-not-secret
 ADDR=127.0.0.1:18082

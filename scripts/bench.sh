@@ -31,7 +31,7 @@
 # so each server gets one core whatever its threading -- Socket.IO's Node
 # is single-threaded -- and neither competes with the load generator; 0:
 # no pinning), OUT (target/bench: where results.jsonl goes), BUILD
-# (release; dev: a smoke run of this script, see scripts/bench-host.sh).
+# (release; dev: a smoke run of this script, see scripts/bench-build.sh).
 #
 # Ends with `loadgen check-results`: the script fails, naming the runs,
 # when any run lost, duplicated, failed or refused something.

@@ -15,7 +15,7 @@
 # (10), SAMPLE seconds recorded from the middle of it (4), FREQ samples
 # per second (999), OUT (target/bench: where profile.jsonl and perf.data
 # go), BUILD (release; dev: a smoke run of this script, see
-# scripts/bench-host.sh).
+# scripts/bench-build.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-host.sh
