@@ -111,7 +111,55 @@ async fn readme_first_command_and_trying_it() {
         "{payment}"
     );
 
+    // The browser snippet, run by Node (whose WebSocket is the browser's).
+    let snippet = code_blocks(trying, "js")
+        .into_iter()
+        .next()
+        .expect("a JavaScript client in \"Trying it\"");
+    let replied = run_javascript(&format!(
+        "const token = {};\n{snippet}\n\
+         ws.addEventListener('message', (f) => {{ if (JSON.parse(f.data).ack === 1) process.exit(0); }});\n\
+         setTimeout(() => process.exit(1), 10000);",
+        json!(student_token)
+    ));
+    assert!(replied.contains("event: 'connected'"), "{replied}");
+    assert!(
+        replied.contains("ack: 1") && replied.contains("ok: true"),
+        "{replied}"
+    );
+    // After the demo's messages (and its `c_1`'s copies to this one).
+    let mut texts = Vec::new();
+    while texts.last() != Some(&json!("hello")) {
+        assert!(
+            texts.len() < 10,
+            "the snippet's message never came: {texts:?}"
+        );
+        texts.push(next_event(&mut consultant, "message").await["data"]["text"].clone());
+    }
+
     assert!(server.stop().await, "SIGTERM ends the server with success");
+}
+
+/// Runs a script with Node (its WebSocket behind a flag before Node 22);
+/// its stdout.
+fn run_javascript(script: &str) -> String {
+    let version = stdout_of({
+        let mut command = std::process::Command::new("node");
+        command.arg("--version");
+        command
+    });
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok())
+        .unwrap_or_else(|| panic!("node --version said {version}"));
+    let mut command = as_newcomer("node");
+    if major < 22 {
+        command.arg("--experimental-websocket");
+    }
+    command.args(["-e", script]);
+    stdout_of(command)
 }
 
 /// `sockets-host` with no arguments and no settings in an empty folder:
@@ -264,8 +312,13 @@ fn section<'a>(readme: &'a str, heading: &str) -> &'a str {
 
 /// The ```sh blocks of a README section.
 fn shell_blocks(section: &str) -> Vec<&str> {
+    code_blocks(section, "sh")
+}
+
+/// The code blocks of `language` in a README section.
+fn code_blocks<'a>(section: &'a str, language: &str) -> Vec<&'a str> {
     section
-        .split("```sh\n")
+        .split(&format!("```{language}\n"))
         .skip(1)
         .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
         .collect()
