@@ -225,17 +225,13 @@ impl JwtConfig {
     /// HS256 tokens under `secret`, with every other setting at its default
     /// (PROTOCOL §9): what tests and tools that mint their own tokens use.
     pub fn with_secret(secret: &str) -> Self {
-        Self {
-            secret: Some(secret.to_owned()),
-            public_key_pem: None,
-            issuer: None,
-            audience: None,
-            algorithms: None,
-            leeway: Duration::from_secs(30),
-            max_sub_bytes: 256,
-            jwks_url: None,
-            jwks_refetch: Duration::from_secs(30),
-        }
+        let settings = Settings {
+            jwt_secret: Some(secret.to_owned()),
+            ..Settings::default()
+        };
+        Config::from_settings(settings)
+            .expect("the default settings are valid")
+            .jwt
     }
 }
 

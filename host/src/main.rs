@@ -1,6 +1,8 @@
 //! `sockets-host`: parses the command line and configuration, sets up
 //! logging, binds, and runs the chosen command.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;

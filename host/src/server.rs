@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::cluster::{Cluster, ClusterKey, ClusterPresence, LocalNode, RemotePresence};
 use crate::config::Config;
+use crate::delivery::registry::ConnectionRegistry;
 use crate::dispatch::{Dispatcher, PluginServices};
 use crate::gateway::{self, AppState, ConnectionLimits, app};
 use crate::health::Health;
@@ -23,7 +24,6 @@ use crate::intake::amqp::AmqpIntake;
 use crate::metrics::Metrics;
 use crate::plugin::manager::{self, PluginManager};
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
-use crate::registry::ConnectionRegistry;
 use crate::store::directory::FileDirectory;
 use crate::store::directory::UserDirectory;
 use crate::store::mongo::{
@@ -235,7 +235,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
     };
     // A delivery repeats at the latest when another node takes over a
     // dead node's event, a lease after the fact.
-    let recent = Arc::new(crate::recent::RecentDeliveries::new(
+    let recent = Arc::new(crate::delivery::recent::RecentDeliveries::new(
         config.node_lease * 2 + Duration::from_secs(30),
     ));
     // The link stops after everything that forwards copies has finished.

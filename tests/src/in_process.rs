@@ -4,7 +4,10 @@
 //! for its shutdown), and its log written to a file as the binary writes
 //! its stderr. No process to spawn and no binary to build: what the tests
 //! of HTTP and WebSocket behaviour need. Tests of the command line, of
-//! signals, restarts and clusters spawn the binary.
+//! signals, clusters and faults spawn the binary, and so does a test that
+//! asserts what the log lacks: here only the server's runtime threads log
+//! to its file (not the log's own writer threads, not `log`-crate records,
+//! not a panic's message).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -30,6 +33,17 @@ impl InProcess {
     /// Starts the host with this command line (`serve` and its flags), its
     /// log going to `log_file`; returns once it listens.
     pub fn start(args: Vec<OsString>, log_file: &Path) -> (InProcess, SocketAddr) {
+        // The binary's settings also come from the environment; a server in
+        // this process would read the test's, which only the command line
+        // should set.
+        let inherited: Vec<String> = std::env::vars()
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with("SOCKETS_") && !name.starts_with("SOCKETS_TEST_"))
+            .collect();
+        assert!(
+            inherited.is_empty(),
+            "unset {inherited:?}: in-process test servers take their settings from the command line"
+        );
         let config = config_from(args).unwrap_or_else(|err| panic!("the settings: {err:#}"));
         let log = log_dispatch(&config.log, log_file);
         let (listening, addr) = std::sync::mpsc::channel();
@@ -37,8 +51,8 @@ impl InProcess {
         let thread = std::thread::Builder::new()
             .name("in-process-host".into())
             .spawn(move || {
+                // As the binary's `Runtime::new()`: a worker per core.
                 let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
                     .enable_all()
                     .on_thread_start({
                         let log = log.clone();
@@ -63,10 +77,16 @@ impl InProcess {
         let addr = match addr.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => addr,
             Err(_) => {
-                let failure = match thread.join() {
-                    Ok(Err(err)) => format!("{err:#}"),
-                    Ok(Ok(())) => "it stopped".to_owned(),
-                    Err(_) => "it panicked".to_owned(),
+                // A server still starting after a minute is not joined: it
+                // would hold the test forever.
+                let failure = if !thread.is_finished() {
+                    "still starting after 60 s".to_owned()
+                } else {
+                    match thread.join() {
+                        Ok(Err(err)) => format!("{err:#}"),
+                        Ok(Ok(())) => "it stopped".to_owned(),
+                        Err(_) => "it panicked".to_owned(),
+                    }
                 };
                 panic!(
                     "the in-process server did not start: {failure}; its log:\n{}",

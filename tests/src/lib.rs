@@ -1,6 +1,8 @@
 //! Support for the end-to-end tests: real plugins and the real binary, built
 //! from source on first use.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

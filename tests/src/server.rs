@@ -1,5 +1,6 @@
-//! The real `sockets-host` binary, started on a free port with its own data
-//! and plugins folders, and stopped (SIGTERM) or killed on drop.
+//! A test server on a free port with its own data and plugins folders: the
+//! real `sockets-host` binary (stopped with SIGTERM, killed on drop), or
+//! the host's library inside the test process (`src/in_process.rs`).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -152,7 +153,8 @@ impl Folders {
 fn fresh_data_dir_sharing_compiled_plugins(root: &Path) -> PathBuf {
     let data_dir = root.join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let shared = crate::target_dir().join("test-plugin-cache");
+    // Absolute: a relative link would resolve against `data/`.
+    let shared = std::path::absolute(crate::target_dir().join("test-plugin-cache")).unwrap();
     std::fs::create_dir_all(&shared).unwrap();
     std::os::unix::fs::symlink(&shared, data_dir.join("plugin-cache")).unwrap();
     data_dir

@@ -303,7 +303,7 @@ fn base64_url(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_never_reach_the_log_or_an_error_body() {
-    let server = Server::in_process().await;
+    let server = Server::start().await;
     let expired = token_with(json!({"sub": "s_1", "role": "student", "exp": now() - 3600}));
     let forged = sign(
         Algorithm::HS256,

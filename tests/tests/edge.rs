@@ -419,7 +419,7 @@ async fn readiness_details_are_for_admins_only() {
 
 #[tokio::test]
 async fn a_plugin_cannot_forge_log_lines_or_flood_the_log() {
-    let server = Server::in_process_with(ServerConfig {
+    let server = Server::start_with(ServerConfig {
         plugins: vec!["misbehaving"],
         ..ServerConfig::default()
     })
@@ -559,7 +559,7 @@ async fn a_clustered_node_without_a_cluster_key_refuses_to_start() {
 /// workers: now the call fails at once and the host keeps serving.
 #[tokio::test]
 async fn a_plugin_that_sleeps_fails_at_once_and_holds_no_thread() {
-    let server = Server::in_process_with(ServerConfig {
+    let server = Server::start_with(ServerConfig {
         plugins: vec!["misbehaving"],
         ..ServerConfig::default()
     })

@@ -128,11 +128,6 @@ async fn database_killed_and_restarted_mid_stream() {
     ledger
         .check(Some(&names), Log::Mongo(&db), Connections::one(&receipts))
         .await;
-    assert!(
-        server.log().contains("will retry"),
-        "the host never met the database's outage:\n{}",
-        server.log()
-    );
     assert!(server.stop().await);
 }
 

@@ -116,11 +116,12 @@ async fn readme_first_command_and_trying_it() {
         .into_iter()
         .next()
         .expect("a JavaScript client in \"Trying it\"");
+    assert!(snippet.contains("\"PASTE $TOKEN\""), "{snippet}");
+    let snippet = snippet.replace("\"PASTE $TOKEN\"", &json!(student_token).to_string());
     let replied = run_javascript(&format!(
-        "const token = {};\n{snippet}\n\
+        "{snippet}\n\
          ws.addEventListener('message', (f) => {{ if (JSON.parse(f.data).ack === 1) process.exit(0); }});\n\
          setTimeout(() => process.exit(1), 10000);",
-        json!(student_token)
     ));
     assert!(replied.contains("event: 'connected'"), "{replied}");
     assert!(

@@ -480,8 +480,8 @@ async fn records_queued_during_an_outage_are_written_before_shutdown_ends() {
     } = message_during_an_outage().await;
 
     // Told to stop while the database is still down, the server waits for
-    // the record; the database comes back meanwhile, once the server's
-    // other shutdown steps are over, so only that wait keeps the record.
+    // the record; the database comes back meanwhile, once the steps before
+    // the log's flush are over, so only that wait keeps the record.
     server.begin_stop();
     eventually(
         Duration::from_secs(30),

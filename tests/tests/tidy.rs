@@ -17,6 +17,10 @@ const BOUNDARIES: &[(&str, &[&str])] = &[
     ("lapin", &["intake/amqp.rs", "cluster/"]),
     ("axum", &["gateway/"]),
     ("tungstenite", &["gateway/"]),
+    ("hyper", &["gateway/"]),
+    ("hyper_util", &["gateway/"]),
+    ("tower", &["gateway/"]),
+    ("http_body_util", &["gateway/"]),
     ("notify", &["plugin/manager.rs"]),
 ];
 
@@ -62,6 +66,40 @@ fn the_boundary_check_sees_a_crossing() {
         "use crate::store::mongodb_like::X;",
         "mongodb"
     ));
+    assert!(!names_crate("use crate::lapin::Channel;", "lapin"));
+    assert!(names_crate("use ::lapin::Channel;", "lapin"));
+    assert!(names_crate("use lapin as amqp;", "lapin"));
+    assert!(names_crate("extern crate lapin;", "lapin"));
+}
+
+#[test]
+fn unsafe_code_is_forbidden_outside_the_generated_plugin_bindings() {
+    let root = workspace_root();
+    for crate_root in [
+        "host/src/lib.rs",
+        "host/src/main.rs",
+        "tests/src/lib.rs",
+        "tests/loadgen/src/main.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(crate_root)).unwrap();
+        assert!(
+            text.contains("#![forbid(unsafe_code)]"),
+            "{crate_root} no longer forbids unsafe code"
+        );
+    }
+    // The workspace denies it; only the component bindings may allow it.
+    let allowed = ["sdk/src/lib.rs", "tests/plugins/wrong-world/src/lib.rs"];
+    let listed = std::process::Command::new("git")
+        .args(["grep", "-l", "allow(unsafe_code"])
+        .current_dir(root)
+        .output()
+        .expect("git greps");
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let others: Vec<&str> = listed
+        .lines()
+        .filter(|file| !allowed.contains(file) && *file != "tests/tests/tidy.rs")
+        .collect();
+    assert!(others.is_empty(), "unsafe code allowed in {others:?}");
 }
 
 #[test]
@@ -108,12 +146,27 @@ fn no_build_output_is_committed() {
     assert!(outputs.is_empty(), "build outputs committed: {outputs:?}");
 }
 
-/// Whether a line of code names `dependency` as a path (`dependency::…`).
+/// Whether a line of code names `dependency`: as a path (`dependency::…`,
+/// `::dependency::…`), in `use dependency;` or `use dependency as …`, or in
+/// `extern crate dependency`.
 fn names_crate(code: &str, dependency: &str) -> bool {
-    let pattern = format!("{dependency}::");
-    code.match_indices(&pattern).any(|(at, _)| {
-        let before = code[..at].chars().next_back();
-        !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+    let imports = [
+        format!("use {dependency};"),
+        format!("use {dependency} as "),
+        format!("use ::{dependency}"),
+        format!("extern crate {dependency}"),
+    ];
+    if imports.iter().any(|import| code.contains(import.as_str())) {
+        return true;
+    }
+    let path = format!("{dependency}::");
+    code.match_indices(&path).any(|(at, _)| {
+        // `::lapin::…` is the crate too; `crate::lapin::…` a module of ours.
+        let before = &code[..at];
+        let before = before.strip_suffix("::").unwrap_or(before);
+        let previous = before.chars().next_back();
+        let leading_colons = before.len() < code[..at].len();
+        !previous.is_some_and(|c| c.is_alphanumeric() || c == '_' || (c == ':' && !leading_colons))
     })
 }
 

@@ -7,7 +7,7 @@
 //! id, `users: u16` user ids, and the frame, each string as `len: u32` +
 //! UTF-8 bytes. Integers are big-endian.
 
-use crate::registry::OutboundFrame;
+use crate::delivery::registry::OutboundFrame;
 
 const VERSION: u8 = 1;
 

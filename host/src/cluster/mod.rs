@@ -22,14 +22,10 @@
 //! left and waits for the broker's confirms before it closes.
 
 mod batch;
-mod gossip;
-mod inbound;
 mod joins;
 mod link;
-mod outbox;
 mod presence;
 mod signing;
-mod topology;
 
 pub use presence::{Announcement, ClusterPresence, RemotePresence};
 pub use signing::ClusterKey;
@@ -39,11 +35,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::delivery::recent::RecentDeliveries;
+use crate::delivery::registry::{ConnectionRegistry, OutboundFrame};
 use crate::health::Health;
 use crate::intake::amqp::AmqpSettings;
 use crate::metrics::Metrics;
-use crate::recent::RecentDeliveries;
-use crate::registry::{ConnectionRegistry, OutboundFrame};
 use batch::DeliveryCopy;
 use link::{Inboxes, Link};
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::ConnectionRegistry;
+use crate::delivery::registry::ConnectionRegistry;
 use crate::store::Presence;
 
 /// How often a node says it is alive when nothing changed.

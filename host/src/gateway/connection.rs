@@ -18,13 +18,15 @@ use tokio::time::{sleep_until, timeout};
 use super::AppState;
 use super::rate::{RateLimiter, Verdict};
 use crate::auth::Claims;
+use crate::delivery::registry::{
+    CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame,
+};
 use crate::dispatch::Inbound;
 use crate::plugin::{ClientOrigin, Event, Origin};
 use crate::protocol::{
     ClientFrame, ErrorBody, ErrorCode, FrameError, error_frame, event_frame, new_id, ok_reply,
     parse_client_frame, rfc3339,
 };
-use crate::registry::{CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame};
 use crate::store::{ConnectionRecord, Source};
 
 /// Close codes of PROTOCOL.md §6.
@@ -65,11 +67,17 @@ pub fn run(
     session: Session,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    let handle = Arc::new(ConnectionHandle::new(
-        new_id().into(),
+    let id: Arc<str> = new_id().into();
+    // The `connected` frame is the queue's first, from the start: no
+    // delivery can overtake it, whenever the connection is registered.
+    let connected =
+        json!({"connectionId": &*id, "userId": session.claims.sub, "role": session.claims.role});
+    let handle = Arc::new(ConnectionHandle::opened_with(
+        id,
         session.claims.sub.as_str().into(),
         session.claims.role.as_str().into(),
         state.config.limits.outbound_queue_frames,
+        event_frame("connected", &connected).into(),
     ));
     let limits = &state.config.limits;
     let limiter = RateLimiter::new(limits.rate_limit, limits.abuse_window, Instant::now());
@@ -148,10 +156,6 @@ impl Connection {
             tracing::warn!(connection = %handle.id, "connection record not stored: {err}");
         }
 
-        // The `connected` frame is queued before the connection is
-        // registered, so that no delivery can overtake it.
-        let connected = json!({"connectionId": &*handle.id, "userId": session.claims.sub, "role": session.claims.role});
-        handle.push(event_frame("connected", &connected).into());
         state.connections.register(Arc::clone(handle));
         if let Some(cluster) = &state.cluster {
             // The writer starts after this: the client sees `connected` only

@@ -24,13 +24,13 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::delivery::registry::ConnectionRegistry;
 use crate::dispatch::Dispatcher;
 use crate::health::Health;
 use crate::intake::Idempotency;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
 use crate::plugin::manager::PluginManager;
-use crate::registry::ConnectionRegistry;
 use crate::store::ConnectionStore;
 
 /// Everything request handlers and connection tasks share.

@@ -210,8 +210,8 @@ pub trait Presence: Send + Sync {
     fn count_of_user(&self, user_id: &str) -> usize;
 }
 
-impl Presence for crate::registry::ConnectionRegistry {
+impl Presence for crate::delivery::registry::ConnectionRegistry {
     fn count_of_user(&self, user_id: &str) -> usize {
-        crate::registry::ConnectionRegistry::count_of_user(self, user_id)
+        crate::delivery::registry::ConnectionRegistry::count_of_user(self, user_id)
     }
 }

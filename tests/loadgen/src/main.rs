@@ -13,6 +13,8 @@
 //! loadgen check-results target/bench/results.jsonl
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod broker;
 mod chat;
 mod edge;

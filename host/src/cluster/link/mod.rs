@@ -12,22 +12,27 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, watch};
 
-use super::inbound::{message_type, sender};
-use super::joins::Joins;
-use super::outbox::{Batch, BatchConfirm, OUTBOX_LIMIT};
-use super::presence::{self, Announcement};
-use super::signing::ClusterKey;
-use super::{LocalNode, Membership, Outgoing, RemotePresence};
+mod gossip;
+mod inbound;
+mod outbox;
+mod topology;
+
 use crate::backoff::Backoff;
+use crate::cluster::joins::Joins;
+use crate::cluster::presence::{self, Announcement};
+use crate::cluster::signing::{self, ClusterKey};
+use crate::cluster::{LocalNode, Membership, Outgoing, RemotePresence};
+use crate::delivery::recent::RecentDeliveries;
+use crate::delivery::registry::ConnectionRegistry;
 use crate::health::Health;
 use crate::intake::amqp::{AmqpSettings, RECONNECT, stopped};
 use crate::metrics::Metrics;
-use crate::recent::RecentDeliveries;
-use crate::registry::ConnectionRegistry;
+use inbound::{message_type, sender};
+use outbox::{Batch, BatchConfirm, OUTBOX_LIMIT};
 
 /// What the link takes in: membership changes and copies to publish.
 pub(super) struct Inboxes {
@@ -37,29 +42,29 @@ pub(super) struct Inboxes {
 
 /// The task that owns the broker connection of the cluster.
 pub(super) struct Link {
-    pub(super) settings: AmqpSettings,
-    pub(super) instance_id: Arc<str>,
+    settings: AmqpSettings,
+    instance_id: Arc<str>,
     /// This node's queue: `<nodes exchange>.<instance id>`.
-    pub(super) queue: String,
+    queue: String,
     /// The fanout exchange of presence announcements:
     /// `<nodes exchange>.presence`.
-    pub(super) presence_exchange: String,
-    pub(super) connections: Arc<ConnectionRegistry>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) status: Arc<Health>,
+    presence_exchange: String,
+    connections: Arc<ConnectionRegistry>,
+    metrics: Arc<Metrics>,
+    status: Arc<Health>,
     /// Signs what this node publishes and checks what it consumes.
-    pub(super) key: ClusterKey,
+    key: ClusterKey,
     /// Rejected messages so far, to log the first of a burst only.
-    pub(super) rejected: u64,
+    rejected: u64,
     /// Batches not yet confirmed by the broker, oldest first.
-    pub(super) outbox: VecDeque<Batch>,
+    outbox: VecDeque<Batch>,
     /// Delivery ids pushed on this node (shared with the dispatcher).
-    pub(super) recent: Arc<RecentDeliveries>,
-    pub(super) remote: Arc<RemotePresence>,
+    recent: Arc<RecentDeliveries>,
+    remote: Arc<RemotePresence>,
     /// This node's announcements and the joins waiting for answers.
-    pub(super) joins: Joins,
+    joins: Joins,
     /// Opens the dispatcher's way to the outbox once the link knows the others.
-    pub(super) routing: watch::Sender<bool>,
+    routing: watch::Sender<bool>,
 }
 
 impl Link {
@@ -279,6 +284,16 @@ impl Link {
         }
         self.release_joins(now);
         Ok(())
+    }
+
+    /// `headers` with this node's signature of a message added.
+    fn signed(&self, kind: &str, body: &[u8], mut headers: FieldTable) -> FieldTable {
+        let signature = self.key.sign(kind, &self.instance_id, body);
+        headers.insert(
+            signing::SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(signature.into()),
+        );
+        headers
     }
 }
 

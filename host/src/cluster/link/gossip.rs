@@ -7,9 +7,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 
+use super::Link;
 use super::inbound::sender;
-use super::link::Link;
-use super::presence::{self, Announcement};
+use crate::cluster::presence::{self, Announcement};
 
 impl Link {
     /// Publishes the gathered changes: each user's count now.

@@ -3,27 +3,17 @@
 
 use std::borrow::Cow;
 
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, ShortString};
 
-use super::batch;
+use super::Link;
 use super::gossip::addressed_kind;
-use super::link::Link;
 use super::outbox::BATCH_KIND;
-use super::presence;
-use super::signing;
-use crate::registry::Push;
+use crate::cluster::batch;
+use crate::cluster::presence;
+use crate::cluster::signing;
+use crate::delivery::registry::Push;
 
 impl Link {
-    /// `headers` with this node's signature of a message added.
-    pub(super) fn signed(&self, kind: &str, body: &[u8], mut headers: FieldTable) -> FieldTable {
-        let signature = self.key.sign(kind, &self.instance_id, body);
-        headers.insert(
-            signing::SIGNATURE_HEADER.into(),
-            AMQPValue::LongString(signature.into()),
-        );
-        headers
-    }
-
     /// Whether a consumed message was signed with the cluster key by the
     /// node it names; others are dropped, counted and (the first of a
     /// burst) logged.

@@ -7,7 +7,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use super::link::Link;
+use super::Link;
 
 /// A node queue nobody consumes from is deleted after this long: a node
 /// that died leaves no queue behind for longer.

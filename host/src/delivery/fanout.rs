@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::delivery::registry::{ConnectionHandle, ConnectionRegistry, OutboundFrame, Push};
 use crate::plugin::Recipient;
-use crate::registry::{ConnectionHandle, ConnectionRegistry, OutboundFrame, Push};
 
 /// Where one frame went.
 #[derive(Debug, Default, PartialEq, Eq)]

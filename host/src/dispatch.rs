@@ -1,8 +1,6 @@
 //! Event → plugins → outcome → deliveries → log: the path every event takes,
 //! whatever its intake (WebSocket, HTTP, broker).
 
-mod fanout;
-
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -11,17 +9,17 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
+use crate::delivery::fanout::{Reached, Sender, fan_out};
+use crate::delivery::recent::RecentDeliveries;
+use crate::delivery::registry::{ConnectionRegistry, OutboundFrame};
 use crate::metrics::Metrics;
 use crate::plugin::{
     CallError, DispatchError, Event, HostServices, Origin, PluginDelivery, PluginRegistry,
     Recipient, RefusalCode,
 };
 use crate::protocol::{ErrorBody, ErrorCode, delivery_id, push_frame, rfc3339};
-use crate::recent::RecentDeliveries;
-use crate::registry::{ConnectionRegistry, OutboundFrame};
 use crate::store::directory::{User, UserDirectory};
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
-use fanout::{Reached, Sender, fan_out};
 
 /// How long a client or HTTP publisher waits for its log records.
 pub const LOG_WAIT: Duration = Duration::from_secs(5);

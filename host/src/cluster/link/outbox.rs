@@ -14,10 +14,10 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Outgoing;
-use super::batch::{self, DeliveryCopy};
-use super::link::Link;
+use super::Link;
 use super::topology::routing_key;
+use crate::cluster::Outgoing;
+use crate::cluster::batch::{self, DeliveryCopy};
 
 /// Most copies published in one batch.
 pub(super) const MAX_BATCH: usize = 256;
