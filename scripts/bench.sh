@@ -18,13 +18,19 @@
 # (`loadgen broker`: a plain consumer on a quorum queue), the broker's own
 # share of that latency.
 #
-# Last, chat again at both pair counts, ROUNDS times each server, the two
-# alternated run by run: this VM's speed drifts over minutes, so the
-# throughput ratio is taken as the median of ratios measured side by side
-# (a "chat-alternated" summary line per pair count), not from two runs
-# minutes apart.
+# The same chat runs against a bare relay (`loadgen relay`: the chat
+# protocol with no plugins and no log, built like the host), the limit the
+# host's figures are read against, and all three at BIG_PAIRS x BIG_WINDOW
+# (many connections, few messages each in flight).
 #
-# Knobs (environment): PAIRS (16), WIDE_PAIRS (64), WINDOW (8), DURATION
+# Last, chat again at each shape, ROUNDS times each server, the three
+# alternated run by run: this VM's speed drifts over minutes, so the
+# throughput ratios are taken as medians of ratios measured side by side
+# (a "chat-alternated" summary line per shape), not from runs minutes
+# apart.
+#
+# Knobs (environment): PAIRS (16), WIDE_PAIRS (64), WINDOW (8), BIG_PAIRS
+# (200), BIG_WINDOW (4), DURATION
 # seconds (10), FAN_USERS (100), FAN_EVENTS (10000), IDLE (5000; ~19000
 # is the most this machine's 20,000 open files allow), ROUNDS (3; 0:
 # none), PIN (1: the server runs on CPU 0 and the load generator on CPU 1,
@@ -42,6 +48,8 @@ source scripts/bench-host.sh
 PAIRS=${PAIRS:-16}
 WIDE_PAIRS=${WIDE_PAIRS:-64}
 WINDOW=${WINDOW:-8}
+BIG_PAIRS=${BIG_PAIRS:-200}
+BIG_WINDOW=${BIG_WINDOW:-4}
 DURATION=${DURATION:-10}
 FAN_USERS=${FAN_USERS:-100}
 FAN_EVENTS=${FAN_EVENTS:-10000}
@@ -55,6 +63,7 @@ fi
 SECRET=bench-secret-$RANDOM$RANDOM
 OURS=127.0.0.1:18080
 PEER=127.0.0.1:18090
+RELAY=127.0.0.1:18095
 
 step "Starting RabbitMQ"
 scripts/services.sh >&2
@@ -70,12 +79,13 @@ sitting() {
     local socketio
     socketio=$(node -p "require('./tests/loadgen/socketio/node_modules/socket.io/package.json').version")
     printf '{%s,"node":%s,"socketio":%s,' "$(sitting_fields)" "$(json_string "$(node --version)")" "$(json_string "$socketio")"
-    printf '"pairs":%s,"wide_pairs":%s,"window":%s,"duration_s":%s,"fan_users":%s,"fan_events":%s,"idle":%s,"rounds":%s,"pin":%s}\n' \
-        "$PAIRS" "$WIDE_PAIRS" "$WINDOW" "$DURATION" "$FAN_USERS" "$FAN_EVENTS" "$IDLE" "$ROUNDS" "$PIN"
+    printf '"pairs":%s,"wide_pairs":%s,"window":%s,"big_pairs":%s,"big_window":%s,"duration_s":%s,"fan_users":%s,"fan_events":%s,"idle":%s,"rounds":%s,"pin":%s}\n' \
+        "$PAIRS" "$WIDE_PAIRS" "$WINDOW" "$BIG_PAIRS" "$BIG_WINDOW" "$DURATION" "$FAN_USERS" "$FAN_EVENTS" "$IDLE" "$ROUNDS" "$PIN"
 }
 sitting | tee "$out/results.jsonl"
 loadgen=$bin_dir/loadgen
-"$loadgen" users-file --pairs $((PAIRS > WIDE_PAIRS ? PAIRS : WIDE_PAIRS)) > "$work/users.json"
+most_pairs=$(printf '%s\n' "$PAIRS" "$WIDE_PAIRS" "$BIG_PAIRS" | sort -n | tail -1)
+"$loadgen" users-file --pairs "$most_pairs" > "$work/users.json"
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -118,11 +128,27 @@ stop_server() {
     : > "$work/ours.log"
 }
 
-run() {
-    local target=$1 addr=$2
-    shift 2
-    SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" --target "$target" --server "$addr" "$@" | tee -a "$out/results.jsonl"
+start_relay() {
+    SOCKETS_JWT_SECRET=$SECRET "${server_cpu[@]}" "$loadgen" relay --listen "$RELAY" --users "$work/users.json" \
+        >"$work/relay.log" 2>&1 &
+    pids+=($!)
+    server_pid=$!
+    wait_for "$RELAY"
 }
+
+# A loadgen run against a target (sockets, socketio, or relay: the relay
+# speaks the sockets protocol; its lines say "relay").
+run() {
+    local target=$1 addr=$2 protocol=$1
+    shift 2
+    [ "$target" != relay ] || protocol=sockets
+    SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" --target "$protocol" --server "$addr" "$@" |
+        sed "s/\"target\":\"$protocol\"/\"target\":\"$target\"/" | tee -a "$out/results.jsonl"
+}
+
+# How to start each target and where it listens.
+start_of() { case $1 in sockets) echo start_ours ;; socketio) echo start_peer ;; relay) echo start_relay ;; esac; }
+addr_of() { case $1 in sockets) echo "$OURS" ;; socketio) echo "$PEER" ;; relay) echo "$RELAY" ;; esac; }
 
 # Half of a figure of the run whose summary is on stdin (shown on stderr):
 # the rate of the paced run that follows it.
@@ -171,6 +197,17 @@ done
 
 # What exactly once costs: the same fanout with an idempotency key on
 # every event (claimed and completed in the embedded keys journal).
+step "relay (no plugins, no log): chat ($PAIRS pairs, window $WINDOW, ${DURATION}s)"
+start_relay; run relay "$RELAY" chat --pairs "$PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid"; stop_server
+step "relay: chat ($WIDE_PAIRS pairs, window $WINDOW, ${DURATION}s)"
+start_relay; run relay "$RELAY" chat --pairs "$WIDE_PAIRS" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid"; stop_server
+for target in sockets socketio relay; do
+    step "$target: chat ($BIG_PAIRS pairs, window $BIG_WINDOW, ${DURATION}s)"
+    "$(start_of "$target")"
+    run "$target" "$(addr_of "$target")" chat --pairs "$BIG_PAIRS" --window "$BIG_WINDOW" --duration "$DURATION" --server-pid "$server_pid"
+    stop_server
+done
+
 step "sockets: fanout over HTTP, every event with an idempotency key"
 start_ours; run sockets "$OURS" fanout --users "$FAN_USERS" --events "$FAN_EVENTS" --keyed; stop_server
 
@@ -194,22 +231,27 @@ start_broker_host; broker_fanout --keyed; stop_server
 step "RabbitMQ alone at that pace: the same publishes to a quorum queue, a plain consumer (no server)"
 SOCKETS_JWT_SECRET=$SECRET "${loadgen_cpu[@]}" "$loadgen" broker --amqp "$AMQP_URL" --events "$FAN_EVENTS" --rate "$half" |
     tee -a "$out/results.jsonl"
-alternated_pairs=("$PAIRS" "$WIDE_PAIRS")
-[ "$ROUNDS" -gt 0 ] || alternated_pairs=()
-for pairs in "${alternated_pairs[@]}"; do
-    ours=() peer=() ratios=()
+# Shapes as "pairs:window".
+shapes=("$PAIRS:$WINDOW" "$WIDE_PAIRS:$WINDOW" "$BIG_PAIRS:$BIG_WINDOW")
+[ "$ROUNDS" -gt 0 ] || shapes=()
+for shape in "${shapes[@]}"; do
+    pairs=${shape%:*} window=${shape#*:}
+    ours=() peer=() relay=() ratios=() of_relay=()
     for round in $(seq 1 "$ROUNDS"); do
-        step "chat alternated, round $round of $ROUNDS ($pairs pairs): sockets, then socketio"
-        start_ours
-        ours+=("$(run sockets "$OURS" chat --pairs "$pairs" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" | value_of delivered_per_s)")
-        stop_server
-        start_peer
-        peer+=("$(run socketio "$PEER" chat --pairs "$pairs" --window "$WINDOW" --duration "$DURATION" --server-pid "$server_pid" | value_of delivered_per_s)")
-        stop_server
+        step "chat alternated, round $round of $ROUNDS ($pairs pairs, window $window): sockets, socketio, relay"
+        for target in sockets socketio relay; do
+            "$(start_of "$target")"
+            rate=$(run "$target" "$(addr_of "$target")" chat --pairs "$pairs" --window "$window" --duration "$DURATION" --server-pid "$server_pid" |
+                value_of delivered_per_s)
+            stop_server
+            case $target in sockets) ours+=("$rate") ;; socketio) peer+=("$rate") ;; relay) relay+=("$rate") ;; esac
+        done
         ratios+=("$(awk -v a="${ours[-1]}" -v b="${peer[-1]}" 'BEGIN { printf "%.3f", a / b }')")
+        of_relay+=("$(awk -v a="${ours[-1]}" -v b="${relay[-1]}" 'BEGIN { printf "%.3f", a / b }')")
     done
-    printf '{"run":"chat-alternated","pairs":%s,"window":%s,"duration_s":%s,"sockets_per_s":%s,"socketio_per_s":%s,"ratios":%s,"median_ratio":%s}\n' \
-        "$pairs" "$WINDOW" "$DURATION" "$(json_list "${ours[@]}")" "$(json_list "${peer[@]}")" "$(json_list "${ratios[@]}")" "$(median "${ratios[@]}")" |
+    printf '{"run":"chat-alternated","pairs":%s,"window":%s,"duration_s":%s,"sockets_per_s":%s,"socketio_per_s":%s,"relay_per_s":%s,"ratios":%s,"median_ratio":%s,"of_relay":%s,"median_of_relay":%s}\n' \
+        "$pairs" "$window" "$DURATION" "$(json_list "${ours[@]}")" "$(json_list "${peer[@]}")" "$(json_list "${relay[@]}")" \
+        "$(json_list "${ratios[@]}")" "$(median "${ratios[@]}")" "$(json_list "${of_relay[@]}")" "$(median "${of_relay[@]}")" |
         tee -a "$out/results.jsonl"
 done
 step "Results in $out/results.jsonl; machine: $(nproc) cores, $(uname -sr), PIN=$PIN, BUILD=$BUILD"

@@ -73,7 +73,7 @@ step "The benchmark scripts end to end (debug build, tiny load: the figures mean
 # any lost, duplicated, failed or refused something) and the profile
 # (perf record, summed by loadgen profile-shares). Results: target/bench-smoke.
 smoke=(BUILD=dev OUT=target/bench-smoke)
-env "${smoke[@]}" PAIRS=2 WIDE_PAIRS=4 WINDOW=2 DURATION=2 FAN_USERS=5 FAN_EVENTS=200 IDLE=50 ROUNDS=1 scripts/bench.sh
+env "${smoke[@]}" PAIRS=2 WIDE_PAIRS=4 WINDOW=2 BIG_PAIRS=6 BIG_WINDOW=1 DURATION=2 FAN_USERS=5 FAN_EVENTS=200 IDLE=50 ROUNDS=1 scripts/bench.sh
 env "${smoke[@]}" PAIRS=4 WINDOW=2 DURATION=3 SAMPLE=1 scripts/profile.sh
 BUILD=dev EVENTS=200 MONGO_EVENTS=100 ROUNDS=1 scripts/bench-keys.sh > target/bench-smoke/keys.jsonl
 BUILD=dev CONNECTIONS=200 ROUNDS=1 scripts/bench-storm.sh > target/bench-smoke/storm.jsonl

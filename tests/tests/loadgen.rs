@@ -6,9 +6,11 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use sockets_tests::broker::{Names, amqp_url, consuming};
-use sockets_tests::client::{http_at, publish_at};
+use sockets_tests::client::{Client, Refused, http_at, publish_at};
 use sockets_tests::loadgen_binary;
-use sockets_tests::server::{SECRET, Server, ServerConfig, scratch_dir, token, token_with};
+use sockets_tests::server::{
+    SECRET, Server, ServerConfig, listening_addr, scratch_dir, token, token_with,
+};
 use sockets_tests::socketio::{SocketioClient, SocketioPeer};
 
 /// Runs `loadgen <command line>` (split at spaces) against the server.
@@ -296,4 +298,66 @@ fn broker_baseline_consumes_every_event_once_at_its_pace() {
     assert!((300.0..=500.0).contains(&per_second), "{broker}");
     let latency = &broker["publish_to_consume_latency"];
     assert!(latency["p99_ms"].as_f64().unwrap() > 0.0, "{broker}");
+}
+
+/// The bare relay of the benchmark (`loadgen relay`): it speaks the chat
+/// protocol as the host does, refuses what the chat plugin refuses, and
+/// loses nothing, so its figures are a fair floor for the host's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bare_relay_speaks_the_chat_protocol_and_loses_nothing() {
+    let users = users_file(2);
+    let root = scratch_dir("relay");
+    let log = root.join("stderr.log");
+    let mut child = tokio::process::Command::new(loadgen_binary())
+        .args(["relay", "--listen", "127.0.0.1:0", "--users"])
+        .arg(&users)
+        .env("SOCKETS_JWT_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("loadgen relay starts");
+    let addr = listening_addr(
+        &mut child,
+        "relay listening on http://",
+        std::time::Duration::from_secs(30),
+        &log,
+    )
+    .await;
+    let relay = Server::adopt(child, addr, root.join("data"), root.join("plugins"), log);
+
+    let chat = loadgen(&relay, "chat --pairs 2 --window 4 --duration 1");
+    assert!(chat["acked"].as_u64().unwrap() > 0, "{chat}");
+    assert_eq!(chat["acked"], chat["delivered"], "{chat}");
+    assert_eq!(
+        (chat["lost"].as_u64(), chat["duplicated"].as_u64()),
+        (Some(0), Some(0)),
+        "{chat}"
+    );
+
+    // What the host refuses, it refuses: a bad token, an unknown
+    // recipient, a student writing to a student.
+    match Client::try_connect(&relay, &[], "?access_token=forged").await {
+        Err(Refused::Http(status, _)) => assert_eq!(status, 401),
+        other => panic!(
+            "a forged token was not refused: {:?}",
+            other.map(|(_, frame)| frame)
+        ),
+    }
+    let (mut student, connected) = Client::try_connect(
+        &relay,
+        &[],
+        &format!("?access_token={}", token("bench_s_0", "student")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(connected["event"], "connected", "{connected}");
+    for (to, code) in [("nobody", "not_found"), ("bench_s_1", "forbidden")] {
+        student
+            .send(&json!({"event": "sendMessage", "data": {"to": to, "text": "hi"}, "ack": 1}))
+            .await;
+        let reply = student.recv().await;
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+    }
+    assert!(relay.stop().await, "SIGTERM ends the relay cleanly");
 }

@@ -22,6 +22,7 @@ mod fanout;
 mod idle;
 mod peer;
 mod profile;
+mod relay;
 mod results;
 mod server;
 mod stats;
@@ -138,6 +139,17 @@ enum Run {
         /// default prefetch).
         #[arg(long, default_value_t = 64)]
         prefetch: u16,
+    },
+    /// Serves the chat protocol with nothing behind it (no plugins, no
+    /// log): the limit the host's figures are compared with. Runs until
+    /// SIGTERM or ctrl-c; needs the secret.
+    Relay {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:18095")]
+        listen: SocketAddr,
+        /// The users file (`loadgen users-file`).
+        #[arg(long)]
+        users: std::path::PathBuf,
     },
     /// Prints a users file with the chat run's users (`bench_s_N`,
     /// `bench_c_N`) for the servers' directories.
@@ -305,6 +317,14 @@ async fn main() -> anyhow::Result<()> {
                 prefetch: prefetch.max(1),
             };
             broker::run(options).await?
+        }
+        Run::Relay { listen, users } => {
+            let options = relay::Options {
+                listen,
+                secret: cli.secret.clone().context("the relay needs --secret")?,
+                users,
+            };
+            relay::run(options).await?
         }
         Run::UsersFile { pairs } => {
             let users: Vec<_> = (0..pairs)
