@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -76,17 +77,16 @@ impl InProcess {
             .expect("a thread for the server");
         let addr = match addr.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => addr,
-            Err(_) => {
+            Err(waited) => {
                 // A server still starting after a minute is not joined: it
-                // would hold the test forever.
-                let failure = if !thread.is_finished() {
-                    "still starting after 60 s".to_owned()
-                } else {
-                    match thread.join() {
+                // would hold the test forever. One that gave up is ending.
+                let failure = match waited {
+                    RecvTimeoutError::Timeout => "still starting after 60 s".to_owned(),
+                    RecvTimeoutError::Disconnected => match thread.join() {
                         Ok(Err(err)) => format!("{err:#}"),
                         Ok(Ok(())) => "it stopped".to_owned(),
                         Err(_) => "it panicked".to_owned(),
-                    }
+                    },
                 };
                 panic!(
                     "the in-process server did not start: {failure}; its log:\n{}",
