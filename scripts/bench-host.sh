@@ -55,6 +55,6 @@ start_ours() {
 }
 
 # True, printing the host's lines that say so, when it moved a plugin off
-# its async workers ("Slow plugins" in the README): that run's figures are
+# its async workers ("Slow plugins" in docs/operations.md): that run's figures are
 # skewed.
 ours_left_workers() { grep -h "off the async workers" "$work/ours.log" >&2 2>/dev/null; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite (README, "Benchmarks against Socket.IO"): builds the
+# The benchmark suite (docs/benchmarks.md, "Against Socket.IO"): builds the
 # host (release), the plugins and the load generator, installs the
 # Socket.IO peer from npm, starts both servers on 127.0.0.1 and runs the
 # same bounded load against each, side by side. Prints one JSON object per

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where the host's CPU goes (README, "Benchmarks against Socket.IO"): a
+# Where the host's CPU goes (docs/benchmarks.md, "Against Socket.IO"): a
 # `perf record` of the host, pinned to CPU 0 as scripts/bench.sh pins it,
 # in the middle of a CPU-bound chat run from the load generator on CPU 1,
 # summed by `loadgen profile-shares` into shares of the samples by thread,

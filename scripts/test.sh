@@ -68,7 +68,7 @@ step "Schema-driven fuzzing of the live HTTP API (schemathesis from PyPI, bounde
 FUZZ_TIME=45 scripts/fuzz-api.sh
 
 step "The benchmark scripts end to end (debug build, tiny load: the figures mean nothing)"
-# What a user runs to reproduce the README's figures, at a size that takes
+# What a user runs to reproduce the figures of docs/benchmarks.md, at a size that takes
 # a few minutes: every run against both servers (scripts/bench.sh fails if
 # any lost, duplicated, failed or refused something) and the profile
 # (perf record, summed by loadgen profile-shares). Results: target/bench-smoke.

@@ -3,7 +3,7 @@
 //!
 //! A warm call takes a microsecond or two. Handing the worker's other tasks
 //! to a fresh thread around every call (`block_in_place`) cost ~30% of chat
-//! throughput (README, "Benchmarks"). Two kinds of plugin version leave the
+//! throughput (docs/benchmarks.md). Two kinds of plugin version leave the
 //! workers:
 //! - for good, one that uses WASI's blocking I/O (printing, e.g. its panic
 //!   message): wasmtime-wasi runs it by blocking on the ambient tokio

@@ -3,12 +3,12 @@
 //! A sync costs about the same CPU whatever it carries (with its write,
 //! ~120–260 µs of the log thread's CPU on this project's VM, more than half
 //! of it in the kernel): syncing as soon as the previous one ended made it
-//! 2,900 syncs/s and a quarter of the host's core under load (README,
+//! 2,900 syncs/s and a quarter of the host's core under load (tests/loadgen/HISTORY.md,
 //! "Profile-driven fixes"). But every ack waits for its sync, so waiting
 //! longer between syncs saves CPU and adds latency: worth it only when the
 //! CPU is needed. So the wait is [`SHORT`] while the process has cores to
 //! spare and grows to [`LONG`] as it gets busy; a lone append after a quiet
-//! spell does not wait at all. Measured (README, "Why not 5×"): a fixed
+//! spell does not wait at all. Measured (docs/benchmarks.md, "Why not 5×"): a fixed
 //! 1 ms lifted a latency-bound chat run by ~40% but cost a CPU-bound one
 //! 5–9%; 2 ms is the reverse.
 
