@@ -3,6 +3,9 @@
 # then runs formatting, lints and every test. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-shot build gains nothing from incremental caches, which would
+# double the size of target/ (CI shares its disk).
+export CARGO_INCREMENTAL=0
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -62,6 +65,9 @@ node --version
 (cd tests/loadgen/socketio && npm ci --no-audit --no-fund)
 
 step "Tests"
+# Test servers keep their folders (data, log) under target/test-scratch for
+# a look after a failure; the previous run's are dropped here.
+rm -rf target/test-scratch
 cargo test --workspace --locked
 
 step "Schema-driven fuzzing of the live HTTP API (schemathesis from PyPI, bounded in time)"
