@@ -31,6 +31,8 @@ pub struct Metrics {
     connections_over_cap: AtomicU64,
     connection_panics: AtomicU64,
     cluster_rejected: AtomicU64,
+    resumes: AtomicU64,
+    replayed: AtomicU64,
     dispatch_buckets: [AtomicU64; DISPATCH_BUCKETS.len()],
     dispatch_count: AtomicU64,
     dispatch_nanos: AtomicU64,
@@ -75,6 +77,12 @@ impl Metrics {
     /// `count` frames were written to a client.
     pub fn frames_out(&self, count: u64) {
         add(&self.frames_out, count);
+    }
+
+    /// A `resume` sent `pushes` again.
+    pub fn resumed(&self, pushes: usize) {
+        add(&self.resumes, 1);
+        add(&self.replayed, pushes as u64);
     }
 
     /// A client frame was refused by the rate limiter.
@@ -207,6 +215,18 @@ impl Metrics {
             "counter",
             "Pushes queued to connections.",
             read(&self.deliveries),
+        );
+        metric(
+            "sockets_resumes_total",
+            "counter",
+            "`resume` events answered with a replay.",
+            read(&self.resumes),
+        );
+        metric(
+            "sockets_replayed_pushes_total",
+            "counter",
+            "Pushes sent again from the notification log by `resume`.",
+            read(&self.replayed),
         );
         metric(
             "sockets_cluster_copies_sent_total",

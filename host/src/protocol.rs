@@ -283,6 +283,15 @@ pub fn rfc3339(at: SystemTime) -> String {
     text
 }
 
+/// The time an RFC 3339 timestamp names (any offset, any precision);
+/// `None` if it is not one.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(text, &Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
 /// Appends the last `width` (at most 4) decimal digits of `value`.
 fn push_digits(text: &mut String, mut value: u32, width: usize) {
     let mut digits = [b'0'; 4];

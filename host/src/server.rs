@@ -285,6 +285,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         connection_store: store.connections,
         store_health: store.health,
         dispatcher,
+        log: Arc::clone(&store.log),
         plugins,
         manager,
         metrics,

@@ -112,6 +112,7 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
     );
     assert_eq!(record.get_i64("connections").unwrap(), 1);
     assert!(record.get_datetime("createdAt").is_ok());
+    assert!(record.get_i64("seq").unwrap() > 0, "the log order");
 
     // A repeated HTTP id is logged once.
     let service = token("billing", "service");
@@ -139,7 +140,7 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
             .into_iter()
             .map(|index| index.keys)
             .collect();
-        (indexes.len() >= 3).then_some(indexes)
+        (indexes.len() >= 4).then_some(indexes)
     })
     .await;
     assert!(
@@ -147,6 +148,83 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
         "{indexes:?}"
     );
     assert!(indexes.contains(&doc! {"eventId": 1}), "{indexes:?}");
+    assert!(indexes.contains(&doc! {"to": 1, "seq": 1}), "{indexes:?}");
+}
+
+/// Sends `resume` with `data`; the pushes before its reply, and the reply.
+async fn resume(
+    client: &mut Client,
+    data: serde_json::Value,
+) -> (Vec<serde_json::Value>, serde_json::Value) {
+    client
+        .send(&json!({"event": "resume", "data": data, "ack": 900}))
+        .await;
+    let mut pushes = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        if frame["ack"] == 900 {
+            return (pushes, frame);
+        }
+        pushes.push(frame);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_resumes_on_another_node_from_the_shared_log() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let config = || db.server_config(ServerConfig::default());
+    let (a, b) = tokio::join!(Server::start_with(config()), Server::start_with(config()));
+    ready(&a).await;
+    ready(&b).await;
+    let mut student = Client::connect_as(&a, "s_1", "student").await;
+    // The consultant's laptop stays on node A; its phone was on node B
+    // and comes back there after a gap.
+    let mut laptop = Client::connect_as(&a, "c_1", "consultant").await;
+    let mut phone = Client::connect_as(&b, "c_1", "consultant").await;
+    let mut sent = 0;
+    let mut send = async |student: &mut Client, text: &str| {
+        sent += 1;
+        student
+            .send(
+                &json!({"event": "sendMessage", "data": {"to": "c_1", "text": text}, "ack": sent}),
+            )
+            .await;
+        assert_eq!(student.recv().await["ok"], true);
+    };
+    send(&mut student, "before").await;
+    let seen = laptop.recv().await;
+    let (replayed, _) = resume(&mut phone, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["id"], seen["id"]);
+    drop(phone);
+
+    for text in ["m0", "m1", "m2"] {
+        send(&mut student, text).await;
+    }
+    let live: Vec<serde_json::Value> = [
+        laptop.recv().await,
+        laptop.recv().await,
+        laptop.recv().await,
+    ]
+    .into();
+    let mut phone = Client::connect_as(&b, "c_1", "consultant").await;
+    let (page, reply) = resume(&mut phone, json!({"after": seen["id"], "limit": 2})).await;
+    assert_eq!(reply["data"], json!({"replayed": 2, "more": true}));
+    let (rest, reply) = resume(&mut phone, json!({"after": page[1]["id"], "limit": 2})).await;
+    assert_eq!(reply["data"], json!({"replayed": 1, "more": false}));
+    let replayed: Vec<&serde_json::Value> = page.iter().chain(&rest).collect();
+    assert_eq!(replayed.len(), 3);
+    for (replayed, live) in replayed.iter().zip(&live) {
+        assert_eq!(*replayed, live, "the same push, logged by node A");
+    }
+
+    let (_, reply) = resume(
+        &mut phone,
+        json!({"after": "0123456789abcdef0123456789abcdef"}),
+    )
+    .await;
+    assert_eq!(reply["error"]["code"], "not_found");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -87,6 +87,8 @@ struct Outbound {
     state: Mutex<Queue>,
     /// Wakes the writer; it is the only waiter.
     ready: Notify,
+    /// Wakes the connection's reader waiting for room (the only such waiter).
+    room: Notify,
     capacity: usize,
 }
 
@@ -95,6 +97,9 @@ struct Queue {
     frames: VecDeque<OutboundFrame>,
     /// The writer stopped: pushes fail.
     closed: bool,
+    /// A [`ConnectionHandle::push_when_room`] waits for the queue to drain
+    /// below half its capacity.
+    room_wanted: bool,
 }
 
 /// A queue that grew past this many slots in a burst gives the memory back
@@ -147,6 +152,7 @@ impl ConnectionHandle {
             outbound: Outbound {
                 state: Mutex::default(),
                 ready: Notify::new(),
+                room: Notify::new(),
                 capacity: queue_frames.max(1),
             },
             close: OnceLock::new(),
@@ -183,6 +189,7 @@ impl ConnectionHandle {
                     if queue.frames.is_empty() && queue.frames.capacity() > OUTBOUND_KEEP_SLOTS {
                         queue.frames.shrink_to(OUTBOUND_KEEP_SLOTS);
                     }
+                    self.made_room(&mut queue);
                     return Some(frame);
                 }
                 if queue.closed {
@@ -197,7 +204,43 @@ impl ConnectionHandle {
 
     /// The next queued frame if there is one, without waiting.
     pub fn try_next_frame(&self) -> Option<OutboundFrame> {
-        self.queue().frames.pop_front()
+        let mut queue = self.queue();
+        let frame = queue.frames.pop_front();
+        self.made_room(&mut queue);
+        frame
+    }
+
+    /// Queues a frame the connection asked for in bulk (a replay), waiting
+    /// while the queue is half full rather than closing a client that did
+    /// nothing wrong; the other half stays for live pushes. One caller at a
+    /// time: the connection's reader.
+    pub async fn push_when_room(&self, frame: OutboundFrame) -> Push {
+        loop {
+            {
+                let mut queue = self.queue();
+                if queue.closed {
+                    return Push::Closed;
+                }
+                if queue.frames.len() < self.outbound.capacity.div_ceil(2) {
+                    queue.room_wanted = false;
+                    queue.frames.push_back(frame);
+                    drop(queue);
+                    self.outbound.ready.notify_one();
+                    return Push::Queued;
+                }
+                queue.room_wanted = true;
+            }
+            // Room made between the check and here leaves a permit.
+            self.outbound.room.notified().await;
+        }
+    }
+
+    /// Wakes a [`Self::push_when_room`] once the queue is below half full.
+    fn made_room(&self, queue: &mut Queue) {
+        if queue.room_wanted && queue.frames.len() < self.outbound.capacity.div_ceil(2) {
+            queue.room_wanted = false;
+            self.outbound.room.notify_one();
+        }
     }
 
     /// Stops taking frames (the writer is gone) and drops those queued.
@@ -205,6 +248,7 @@ impl ConnectionHandle {
         let mut queue = self.queue();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        self.outbound.room.notify_one();
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -375,6 +419,47 @@ mod tests {
         assert_eq!(slow.push("1".into()), Push::Queued);
         assert_eq!(slow.push("2".into()), Push::TooSlow);
         assert_eq!(slow.close_requested().await.code, CLOSE_TRY_AGAIN_LATER);
+    }
+
+    #[tokio::test]
+    async fn a_bulk_push_waits_for_room_instead_of_closing_and_stops_when_closed() {
+        let connection = handle("c", "u", 4);
+        let replayer = {
+            let connection = Arc::clone(&connection);
+            tokio::spawn(async move {
+                for n in 0..10 {
+                    assert_eq!(
+                        connection.push_when_room(n.to_string().into()).await,
+                        Push::Queued
+                    );
+                }
+            })
+        };
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            // Never more than half the queue: live pushes keep their room.
+            assert!(connection.queue().frames.len() <= 2);
+            got.push(connection.next_frame().await.unwrap().as_str().to_owned());
+        }
+        replayer.await.unwrap();
+        assert_eq!(got, (0..10).map(|n| n.to_string()).collect::<Vec<_>>());
+        assert!(connection.close.get().is_none(), "a replay is not too slow");
+
+        // A replay waiting on a connection whose writer stopped ends.
+        for n in 0..2 {
+            assert_eq!(connection.push(n.to_string().into()), Push::Queued);
+        }
+        let waiting = {
+            let connection = Arc::clone(&connection);
+            tokio::spawn(async move { connection.push_when_room("late".into()).await })
+        };
+        tokio::task::yield_now().await;
+        connection.close_queue();
+        let pushed = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting push was not woken")
+            .unwrap();
+        assert_eq!(pushed, Push::Closed);
     }
 
     #[tokio::test]

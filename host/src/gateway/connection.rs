@@ -482,6 +482,7 @@ impl Connection {
         let result = match frame.event.as_str() {
             "setConnection" => self.set_connection(&frame).await,
             "refreshToken" => self.refresh_token(&frame).await,
+            "resume" => self.resume(&frame).await,
             _ => return self.route(frame).await,
         };
         Reply::Now(reply_frame(ack, result))
@@ -549,6 +550,12 @@ impl Connection {
         // The connection keeps the role it was opened with.
         self.session.claims.exp = claims.exp;
         Ok(raw(&json!({"expiresAt": expires_at})))
+    }
+
+    async fn resume(&self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
+        let request = super::resume::Request::parse(&frame.data)?;
+        let state = &self.state;
+        super::resume::replay(state.log.as_ref(), &self.handle, &state.metrics, &request).await
     }
 
     /// Delivers a plugin-routed event now; its reply waits for the log.

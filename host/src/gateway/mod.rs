@@ -8,6 +8,7 @@ pub mod error;
 mod ops;
 mod publish;
 pub mod rate;
+mod resume;
 mod serve;
 mod upgrade;
 
@@ -31,7 +32,7 @@ use crate::intake::Idempotency;
 use crate::metrics::Metrics;
 use crate::plugin::PluginRegistry;
 use crate::plugin::manager::PluginManager;
-use crate::store::ConnectionStore;
+use crate::store::{ConnectionStore, NotificationLog};
 
 /// Everything request handlers and connection tasks share.
 #[derive(Clone)]
@@ -48,6 +49,8 @@ pub struct AppState {
     pub store_health: Option<Arc<Health>>,
     /// Event routing.
     pub dispatcher: Arc<Dispatcher>,
+    /// The notification log (`resume` reads it).
+    pub log: Arc<dyn NotificationLog>,
     /// The loaded plugins.
     pub plugins: Arc<PluginRegistry>,
     /// Plugin operations (admin API).

@@ -21,7 +21,7 @@ use super::types::{Event, Origin, Outcome, PluginInfo, RefusalCode};
 const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
 /// Client events the host handles itself; a plugin may not take them over.
-const RESERVED_EVENTS: [&str; 2] = ["setConnection", "refreshToken"];
+const RESERVED_EVENTS: [&str; 3] = ["setConnection", "refreshToken", "resume"];
 
 /// A warm instance: instantiated once, reused for many calls.
 struct WarmInstance {
@@ -358,6 +358,7 @@ mod tests {
             &["has space"],
             &["setConnection"],
             &["refreshToken", "ok"],
+            &["resume"],
         ] {
             assert!(
                 matches!(

@@ -88,6 +88,14 @@ pub struct NotificationRecord {
 }
 
 impl NotificationRecord {
+    /// The delivery's id: the push's `id`.
+    pub fn delivery_id(&self) -> &str {
+        self.id
+            .strip_suffix(self.to.as_str())
+            .and_then(|id| id.strip_suffix(':'))
+            .unwrap_or(&self.id)
+    }
+
     /// The deterministic record id of a delivery to a user.
     pub fn record_id(delivery_id: &str, user_id: &str) -> String {
         // Sized up front: one per delivered message, and `format!` grew its
@@ -148,6 +156,75 @@ pub trait NotificationLog: Send + Sync {
     /// those whose callers stopped waiting (shutdown calls it, so that
     /// queued records are not lost with the process).
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Deliveries to `user_id` logged after `from`, in log order, at most
+    /// `limit` (PROTOCOL §3 `resume`); `Ok(None)` when `from` names a
+    /// delivery that is not one to this user the log still holds. Costs
+    /// what it returns, not the size of the log.
+    async fn replay(
+        &self,
+        user_id: &str,
+        from: &ReplayFrom,
+        limit: usize,
+    ) -> Result<Option<ReplayPage>, StoreError>;
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// After the delivery with this id (a push's `id`).
+    After(String),
+    /// At or after this time.
+    Since(SystemTime),
+}
+
+/// One page of a replay.
+#[derive(Debug)]
+pub struct ReplayPage {
+    /// The records, in log order.
+    pub records: Vec<NotificationRecord>,
+    /// Whether the limit stopped the page before the end of the log.
+    pub more: bool,
+}
+
+/// Numbers a node's log records in the order it writes them (the `seq` of a
+/// stored record): each above the last and at least the write time in
+/// milliseconds shifted left by [`LogClock::TICK_BITS`], so that a time
+/// maps onto the order ([`LogClock::first_at`]) and a replay `since` a time
+/// is a range of it. More than 2^20 records in one millisecond borrow from
+/// the next one; a clock that goes back does not take the order with it.
+#[derive(Debug, Default)]
+pub struct LogClock {
+    last: i64,
+}
+
+impl LogClock {
+    /// Bits of a `seq` below the milliseconds.
+    pub const TICK_BITS: u32 = 20;
+
+    /// A clock that continues after `last` (what a reopened log holds).
+    pub fn after(last: i64) -> Self {
+        Self { last }
+    }
+
+    /// The last number given.
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
+    /// The next number, written at `now`.
+    pub fn next(&mut self, now: SystemTime) -> i64 {
+        self.last = (self.last + 1).max(Self::first_at(now));
+        self.last
+    }
+
+    /// The lowest number a record written at or after `at` can have.
+    pub fn first_at(at: SystemTime) -> i64 {
+        let millis = match at.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(since_epoch) => i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX),
+            Err(_) => 0,
+        };
+        millis.saturating_mul(1 << Self::TICK_BITS)
+    }
 }
 
 /// How long a published idempotency key is remembered (PROTOCOL §5: at

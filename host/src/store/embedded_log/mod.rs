@@ -6,23 +6,26 @@
 //! durability costs one sync per batch, not per event, and a record costs a
 //! serialization and a copy, not B-tree pages.
 //!
-//! The host never reads the log while serving: it is the audit trail, read
-//! by operators (`jq`, `grep`) and by the queries below, which scan it.
+//! Each line also holds `seq`, the record's place in the log order
+//! ([`LogClock`]). A `resume` reads a user's records through an index in
+//! memory ([`index`]); the other queries below scan the segments.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, PoisonError, RwLock, mpsc};
 use std::thread;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use super::{NotificationLog, NotificationRecord, StoreError};
+use super::{LogClock, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError};
+use index::{Plan, Position, UserIndex};
 use sync_pace::SyncPace;
 
+mod index;
 mod sync_pace;
 
 /// A segment that reached this size is closed and the next one started, so
@@ -42,6 +45,7 @@ struct Append {
 /// The embedded notification log.
 pub struct EmbeddedLog {
     dir: PathBuf,
+    index: Arc<RwLock<UserIndex>>,
     /// `None` only while dropping.
     appends: Option<mpsc::Sender<Append>>,
     writer: Option<thread::JoinHandle<()>>,
@@ -67,15 +71,25 @@ impl EmbeddedLog {
 
     fn open_with_segment_bytes(data_dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
         let dir = data_dir.join("notifications");
-        let journal = Journal::open(&dir, segment_bytes)
+        let opened = Journal::open(&dir, segment_bytes).and_then(|mut journal| {
+            let index = UserIndex::build(&segments(&dir)?)?;
+            journal.clock = LogClock::after(index.last_seq());
+            Ok((journal, index))
+        });
+        let (journal, index) = opened
             .map_err(|err| unavailable(format!("notification log in {}: {err}", dir.display())))?;
+        let index = Arc::new(RwLock::new(index));
         let (appends, queue) = mpsc::channel();
         let writer = thread::Builder::new()
             .name("notification-log".into())
-            .spawn(move || write_loop(journal, &queue))
+            .spawn({
+                let index = Arc::clone(&index);
+                move || write_loop(journal, &index, &queue)
+            })
             .map_err(unavailable)?;
         Ok(Self {
             dir,
+            index,
             appends: Some(appends),
             writer: Some(writer),
         })
@@ -119,12 +133,12 @@ impl Drop for EmbeddedLog {
 }
 
 /// Takes appends as they come, commits everything waiting in one write,
-/// then answers each. Ends when the log is dropped.
+/// indexes it, then answers each. Ends when the log is dropped.
 ///
 /// Syncs are paced by [`SyncPace`] (1 ms apart while the process has CPU
 /// to spare, up to 2 ms once busy), so an ack waits 2 ms at most for its
 /// sync.
-fn write_loop(mut journal: Journal, queue: &mpsc::Receiver<Append>) {
+fn write_loop(mut journal: Journal, index: &RwLock<UserIndex>, queue: &mpsc::Receiver<Append>) {
     let mut pace = SyncPace::new();
     let mut last_sync: Option<Instant> = None;
     while let Ok(first) = queue.recv() {
@@ -139,11 +153,18 @@ fn write_loop(mut journal: Journal, queue: &mpsc::Receiver<Append>) {
                 Err(_) => break,
             }
         }
-        let result = journal
-            .append(batch.iter().flat_map(|append| &append.records))
-            .map_err(unavailable);
-        if let Err(err) = &result {
-            tracing::error!("notification log write failed: {err}");
+        let records = || batch.iter().flat_map(|append| &append.records);
+        let result = journal.append(records()).map_err(unavailable);
+        match &result {
+            Ok(()) => {
+                // Before the appenders hear of it: a replay that follows a
+                // flush finds every record the flush waited for.
+                let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
+                for (record, (position, seq)) in records().zip(&journal.appended) {
+                    index.add(&record.id, &record.to, *position, *seq);
+                }
+            }
+            Err(err) => tracing::error!("notification log write failed: {err}"),
         }
         for append in batch {
             let _ = append.done.send(result.clone());
@@ -160,6 +181,10 @@ struct Journal {
     /// Bytes of complete records in `file`: where the next write goes.
     len: u64,
     buffer: Vec<u8>,
+    /// Numbers the records written.
+    clock: LogClock,
+    /// Where the records of the last append went, and their numbers.
+    appended: Vec<(Position, i64)>,
     /// Held (locked) for the journal's life.
     _lock: File,
     /// Makes the next sync fail, as a full or failing disk would.
@@ -187,21 +212,31 @@ impl Journal {
             file,
             len,
             buffer: Vec::new(),
+            clock: LogClock::default(),
+            appended: Vec::new(),
             _lock: lock,
             #[cfg(test)]
             fail_next_sync: false,
         })
     }
 
-    /// Writes the records, one line each, and syncs them to disk.
+    /// Writes the records, one line each, and syncs them to disk; on
+    /// success `appended` says where each went.
     fn append<'a>(
         &mut self,
         records: impl Iterator<Item = &'a NotificationRecord>,
     ) -> io::Result<()> {
         self.buffer.clear();
+        self.appended.clear();
+        let now = SystemTime::now();
         for record in records {
             let start = self.buffer.len();
             serde_json::to_writer(&mut self.buffer, record)?;
+            // `seq` goes in before the object's closing brace: cheaper than
+            // a wrapper serialized through a flattening map.
+            let seq = self.clock.next(now);
+            self.buffer.pop();
+            write!(self.buffer, ",\"seq\":{seq}}}")?;
             // A plugin's payload is kept as it wrote it, and JSON allows a
             // line break only as whitespace (never inside a string), so a
             // space in its place keeps the record one line and the same JSON.
@@ -211,12 +246,16 @@ impl Journal {
                 }
             }
             self.buffer.push(b'\n');
+            self.appended.push((Position::new(0, start as u64), seq));
         }
         if self.buffer.is_empty() {
             return Ok(());
         }
         if self.len > 0 && self.len + self.buffer.len() as u64 > self.segment_bytes {
             self.start_next_segment()?;
+        }
+        for (position, _) in &mut self.appended {
+            *position = Position::new(self.segment, self.len + position.offset());
         }
         let written = self.file.write_all(&self.buffer);
         if let Err(err) = written.and_then(|()| self.sync()) {
@@ -389,6 +428,92 @@ impl NotificationLog for EmbeddedLog {
         records.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         Ok(records)
     }
+
+    async fn replay(
+        &self,
+        user_id: &str,
+        from: &ReplayFrom,
+        limit: usize,
+    ) -> Result<Option<ReplayPage>, StoreError> {
+        let plan = self
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .plan(user_id, from, limit);
+        let Some(plan) = plan else {
+            return Ok(None);
+        };
+        let dir = self.dir.clone();
+        let anchor_id = match from {
+            ReplayFrom::After(delivery) => Some(NotificationRecord::record_id(delivery, user_id)),
+            ReplayFrom::Since(_) => None,
+        };
+        tokio::task::spawn_blocking(move || read_plan(&dir, plan, anchor_id.as_deref()))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+}
+
+/// Reads the records of a replay; `None` if its anchor is not the record
+/// asked for (two delivery ids whose hashes collide) or is in a segment an
+/// operator deleted. Records of deleted segments are skipped.
+fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Option<ReplayPage>> {
+    let mut reader = SegmentReader::new(dir);
+    if let (Some(anchor), Some(anchor_id)) = (plan.anchor, anchor_id) {
+        match reader.read(anchor)? {
+            Some(anchor) if anchor.id == anchor_id => {}
+            _ => return Ok(None),
+        }
+    }
+    let mut records = Vec::with_capacity(plan.records.len());
+    for position in plan.records {
+        records.extend(reader.read(position)?);
+    }
+    Ok(Some(ReplayPage {
+        records,
+        more: plan.more,
+    }))
+}
+
+/// Reads records at positions, keeping the last segment open: a replay's
+/// records are mostly in one or two.
+struct SegmentReader<'a> {
+    dir: &'a Path,
+    open: Option<(u64, BufReader<File>)>,
+    line: Vec<u8>,
+}
+
+impl<'a> SegmentReader<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self {
+            dir,
+            open: None,
+            line: Vec::new(),
+        }
+    }
+
+    /// The record at `position`; `None` if its segment was deleted.
+    fn read(&mut self, position: Position) -> io::Result<Option<NotificationRecord>> {
+        use std::io::{Seek, SeekFrom};
+        let reader = match &mut self.open {
+            Some((segment, reader)) if *segment == position.segment() => reader,
+            open => {
+                let file = match File::open(segment_path(self.dir, position.segment())) {
+                    Ok(file) => file,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(err) => return Err(err),
+                };
+                &mut open.insert((position.segment(), BufReader::new(file))).1
+            }
+        };
+        reader.seek(SeekFrom::Start(position.offset()))?;
+        self.line.clear();
+        reader.read_until(b'\n', &mut self.line)?;
+        serde_json::from_slice(&self.line)
+            .map(Some)
+            .map_err(io::Error::other)
+    }
 }
 
 #[cfg(test)]
@@ -553,6 +678,178 @@ mod tests {
             .map(|line| serde_json::from_str::<NotificationRecord>(line).unwrap().id)
             .collect();
         assert_eq!(ids, ["d1:c_1", "d3:c_1"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    async fn replayed(
+        log: &EmbeddedLog,
+        user: &str,
+        from: ReplayFrom,
+        limit: usize,
+    ) -> Option<(Vec<String>, bool)> {
+        let page = log.replay(user, &from, limit).await.unwrap()?;
+        let ids = page
+            .records
+            .iter()
+            .map(|record| record.delivery_id().to_owned())
+            .collect();
+        Some((ids, page.more))
+    }
+
+    fn after(delivery: &str) -> ReplayFrom {
+        ReplayFrom::After(delivery.into())
+    }
+
+    #[tokio::test]
+    async fn a_replay_reads_a_users_records_in_log_order_across_segments_and_reopening() {
+        let dir = temp_dir();
+        {
+            let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+            for n in 0..6 {
+                let at = format!("2026-01-01T00:00:0{n}.000Z");
+                log.append(vec![
+                    record(&format!("d{n}"), "c_1", &at),
+                    record(&format!("e{n}"), "c_2", &at),
+                ])
+                .await
+                .unwrap();
+            }
+            // A retried write of d1 keeps d1's first place.
+            log.append(vec![record("d1", "c_1", "2026-01-01T00:00:01.000Z")])
+                .await
+                .unwrap();
+            assert_eq!(
+                replayed(&log, "c_1", after("d1"), 10).await,
+                Some((
+                    vec!["d2".into(), "d3".into(), "d4".into(), "d5".into()],
+                    false
+                ))
+            );
+        }
+        assert!(segments(&dir.join("notifications")).unwrap().len() > 2);
+        // Reopened: the index is rebuilt from the segments, and numbering
+        // goes on above what they hold.
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        log.append(vec![record("d6", "c_1", "2026-01-01T00:00:06.000Z")])
+            .await
+            .unwrap();
+        assert_eq!(
+            replayed(&log, "c_1", after("d3"), 2).await,
+            Some((vec!["d4".into(), "d5".into()], true))
+        );
+        assert_eq!(
+            replayed(&log, "c_1", after("d5"), 2).await,
+            Some((vec!["d6".into()], false))
+        );
+        assert_eq!(
+            replayed(&log, "c_1", after("d6"), 2).await,
+            Some((vec![], false))
+        );
+        // Not a delivery to this user, or none at all.
+        assert_eq!(replayed(&log, "c_1", after("e2"), 2).await, None);
+        assert_eq!(replayed(&log, "c_1", after("zz"), 2).await, None);
+        assert_eq!(replayed(&log, "c_3", after("d2"), 2).await, None);
+        // Records carry the order they were written in.
+        let text = std::fs::read_to_string(segment_path(&dir.join("notifications"), 1)).unwrap();
+        let seqs: Vec<i64> = text
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replay_skips_segments_an_operator_deleted() {
+        let dir = temp_dir();
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        for n in 0..6 {
+            let at = format!("2026-01-01T00:00:0{n}.000Z");
+            log.append(vec![record(&format!("d{n}"), "c_1", &at)])
+                .await
+                .unwrap();
+        }
+        let folder = dir.join("notifications");
+        std::fs::remove_file(segment_path(&folder, 1)).unwrap();
+        assert_eq!(replayed(&log, "c_1", after("d0"), 10).await, None);
+        let (ids, more) = replayed(&log, "c_1", ReplayFrom::Since(SystemTime::UNIX_EPOCH), 10)
+            .await
+            .unwrap();
+        assert!(!more);
+        assert!(
+            !ids.is_empty() && !ids.contains(&"d0".to_owned()),
+            "{ids:?}"
+        );
+        assert_eq!(ids.last().map(String::as_str), Some("d5"));
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replay_since_a_time_starts_with_what_was_written_then() {
+        let dir = temp_dir();
+        let log = EmbeddedLog::open(&dir).unwrap();
+        log.append(vec![record("d1", "c_1", "2026-01-01T00:00:00.000Z")])
+            .await
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let between = SystemTime::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        log.append(vec![record("d2", "c_1", "2026-01-01T00:00:00.000Z")])
+            .await
+            .unwrap();
+        let since = |at| ReplayFrom::Since(at);
+        assert_eq!(
+            replayed(&log, "c_1", since(SystemTime::UNIX_EPOCH), 10).await,
+            Some((vec!["d1".into(), "d2".into()], false))
+        );
+        assert_eq!(
+            replayed(&log, "c_1", since(between), 10).await,
+            Some((vec!["d2".into()], false))
+        );
+        assert_eq!(
+            replayed(
+                &log,
+                "c_1",
+                since(SystemTime::now() + std::time::Duration::from_secs(5)),
+                10
+            )
+            .await,
+            Some((vec![], false))
+        );
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_of_versions_before_seq_are_replayed_in_their_order() {
+        let dir = temp_dir();
+        let folder = dir.join("notifications");
+        std::fs::create_dir_all(&folder).unwrap();
+        let old: String = ["d1", "d2"]
+            .iter()
+            .map(|delivery| {
+                let line =
+                    serde_json::to_string(&record(delivery, "c_1", "2026-01-01T00:00:00.000Z"))
+                        .unwrap();
+                line + "\n"
+            })
+            .collect();
+        std::fs::write(segment_path(&folder, 1), old).unwrap();
+        let log = EmbeddedLog::open(&dir).unwrap();
+        log.append(vec![record("d3", "c_1", "2026-01-01T00:00:00.000Z")])
+            .await
+            .unwrap();
+        assert_eq!(
+            replayed(&log, "c_1", after("d1"), 10).await,
+            Some((vec!["d2".into(), "d3".into()], false))
+        );
+        drop(log);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

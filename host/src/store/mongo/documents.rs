@@ -42,8 +42,8 @@ pub fn connection(record: &ConnectionRecord, instance_id: &str) -> Document {
     }
 }
 
-/// A `notificationLogs` document.
-pub fn notification(record: &NotificationRecord) -> Document {
+/// A `notificationLogs` document; `seq` is its place in the log order.
+pub fn notification(record: &NotificationRecord, seq: i64) -> Document {
     doc! {
         "_id": &record.id,
         "eventId": &record.event_id,
@@ -56,6 +56,7 @@ pub fn notification(record: &NotificationRecord) -> Document {
         "data": json_to_bson(&record.data),
         "connections": i64::from(record.connections),
         "createdAt": date(&record.created_at),
+        "seq": seq,
     }
 }
 
@@ -106,7 +107,7 @@ mod tests {
             connections: 2,
             created_at: "2026-11-26T10:00:00.123Z".into(),
         };
-        let back = notification_record(&notification(&record)).unwrap();
+        let back = notification_record(&notification(&record, 1)).unwrap();
         assert_eq!(back.id, record.id);
         assert_eq!(back.created_at, record.created_at);
         assert_eq!(back.connections, 2);

@@ -4,7 +4,7 @@
 //! retried batch that was partly written only meets duplicate-key errors,
 //! which count as written.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Mongo, NOTIFICATION_LOGS, documents};
 use crate::backoff::Backoff;
-use crate::store::{NotificationLog, NotificationRecord, StoreError};
+use crate::store::{
+    LogClock, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
+};
 
 /// Appends waiting for the writer beyond this are refused (`unavailable`)
 /// rather than held in memory without bound.
@@ -59,12 +61,10 @@ impl MongoLog {
     async fn find(
         &self,
         filter: Document,
+        sort: Document,
         limit: Option<i64>,
     ) -> Result<Vec<NotificationRecord>, StoreError> {
-        let mut find = self
-            .collection
-            .find(filter)
-            .sort(doc! {"createdAt": -1, "_id": -1});
+        let mut find = self.collection.find(filter).sort(sort);
         if let Some(limit) = limit {
             find = find.limit(limit);
         }
@@ -103,11 +103,55 @@ impl NotificationLog for MongoLog {
         limit: usize,
     ) -> Result<Vec<NotificationRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.find(doc! {"to": user_id}, Some(limit)).await
+        self.find(doc! {"to": user_id}, newest_first(), Some(limit))
+            .await
     }
 
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError> {
-        self.find(doc! {"eventId": event_id}, None).await
+        self.find(doc! {"eventId": event_id}, newest_first(), None)
+            .await
+    }
+
+    /// Through the index on (`to`, `seq`). Records written before `seq`
+    /// existed are not replayed.
+    async fn replay(
+        &self,
+        user_id: &str,
+        from: &ReplayFrom,
+        limit: usize,
+    ) -> Result<Option<ReplayPage>, StoreError> {
+        let seq = match from {
+            ReplayFrom::After(delivery) => {
+                let id = NotificationRecord::record_id(delivery, user_id);
+                let anchor = self
+                    .collection
+                    .find_one(doc! {"_id": id})
+                    .projection(doc! {"seq": 1, "createdAt": 1})
+                    .await
+                    .map_err(|err| super::unavailable(&err))?;
+                let Some(anchor) = anchor else {
+                    return Ok(None);
+                };
+                let seq = anchor.get_i64("seq").ok().or_else(|| {
+                    let at = anchor.get_datetime("createdAt").ok()?.to_system_time();
+                    Some(LogClock::first_at(at))
+                });
+                doc! {"$gt": seq.unwrap_or(i64::MAX)}
+            }
+            ReplayFrom::Since(at) => doc! {"$gte": LogClock::first_at(*at)},
+        };
+        // One more than asked: whether there is more.
+        let wanted = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+        let mut records = self
+            .find(
+                doc! {"to": user_id, "seq": seq},
+                doc! {"seq": 1},
+                Some(wanted),
+            )
+            .await?;
+        let more = records.len() > limit;
+        records.truncate(limit);
+        Ok(Some(ReplayPage { records, more }))
     }
 
     /// The writer takes appends in order: a marker behind them is answered
@@ -124,12 +168,19 @@ impl NotificationLog for MongoLog {
     }
 }
 
+fn newest_first() -> Document {
+    doc! {"createdAt": -1, "_id": -1}
+}
+
 /// Writes what waits, together, until it is written; then answers.
 async fn write_loop(
     mongo: Mongo,
     collection: Collection<Document>,
     mut queue: mpsc::Receiver<Append>,
 ) {
+    // This node's records in the order it sends them; the order between
+    // nodes follows their clocks.
+    let mut clock = LogClock::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         let mut records = batch[0].records.len();
@@ -142,10 +193,11 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        let now = SystemTime::now();
         let documents: Vec<Document> = batch
             .iter()
             .flat_map(|append| &append.records)
-            .map(documents::notification)
+            .map(|record| documents::notification(record, clock.next(now)))
             .collect();
         // Flush markers alone have nothing to insert.
         if !documents.is_empty() {

@@ -87,6 +87,9 @@ impl Maintenance {
         .await?;
         logs.create_index(IndexModel::builder().keys(doc! {"eventId": 1}).build())
             .await?;
+        // `resume`: a user's records in log order.
+        logs.create_index(IndexModel::builder().keys(doc! {"to": 1, "seq": 1}).build())
+            .await?;
         let connections = self.user_connections();
         connections
             .create_index(IndexModel::builder().keys(doc! {"userId": 1}).build())

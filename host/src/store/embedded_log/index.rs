@@ -1,0 +1,264 @@
+//! Where each user's records lie in the journal, in log order: what a
+//! `resume` reads, so that a replay costs the records it returns, not a scan
+//! of the log. Held in memory (24 bytes a record plus one vector per user),
+//! built from the segments when the log opens and extended by the writer
+//! after each commit, before the appenders hear of it.
+//!
+//! Deliveries are found by a 64-bit hash of their id; the record read back
+//! is checked against the id asked for.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{self, BufRead, BufReader};
+use std::time::SystemTime;
+
+use crate::store::{LogClock, ReplayFrom};
+
+/// Bits of a [`Position`] that hold the offset in its segment (1 TiB).
+const OFFSET_BITS: u32 = 40;
+
+/// A record's place in the journal: segment number and byte offset, packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Position(u64);
+
+impl Position {
+    pub(super) fn new(segment: u64, offset: u64) -> Self {
+        debug_assert!(offset < 1 << OFFSET_BITS && segment < 1 << (64 - OFFSET_BITS));
+        Self((segment << OFFSET_BITS) | offset)
+    }
+
+    pub(super) fn segment(self) -> u64 {
+        self.0 >> OFFSET_BITS
+    }
+
+    pub(super) fn offset(self) -> u64 {
+        self.0 & ((1 << OFFSET_BITS) - 1)
+    }
+}
+
+/// One record of a user.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    position: Position,
+    /// The hash of its delivery id.
+    delivery: u64,
+    seq: i64,
+}
+
+/// What a replay reads, found in the index.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Plan {
+    /// The record the replay starts after (`ReplayFrom::After`), to check.
+    pub anchor: Option<Position>,
+    /// The records to send, in log order.
+    pub records: Vec<Position>,
+    /// Whether the limit cut the replay short.
+    pub more: bool,
+}
+
+/// Every indexed record of the log, by user.
+#[derive(Debug, Default)]
+pub(super) struct UserIndex {
+    users: HashMap<Box<str>, Vec<Entry>>,
+    /// Hashes of the record ids indexed: a record appended again (a retried
+    /// write of a delivery) keeps its first place.
+    known: HashSet<u64>,
+    last_seq: i64,
+}
+
+fn hash_of(text: &str) -> u64 {
+    // SipHash with fixed keys: the index lives and dies with the process.
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What the index reads of a stored record.
+#[derive(serde::Deserialize)]
+struct Stored<'a> {
+    #[serde(rename = "_id", borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    /// Absent from records of versions before `resume`.
+    seq: Option<i64>,
+    #[serde(rename = "createdAt", borrow)]
+    created_at: Cow<'a, str>,
+}
+
+impl UserIndex {
+    /// The index of the segments in `dir` (their complete lines), and
+    /// numbers for the records of older versions written without one.
+    pub(super) fn build(segments: &[(u64, std::path::PathBuf)]) -> io::Result<Self> {
+        let mut index = Self::default();
+        let mut clock = LogClock::default();
+        let mut line = Vec::new();
+        for (segment, path) in segments {
+            let mut reader = BufReader::new(std::fs::File::open(path)?);
+            let mut offset = 0u64;
+            loop {
+                line.clear();
+                let read = reader.read_until(b'\n', &mut line)?;
+                if read == 0 || line.last() != Some(&b'\n') {
+                    break;
+                }
+                if let Ok(stored) = serde_json::from_slice::<Stored<'_>>(&line) {
+                    let seq = match stored.seq {
+                        Some(seq) => seq,
+                        None => clock.next(created_at(&stored.created_at)),
+                    };
+                    clock = LogClock::after(clock.last().max(seq));
+                    index.add(&stored.id, &stored.to, Position::new(*segment, offset), seq);
+                }
+                offset += read as u64;
+            }
+        }
+        Ok(index)
+    }
+
+    /// The highest `seq` indexed: a reopened log numbers on from it.
+    pub(super) fn last_seq(&self) -> i64 {
+        self.last_seq
+    }
+
+    /// Indexes a committed record (`record_id` is `<delivery id>:<to>`).
+    pub(super) fn add(&mut self, record_id: &str, to: &str, position: Position, seq: i64) {
+        if !self.known.insert(hash_of(record_id)) {
+            return;
+        }
+        let delivery = record_id
+            .strip_suffix(to)
+            .and_then(|id| id.strip_suffix(':'))
+            .unwrap_or(record_id);
+        let entry = Entry {
+            position,
+            delivery: hash_of(delivery),
+            seq,
+        };
+        self.last_seq = self.last_seq.max(seq);
+        match self.users.get_mut(to) {
+            Some(entries) => entries.push(entry),
+            None => {
+                self.users.insert(to.into(), vec![entry]);
+            }
+        }
+    }
+
+    /// The records of a replay for `user`; `None` when `from` names no
+    /// delivery to this user.
+    pub(super) fn plan(&self, user: &str, from: &ReplayFrom, limit: usize) -> Option<Plan> {
+        let entries = self.users.get(user).map_or(&[][..], Vec::as_slice);
+        let (anchor, start) = match from {
+            ReplayFrom::After(delivery) => {
+                let delivery = hash_of(delivery);
+                // From the newest: a client resumes near the end, and this
+                // walks only what it will be sent.
+                let at = entries
+                    .iter()
+                    .rposition(|entry| entry.delivery == delivery)?;
+                (Some(entries[at].position), at + 1)
+            }
+            ReplayFrom::Since(at) => {
+                let first = LogClock::first_at(*at);
+                (None, entries.partition_point(|entry| entry.seq < first))
+            }
+        };
+        let rest = &entries[start..];
+        Some(Plan {
+            anchor,
+            records: rest
+                .iter()
+                .take(limit)
+                .map(|entry| entry.position)
+                .collect(),
+            more: rest.len() > limit,
+        })
+    }
+}
+
+/// The time of a stored `createdAt` (the epoch if unreadable).
+fn created_at(text: &str) -> SystemTime {
+    crate::protocol::parse_rfc3339(text).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(seconds: u64) -> i64 {
+        LogClock::first_at(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+    }
+
+    fn index_of(records: &[(&str, &str, i64)]) -> UserIndex {
+        let mut index = UserIndex::default();
+        for (offset, (delivery, to, seq)) in records.iter().enumerate() {
+            let id = format!("{delivery}:{to}");
+            index.add(&id, to, Position::new(1, offset as u64), *seq);
+        }
+        index
+    }
+
+    fn offsets(plan: &Plan) -> Vec<u64> {
+        plan.records
+            .iter()
+            .map(|position| position.offset())
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_after_a_delivery_is_the_users_later_records() {
+        let index = index_of(&[
+            ("d1", "u", at(1)),
+            ("d2", "v", at(2)),
+            ("d3", "u", at(3)),
+            ("d4", "u", at(4)),
+        ]);
+        let plan = index
+            .plan("u", &ReplayFrom::After("d1".into()), 10)
+            .unwrap();
+        assert_eq!(plan.anchor, Some(Position::new(1, 0)));
+        assert_eq!(offsets(&plan), [2, 3]);
+        assert!(!plan.more);
+
+        let page = index.plan("u", &ReplayFrom::After("d1".into()), 1).unwrap();
+        assert_eq!(offsets(&page), [2]);
+        assert!(page.more);
+
+        // Another user's delivery, or none at all, is not a place to start.
+        assert_eq!(index.plan("u", &ReplayFrom::After("d2".into()), 10), None);
+        assert_eq!(index.plan("w", &ReplayFrom::After("d1".into()), 10), None);
+    }
+
+    #[test]
+    fn a_replay_since_a_time_starts_at_the_first_record_written_then() {
+        let index = index_of(&[("d1", "u", at(1)), ("d2", "u", at(2) + 5)]);
+        let since =
+            |seconds| ReplayFrom::Since(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
+        assert_eq!(offsets(&index.plan("u", &since(0), 10).unwrap()), [0, 1]);
+        assert_eq!(offsets(&index.plan("u", &since(2), 10).unwrap()), [1]);
+        assert!(index.plan("u", &since(3), 10).unwrap().records.is_empty());
+        // A user without records has nothing since any time.
+        assert!(index.plan("w", &since(0), 10).unwrap().records.is_empty());
+    }
+
+    #[test]
+    fn a_record_appended_again_keeps_its_first_place() {
+        let index = index_of(&[("d1", "u", at(1)), ("d2", "u", at(2)), ("d1", "u", at(3))]);
+        let plan = index
+            .plan("u", &ReplayFrom::After("d1".into()), 10)
+            .unwrap();
+        assert_eq!(offsets(&plan), [1]);
+        assert_eq!(index.last_seq(), at(2));
+    }
+
+    #[test]
+    fn positions_keep_segment_and_offset_apart() {
+        let position = Position::new(7, (1 << OFFSET_BITS) - 1);
+        assert_eq!(position.segment(), 7);
+        assert_eq!(position.offset(), (1 << OFFSET_BITS) - 1);
+        assert!(Position::new(1, 900) < Position::new(2, 0));
+    }
+}

@@ -1,0 +1,269 @@
+//! `resume` (PROTOCOL.md §3, v1.1) on the embedded store: the pushes a
+//! client missed while away, sent again from the notification log. The
+//! MongoDB store's, across two nodes, is in `mongo.rs`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sockets_tests::client::Client;
+use sockets_tests::server::{Server, ServerConfig};
+
+/// Rate limits off: the tests send hundreds of messages at once.
+fn unlimited() -> ServerConfig {
+    ServerConfig::default().env("SOCKETS_RATE_LIMIT", "0")
+}
+
+/// Sends `texts` from `sender` to `to`, all acked, and waits for the acks.
+async fn send_all(sender: &mut Client, to: &str, texts: impl IntoIterator<Item = String>) {
+    let mut sent = 0u64;
+    for text in texts {
+        sent += 1;
+        sender
+            .send(&json!({"event": "sendMessage", "data": {"to": to, "text": text}, "ack": sent}))
+            .await;
+    }
+    for _ in 0..sent {
+        let reply = sender.recv().await;
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+}
+
+/// Sends `resume` with `data` and reads up to its reply: the pushes before
+/// it and the reply.
+async fn resume(client: &mut Client, data: Value) -> (Vec<Value>, Value) {
+    client
+        .send(&json!({"event": "resume", "data": data, "ack": 900}))
+        .await;
+    let mut pushes = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        if frame["ack"] == 900 {
+            return (pushes, frame);
+        }
+        pushes.push(frame);
+    }
+}
+
+fn texts(pushes: &[Value]) -> Vec<&str> {
+    pushes
+        .iter()
+        .map(|push| push["data"]["text"].as_str().unwrap())
+        .collect()
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("m{n}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_back_from_a_gap_gets_what_it_missed_once_in_order_then_the_reply() {
+    let server = Server::in_process_with(unlimited()).await;
+    let mut phone = Client::connect_as(&server, "s_1", "student").await;
+    let mut laptop = Client::connect_as(&server, "s_1", "student").await;
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    send_all(&mut phone, "c_1", ["before".to_owned()]).await;
+    let seen = consultant.recv().await;
+    let sender_copy = laptop.recv().await;
+    assert_eq!(sender_copy["id"], seen["id"]);
+    consultant.close().await;
+
+    send_all(&mut phone, "c_1", numbered(0..3)).await;
+    let mut live_ids = Vec::new();
+    for _ in 0..3 {
+        live_ids.push(laptop.recv().await["id"].clone());
+    }
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    let (pushes, reply) = resume(&mut consultant, json!({"after": seen["id"]})).await;
+
+    assert_eq!(texts(&pushes), ["m0", "m1", "m2"]);
+    for push in &pushes {
+        // The original push: same event, data and id as the live copies.
+        let keys: HashSet<&str> = push
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, HashSet::from(["event", "data", "id"]), "{push}");
+        assert_eq!(push["event"], "message");
+        assert_eq!(push["data"]["from"], "s_1");
+        assert_eq!(push["data"]["to"], "c_1");
+    }
+    let replayed_ids: Vec<Value> = pushes.iter().map(|push| push["id"].clone()).collect();
+    assert_eq!(replayed_ids, live_ids);
+    assert_eq!(
+        reply,
+        json!({"ack": 900, "ok": true, "data": {"replayed": 3, "more": false}})
+    );
+    // Nothing after the reply: each missed push came once.
+    assert_eq!(consultant.try_recv(Duration::from_millis(300)).await, None);
+
+    // The sender's other devices got copies, which are not theirs to replay.
+    let (pushes, reply) = resume(&mut laptop, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(pushes, Vec::<Value>::new());
+    assert_eq!(reply["data"], json!({"replayed": 0, "more": false}));
+    let (_, reply) = resume(&mut laptop, json!({"after": sender_copy["id"]})).await;
+    assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_gap_comes_in_pages_and_since_reads_from_a_time() {
+    let server = Server::in_process_with(unlimited()).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    send_all(&mut student, "c_1", ["first".to_owned()]).await;
+    let between = sockets_host::protocol::rfc3339(std::time::SystemTime::now());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    send_all(&mut student, "c_1", numbered(0..5)).await;
+
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    let (all, reply) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(texts(&all), ["first", "m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(reply["data"], json!({"replayed": 6, "more": false}));
+
+    let (later, _) = resume(&mut consultant, json!({"since": between})).await;
+    assert_eq!(texts(&later), ["m0", "m1", "m2", "m3", "m4"]);
+
+    // Pages of two, each after the last id received, until `more` is false.
+    let mut after = all[0]["id"].clone();
+    let mut pages = Vec::new();
+    loop {
+        let (page, reply) = resume(&mut consultant, json!({"after": after, "limit": 2})).await;
+        assert_eq!(reply["data"]["replayed"], page.len());
+        pages.push(texts(&page).join(","));
+        if reply["data"]["more"] == false {
+            break;
+        }
+        after = page.last().unwrap()["id"].clone();
+    }
+    assert_eq!(pages, ["m0,m1", "m2,m3", "m4"]);
+    // At the end: nothing, and no more.
+    let (none, reply) = resume(&mut consultant, json!({"after": all[5]["id"], "limit": 1})).await;
+    assert!(none.is_empty());
+    assert_eq!(reply["data"], json!({"replayed": 0, "more": false}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_point_the_log_does_not_hold_is_not_found_and_bad_input_a_bad_request() {
+    let server = Server::in_process_with(unlimited()).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    send_all(&mut student, "c_2", ["to someone else".to_owned()]).await;
+    let mut other = Client::connect_as(&server, "c_2", "consultant").await;
+    let (theirs, _) = resume(&mut other, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let their_id = theirs[0]["id"].clone();
+
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    for after in [json!("0123456789abcdef0123456789abcdef"), their_id] {
+        let (pushes, reply) = resume(&mut consultant, json!({"after": after})).await;
+        assert!(pushes.is_empty());
+        assert_eq!(reply["ok"], false);
+        assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+    }
+    for data in [
+        json!({}),
+        json!({"after": "x", "since": "2026-12-06T10:00:00Z"}),
+        json!({"since": "not a time"}),
+        json!({"after": 5}),
+        // Checked before the unknown `after`.
+        json!({"after": "unknown", "limit": 1001}),
+        json!({"after": "unknown", "limit": 2.0}),
+        json!("after"),
+    ] {
+        let (_, reply) = resume(&mut consultant, data.clone()).await;
+        assert_eq!(reply["error"]["code"], "bad_request", "{data}: {reply}");
+    }
+    // Without an ack the error is an `error` event.
+    consultant
+        .send(&json!({"event": "resume", "data": {"after": "unknown"}}))
+        .await;
+    let error = consultant.recv().await;
+    assert_eq!(error["event"], "error");
+    assert_eq!(error["data"]["code"], "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_pushes_during_a_large_replay_all_arrive_and_the_replay_keeps_the_client_open() {
+    let server = Server::in_process_with(unlimited()).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    send_all(&mut student, "c_1", ["m9999".to_owned()]).await;
+    // More than half the 1024-frame outbound queue: the replay must wait
+    // for the writer instead of closing the client as too slow.
+    send_all(&mut student, "c_1", numbered(0..700)).await;
+
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    let (first, _) = resume(
+        &mut consultant,
+        json!({"since": "2000-01-01T00:00:00Z", "limit": 1}),
+    )
+    .await;
+    consultant
+        .send(&json!({"event": "resume", "data": {"after": first[0]["id"]}, "ack": 900}))
+        .await;
+    let live = tokio::spawn(async move {
+        send_all(&mut student, "c_1", numbered(700..730)).await;
+        student
+    });
+
+    let mut replayed = Vec::new();
+    let mut live_texts = Vec::new();
+    let mut ids = HashSet::new();
+    let reply = loop {
+        let frame = consultant.recv().await;
+        if frame["ack"] == 900 {
+            break frame;
+        }
+        let text = frame["data"]["text"].as_str().unwrap().to_owned();
+        ids.insert(frame["id"].as_str().unwrap().to_owned());
+        let number: usize = text[1..].parse().unwrap();
+        if number < 700 || number == 9999 {
+            replayed.push(text);
+        } else {
+            live_texts.push(text);
+        }
+    };
+    live.await.unwrap();
+    while let Some(frame) = consultant.try_recv(Duration::from_millis(500)).await {
+        ids.insert(frame["id"].as_str().unwrap().to_owned());
+        live_texts.push(frame["data"]["text"].as_str().unwrap().to_owned());
+    }
+    let replayed_count = reply["data"]["replayed"].as_u64().unwrap() as usize;
+    assert!(replayed_count >= 700, "{reply}");
+    // Every missed push, in log order; live ones may be replayed as well
+    // (the client de-duplicates by id) but none is lost.
+    let expected: Vec<String> = numbered(0..700);
+    let in_order: Vec<&String> = replayed
+        .iter()
+        .filter(|text| text.as_str() != "m9999")
+        .collect();
+    assert_eq!(in_order.len(), 700);
+    assert!(
+        in_order
+            .iter()
+            .zip(&expected)
+            .all(|(got, want)| *got == want)
+    );
+    let live_unique: HashSet<&String> = live_texts.iter().collect();
+    assert_eq!(live_unique.len(), 30, "live pushes lost: {live_texts:?}");
+    assert_eq!(ids.len(), 730);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_replays_what_it_logged_before() {
+    let config = unlimited();
+    let server = Server::in_process_with(config.clone()).await;
+    let data_dir = server.data_dir.clone();
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    send_all(&mut student, "c_1", numbered(0..4)).await;
+    drop(student);
+    assert!(server.stop().await);
+
+    let mut config = config;
+    config.data_dir = Some(data_dir);
+    let server = Server::in_process_with(config).await;
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    let (all, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(texts(&all), ["m0", "m1", "m2", "m3"]);
+    let (rest, reply) = resume(&mut consultant, json!({"after": all[1]["id"]})).await;
+    assert_eq!(texts(&rest), ["m2", "m3"]);
+    assert_eq!(reply["data"], json!({"replayed": 2, "more": false}));
+}
