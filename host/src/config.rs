@@ -101,6 +101,14 @@ pub struct Settings {
     /// connection records are removed (MongoDB only).
     #[arg(long, env = "SOCKETS_NODE_LEASE", global = true)]
     pub node_lease: Option<u64>,
+    /// Seconds the notification log keeps a record (0 = for ever); past it
+    /// a `resume` answers `not_found`.
+    #[arg(long, env = "SOCKETS_LOG_RETENTION", global = true)]
+    pub log_retention: Option<u64>,
+    /// MiB the embedded notification log may take on disk (0 = no cap);
+    /// its oldest segments go first.
+    #[arg(long, env = "SOCKETS_LOG_MAX_MB", global = true)]
+    pub log_max_mb: Option<u64>,
     /// Comma-separated Origin allow-list.
     #[arg(long, env = "SOCKETS_ALLOWED_ORIGINS", global = true)]
     pub allowed_origins: Option<String>,
@@ -175,6 +183,8 @@ impl Settings {
             mongo_url: self.mongo_url.or(lower.mongo_url),
             mongo_db: self.mongo_db.or(lower.mongo_db),
             node_lease: self.node_lease.or(lower.node_lease),
+            log_retention: self.log_retention.or(lower.log_retention),
+            log_max_mb: self.log_max_mb.or(lower.log_max_mb),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             rate_limit: self.rate_limit.or(lower.rate_limit),
             ping_interval: self.ping_interval.or(lower.ping_interval),
@@ -304,6 +314,8 @@ pub struct Config {
     pub mongo_db: String,
     /// A node's lease in the store (MongoDB only).
     pub node_lease: Duration,
+    /// How much of the notification log is kept.
+    pub log_retention: crate::store::LogRetention,
     /// Allowed `Origin`s; `None` allows any.
     pub allowed_origins: Option<Vec<String>>,
     /// Per-connection limits.
@@ -526,6 +538,18 @@ impl Config {
             mongo_url: settings.mongo_url,
             mongo_db: settings.mongo_db.unwrap_or_else(|| "sockets".to_owned()),
             node_lease: Duration::from_secs(settings.node_lease.unwrap_or(30).max(1)),
+            log_retention: crate::store::LogRetention {
+                max_age: match settings.log_retention {
+                    Some(0) => None,
+                    Some(seconds) => Some(Duration::from_secs(seconds)),
+                    None => Some(crate::store::LogRetention::DEFAULT_AGE),
+                },
+                max_bytes: match settings.log_max_mb {
+                    Some(0) => None,
+                    Some(mib) => Some(mib.saturating_mul(1 << 20)),
+                    None => Some(crate::store::LogRetention::DEFAULT_BYTES),
+                },
+            },
             allowed_origins: settings.allowed_origins.as_deref().map(comma_list),
             limits,
             log: settings.log.unwrap_or_else(|| "info".to_owned()),

@@ -399,12 +399,16 @@ impl Store {
     /// The log on disk, connection records in memory, the users file.
     fn embedded(config: &Config, connections: &Arc<ConnectionRegistry>) -> anyhow::Result<Self> {
         Ok(Self {
-            log: Arc::new(EmbeddedLog::open(&config.data_dir).with_context(|| {
-                format!(
-                    "notification log in {} (SOCKETS_DATA_DIR)",
-                    config.data_dir.display()
-                )
-            })?),
+            log: Arc::new(
+                EmbeddedLog::open_with(&config.data_dir, config.log_retention).with_context(
+                    || {
+                        format!(
+                            "notification log in {} (SOCKETS_DATA_DIR)",
+                            config.data_dir.display()
+                        )
+                    },
+                )?,
+            ),
             keys: Arc::new(
                 EmbeddedKeys::open(&config.data_dir, PUBLISHED_KEY_RETENTION).with_context(
                     || {
@@ -443,9 +447,10 @@ impl Store {
             instance_id: Arc::clone(instance_id),
             lease: config.node_lease,
             connections: Arc::clone(&connections),
+            log_retention: config.log_retention.max_age,
         };
         Ok(Self {
-            log: Arc::new(MongoLog::start(&mongo)),
+            log: Arc::new(MongoLog::start(&mongo, config.log_retention.max_age)),
             keys: Arc::new(MongoKeys::new(
                 &mongo,
                 Arc::clone(instance_id),

@@ -670,6 +670,7 @@ async fn a_record_the_database_refuses_holds_back_no_other() {
             instance_id: "node-poison".into(),
             lease: Duration::from_secs(30),
             connections: std::sync::Arc::clone(&store),
+            log_retention: None,
         }
         .run(stopped),
     );
@@ -727,4 +728,54 @@ async fn a_log_record_the_database_refuses_holds_back_no_other() {
     );
     let readiness = http(&server, "GET", "/readyz", &[], b"").await;
     assert_eq!(readiness.status, 200, "{}", readiness.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_records_past_the_retention_are_not_replayed_and_are_deleted() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let config = ServerConfig::default()
+        .env("SOCKETS_LOG_RETENTION", "2")
+        // Maintenance (and its sweep) every second.
+        .env("SOCKETS_NODE_LEASE", "3");
+    let server = Server::start_with(db.server_config(config)).await;
+    ready(&server).await;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
+    let send = async |student: &mut Client, text: &str, ack: u64| {
+        student
+            .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": text}, "ack": ack}))
+            .await;
+        assert_eq!(student.recv().await["ok"], true);
+    };
+    send(&mut student, "old", 1).await;
+    let old = consultant.recv().await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    send(&mut student, "new", 2).await;
+    consultant.recv().await;
+
+    let (_, reply) = resume(&mut consultant, json!({"after": old["id"]})).await;
+    assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+    let (kept, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["data"]["text"], "new");
+    eventually(WAIT, "the old record is deleted", || async {
+        let texts: Vec<String> = db
+            .find("notificationLogs", doc! {"to": "c_1"})
+            .await
+            .iter()
+            .filter_map(|record| {
+                Some(
+                    record
+                        .get_document("data")
+                        .ok()?
+                        .get_str("text")
+                        .ok()?
+                        .to_owned(),
+                )
+            })
+            .collect();
+        // (`new` goes too, 2 s after it was written.)
+        (!texts.iter().any(|text| text == "old")).then_some(())
+    })
+    .await;
 }

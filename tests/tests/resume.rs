@@ -267,3 +267,96 @@ async fn a_restarted_server_replays_what_it_logged_before() {
     assert_eq!(texts(&rest), ["m2", "m3"]);
     assert_eq!(reply["data"], json!({"replayed": 2, "more": false}));
 }
+
+/// The notification log's segment files and their total size.
+fn log_files(server: &Server) -> (Vec<String>, u64) {
+    let mut names = Vec::new();
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(server.data_dir.join("notifications")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jsonl") {
+            bytes += entry.metadata().unwrap().len();
+            names.push(name);
+        }
+    }
+    names.sort();
+    (names, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_retention_a_push_is_not_replayed_and_its_segment_is_deleted() {
+    let server = Server::in_process_with(unlimited().env("SOCKETS_LOG_RETENTION", "2")).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    send_all(&mut student, "c_1", ["old".to_owned()]).await;
+    let old = consultant.recv().await;
+    let (first_files, _) = log_files(&server);
+
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    send_all(&mut student, "c_1", ["new".to_owned()]).await;
+    consultant.recv().await;
+    let (_, reply) = resume(&mut consultant, json!({"after": old["id"]})).await;
+    assert_eq!(reply["error"]["code"], "not_found", "{reply}");
+    let (kept, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(texts(&kept), ["new"]);
+
+    // The segment that held it goes from the disk too.
+    sockets_tests::eventually(
+        Duration::from_secs(10),
+        "the old segment is deleted",
+        || async {
+            let (files, _) = log_files(&server);
+            (!files.contains(&first_files[0])).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_stays_under_its_size_cap_by_deleting_its_oldest_segments() {
+    let server = Server::in_process_with(unlimited().env("SOCKETS_LOG_MAX_MB", "1")).await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    // About 1.5 MiB of records, in segments of 128 KiB.
+    let long = "x".repeat(400);
+    for round in 0..3 {
+        send_all(
+            &mut student,
+            "c_1",
+            (0..800).map(|n| format!("r{round}-{n} {long}")),
+        )
+        .await;
+    }
+    let (files, bytes) =
+        sockets_tests::eventually(Duration::from_secs(10), "the log fits its cap", || async {
+            let (files, bytes) = log_files(&server);
+            (bytes <= 1 << 20).then_some((files, bytes))
+        })
+        .await;
+    assert!(files.len() >= 4, "several segments: {files:?}");
+    assert!(
+        !files.contains(&"000001.jsonl".to_owned()),
+        "the oldest went first: {files:?}"
+    );
+    assert!(
+        bytes > 512 << 10,
+        "only what the cap needs is deleted: {bytes} bytes"
+    );
+
+    // What is left replays, page after page, up to the newest record.
+    let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
+    let (mut page, mut reply) =
+        resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert!(
+        !texts(&page)[0].starts_with("r0-0 "),
+        "the oldest records are gone"
+    );
+    let mut replayed = page.len();
+    while reply["data"]["more"] == true {
+        let after = page.last().unwrap()["id"].clone();
+        (page, reply) = resume(&mut consultant, json!({"after": after})).await;
+        replayed += page.len();
+    }
+    assert!(texts(&page).last().unwrap().starts_with("r2-799 "));
+    assert!(replayed < 2400, "{replayed}");
+}

@@ -168,6 +168,45 @@ pub trait NotificationLog: Send + Sync {
     ) -> Result<Option<ReplayPage>, StoreError>;
 }
 
+/// How much of the notification log is kept: records older than
+/// `max_age`, and on the embedded store the oldest segments beyond
+/// `max_bytes`, are deleted; a replay never reaches past either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetention {
+    /// Records older than this go; `None`: kept for ever.
+    pub max_age: Option<Duration>,
+    /// The most disk the embedded log takes; `None`: no cap.
+    pub max_bytes: Option<u64>,
+}
+
+impl LogRetention {
+    /// A week: a client back from a holiday still recovers.
+    pub const DEFAULT_AGE: Duration = Duration::from_secs(7 * 86_400);
+    /// 2 GiB: a small server's disk, about 4.5 M chat records.
+    pub const DEFAULT_BYTES: u64 = 2 << 30;
+    /// Everything, for ever (tools and tests that read a log).
+    pub const FOREVER: LogRetention = LogRetention {
+        max_age: None,
+        max_bytes: None,
+    };
+
+    /// The oldest `seq` a replay may return at `now`.
+    pub fn first_kept(&self, now: SystemTime) -> i64 {
+        self.max_age
+            .and_then(|age| now.checked_sub(age))
+            .map_or(i64::MIN, LogClock::first_at)
+    }
+}
+
+impl Default for LogRetention {
+    fn default() -> Self {
+        Self {
+            max_age: Some(Self::DEFAULT_AGE),
+            max_bytes: Some(Self::DEFAULT_BYTES),
+        }
+    }
+}
+
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayFrom {

@@ -61,8 +61,8 @@ pub(super) struct Plan {
 #[derive(Debug, Default)]
 pub(super) struct UserIndex {
     users: HashMap<Box<str>, Vec<Entry>>,
-    /// Hashes of the record ids indexed: a record appended again (a retried
-    /// write of a delivery) keeps its first place.
+    /// The records indexed ([`record_key`]): a record appended again (a
+    /// retried write of a delivery) keeps its first place.
     known: HashSet<u64>,
     last_seq: i64,
 }
@@ -71,6 +71,14 @@ fn hash_of(text: &str) -> u64 {
     // SipHash with fixed keys: the index lives and dies with the process.
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A record's key in `known`: its delivery's hash and its user.
+fn record_key(delivery: u64, user: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    delivery.hash(&mut hasher);
+    user.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -124,16 +132,17 @@ impl UserIndex {
 
     /// Indexes a committed record (`record_id` is `<delivery id>:<to>`).
     pub(super) fn add(&mut self, record_id: &str, to: &str, position: Position, seq: i64) {
-        if !self.known.insert(hash_of(record_id)) {
-            return;
-        }
         let delivery = record_id
             .strip_suffix(to)
             .and_then(|id| id.strip_suffix(':'))
             .unwrap_or(record_id);
+        let delivery = hash_of(delivery);
+        if !self.known.insert(record_key(delivery, to)) {
+            return;
+        }
         let entry = Entry {
             position,
-            delivery: hash_of(delivery),
+            delivery,
             seq,
         };
         self.last_seq = self.last_seq.max(seq);
@@ -145,10 +154,40 @@ impl UserIndex {
         }
     }
 
-    /// The records of a replay for `user`; `None` when `from` names no
-    /// delivery to this user.
-    pub(super) fn plan(&self, user: &str, from: &ReplayFrom, limit: usize) -> Option<Plan> {
-        let entries = self.users.get(user).map_or(&[][..], Vec::as_slice);
+    /// Forgets the records in segments up to `through_segment` (deleted)
+    /// and those numbered below `first_kept` (past the retention).
+    pub(super) fn forget(&mut self, through_segment: Option<u64>, first_kept: i64) {
+        let gone = |entry: &Entry| {
+            entry.seq < first_kept
+                || through_segment.is_some_and(|through| entry.position.segment() <= through)
+        };
+        let known = &mut self.known;
+        self.users.retain(|user, entries| {
+            // Positions and numbers both grow along a user's entries: the
+            // forgotten ones are a prefix.
+            let end = entries.partition_point(gone);
+            for entry in entries.drain(..end) {
+                known.remove(&record_key(entry.delivery, user));
+            }
+            if entries.capacity() > 2 * entries.len() + 8 {
+                entries.shrink_to_fit();
+            }
+            !entries.is_empty()
+        });
+    }
+
+    /// The records of a replay for `user`, none numbered below
+    /// `first_kept`; `None` when `from` names no delivery to this user
+    /// that is kept.
+    pub(super) fn plan(
+        &self,
+        user: &str,
+        from: &ReplayFrom,
+        limit: usize,
+        first_kept: i64,
+    ) -> Option<Plan> {
+        let all = self.users.get(user).map_or(&[][..], Vec::as_slice);
+        let entries = &all[all.partition_point(|entry| entry.seq < first_kept)..];
         let (anchor, start) = match from {
             ReplayFrom::After(delivery) => {
                 let delivery = hash_of(delivery);
@@ -217,19 +256,27 @@ mod tests {
             ("d4", "u", at(4)),
         ]);
         let plan = index
-            .plan("u", &ReplayFrom::After("d1".into()), 10)
+            .plan("u", &ReplayFrom::After("d1".into()), 10, i64::MIN)
             .unwrap();
         assert_eq!(plan.anchor, Some(Position::new(1, 0)));
         assert_eq!(offsets(&plan), [2, 3]);
         assert!(!plan.more);
 
-        let page = index.plan("u", &ReplayFrom::After("d1".into()), 1).unwrap();
+        let page = index
+            .plan("u", &ReplayFrom::After("d1".into()), 1, i64::MIN)
+            .unwrap();
         assert_eq!(offsets(&page), [2]);
         assert!(page.more);
 
         // Another user's delivery, or none at all, is not a place to start.
-        assert_eq!(index.plan("u", &ReplayFrom::After("d2".into()), 10), None);
-        assert_eq!(index.plan("w", &ReplayFrom::After("d1".into()), 10), None);
+        assert_eq!(
+            index.plan("u", &ReplayFrom::After("d2".into()), 10, i64::MIN),
+            None
+        );
+        assert_eq!(
+            index.plan("w", &ReplayFrom::After("d1".into()), 10, i64::MIN),
+            None
+        );
     }
 
     #[test]
@@ -237,21 +284,96 @@ mod tests {
         let index = index_of(&[("d1", "u", at(1)), ("d2", "u", at(2) + 5)]);
         let since =
             |seconds| ReplayFrom::Since(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
-        assert_eq!(offsets(&index.plan("u", &since(0), 10).unwrap()), [0, 1]);
-        assert_eq!(offsets(&index.plan("u", &since(2), 10).unwrap()), [1]);
-        assert!(index.plan("u", &since(3), 10).unwrap().records.is_empty());
+        assert_eq!(
+            offsets(&index.plan("u", &since(0), 10, i64::MIN).unwrap()),
+            [0, 1]
+        );
+        assert_eq!(
+            offsets(&index.plan("u", &since(2), 10, i64::MIN).unwrap()),
+            [1]
+        );
+        assert!(
+            index
+                .plan("u", &since(3), 10, i64::MIN)
+                .unwrap()
+                .records
+                .is_empty()
+        );
         // A user without records has nothing since any time.
-        assert!(index.plan("w", &since(0), 10).unwrap().records.is_empty());
+        assert!(
+            index
+                .plan("w", &since(0), 10, i64::MIN)
+                .unwrap()
+                .records
+                .is_empty()
+        );
     }
 
     #[test]
     fn a_record_appended_again_keeps_its_first_place() {
         let index = index_of(&[("d1", "u", at(1)), ("d2", "u", at(2)), ("d1", "u", at(3))]);
         let plan = index
-            .plan("u", &ReplayFrom::After("d1".into()), 10)
+            .plan("u", &ReplayFrom::After("d1".into()), 10, i64::MIN)
             .unwrap();
         assert_eq!(offsets(&plan), [1]);
         assert_eq!(index.last_seq(), at(2));
+    }
+
+    #[test]
+    fn records_past_the_retention_or_in_deleted_segments_are_forgotten() {
+        let mut index = UserIndex::default();
+        for (n, (delivery, to, seq)) in [
+            ("d1", "u", at(1)),
+            ("d2", "v", at(2)),
+            ("d3", "u", at(3)),
+            ("d4", "u", at(4)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let segment = 1 + n as u64 / 2;
+            index.add(
+                &format!("{delivery}:{to}"),
+                to,
+                Position::new(segment, 0),
+                seq,
+            );
+        }
+        let after = |delivery: &str| ReplayFrom::After(delivery.into());
+        // Past the retention: not a place to start, not replayed.
+        assert_eq!(index.plan("u", &after("d1"), 10, at(2)), None);
+        let since_start = ReplayFrom::Since(SystemTime::UNIX_EPOCH);
+        let kept = index.plan("u", &since_start, 10, at(3) + 1).unwrap();
+        assert_eq!(kept.records, [Position::new(2, 0)]);
+
+        index.forget(Some(1), i64::MIN);
+        assert_eq!(index.plan("u", &after("d1"), 10, i64::MIN), None);
+        assert!(
+            !index.users.contains_key("v"),
+            "a user with no records left is dropped"
+        );
+        let rest = index.plan("u", &after("d3"), 10, i64::MIN).unwrap();
+        assert_eq!(rest.records, [Position::new(2, 0)]);
+        // A forgotten record written again is indexed again.
+        index.add("d1:u", "u", Position::new(3, 0), at(5));
+        assert_eq!(
+            index
+                .plan("u", &after("d4"), 10, i64::MIN)
+                .unwrap()
+                .records
+                .len(),
+            1
+        );
+        index.forget(None, at(4));
+        assert_eq!(
+            index
+                .plan("u", &after("d4"), 10, i64::MIN)
+                .unwrap()
+                .records
+                .len(),
+            1
+        );
+        assert_eq!(index.plan("u", &after("d3"), 10, i64::MIN), None);
     }
 
     #[test]

@@ -21,11 +21,14 @@ use std::time::{Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use super::{LogClock, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError};
+use super::{
+    LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
+};
 use index::{Plan, Position, UserIndex};
 use sync_pace::SyncPace;
 
 mod index;
+mod retention;
 mod sync_pace;
 
 /// A segment that reached this size is closed and the next one started, so
@@ -45,6 +48,7 @@ struct Append {
 /// The embedded notification log.
 pub struct EmbeddedLog {
     dir: PathBuf,
+    retention: LogRetention,
     index: Arc<RwLock<UserIndex>>,
     /// `None` only while dropping.
     appends: Option<mpsc::Sender<Append>>,
@@ -64,14 +68,30 @@ fn unavailable(err: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `data_dir/notifications/`.
+    /// Opens (or creates) the log in `data_dir/notifications/`, keeping
+    /// everything (for tools and tests that read a log).
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with_segment_bytes(data_dir, SEGMENT_BYTES)
+        Self::open_with(data_dir, LogRetention::FOREVER)
     }
 
-    fn open_with_segment_bytes(data_dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens (or creates) the log in `data_dir/notifications/`; what
+    /// `retention` does not keep is deleted, whole segments at a time.
+    pub fn open_with(data_dir: &Path, retention: LogRetention) -> Result<Self, StoreError> {
+        // Several segments under a size cap, so that deleting the oldest
+        // frees a part of it, not all.
+        let segment_bytes = retention
+            .max_bytes
+            .map_or(SEGMENT_BYTES, |max| (max / 8).clamp(4096, SEGMENT_BYTES));
+        Self::open_with_segment_bytes(data_dir, segment_bytes, retention)
+    }
+
+    fn open_with_segment_bytes(
+        data_dir: &Path,
+        segment_bytes: u64,
+        retention: LogRetention,
+    ) -> Result<Self, StoreError> {
         let dir = data_dir.join("notifications");
-        let opened = Journal::open(&dir, segment_bytes).and_then(|mut journal| {
+        let opened = Journal::open(&dir, segment_bytes, retention).and_then(|mut journal| {
             let index = UserIndex::build(&segments(&dir)?)?;
             journal.clock = LogClock::after(index.last_seq());
             Ok((journal, index))
@@ -89,6 +109,7 @@ impl EmbeddedLog {
             .map_err(unavailable)?;
         Ok(Self {
             dir,
+            retention,
             index,
             appends: Some(appends),
             writer: Some(writer),
@@ -141,7 +162,18 @@ impl Drop for EmbeddedLog {
 fn write_loop(mut journal: Journal, index: &RwLock<UserIndex>, queue: &mpsc::Receiver<Append>) {
     let mut pace = SyncPace::new();
     let mut last_sync: Option<Instant> = None;
-    while let Ok(first) = queue.recv() {
+    let mut retention_checked = Instant::now();
+    loop {
+        let first = match queue.recv_timeout(retention::CHECK_EVERY) {
+            Ok(first) => Some(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if retention_checked.elapsed() >= retention::CHECK_EVERY {
+            retention_checked = Instant::now();
+            journal.enforce_retention(index);
+        }
+        let Some(first) = first else { continue };
         if let Some(wait) = last_sync.and_then(|at| pace.interval().checked_sub(at.elapsed())) {
             thread::sleep(wait);
         }
@@ -180,6 +212,9 @@ struct Journal {
     file: File,
     /// Bytes of complete records in `file`: where the next write goes.
     len: u64,
+    /// When the open segment got its first record.
+    segment_started: Option<SystemTime>,
+    retention: LogRetention,
     buffer: Vec<u8>,
     /// Numbers the records written.
     clock: LogClock,
@@ -193,7 +228,7 @@ struct Journal {
 }
 
 impl Journal {
-    fn open(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
+    fn open(dir: &Path, segment_bytes: u64, retention: LogRetention) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let lock = File::create(dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|err| match err {
@@ -205,12 +240,20 @@ impl Journal {
         })?;
         let segment = segments(dir)?.last().map_or(1, |(number, _)| *number);
         let (file, len) = open_segment(dir, segment)?;
+        let segment_started = if len == 0 {
+            None
+        } else {
+            let metadata = file.metadata()?;
+            Some(metadata.created().or_else(|_| metadata.modified())?)
+        };
         Ok(Self {
             dir: dir.to_owned(),
             segment_bytes,
             segment,
             file,
             len,
+            segment_started,
+            retention,
             buffer: Vec::new(),
             clock: LogClock::default(),
             appended: Vec::new(),
@@ -251,7 +294,9 @@ impl Journal {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        if self.len > 0 && self.len + self.buffer.len() as u64 > self.segment_bytes {
+        let full = self.len + self.buffer.len() as u64 > self.segment_bytes;
+        let old = retention::segment_closes(self.segment_started, &self.retention, now);
+        if self.len > 0 && (full || old) {
             self.start_next_segment()?;
         }
         for (position, _) in &mut self.appended {
@@ -265,7 +310,22 @@ impl Journal {
             return Err(err);
         }
         self.len += self.buffer.len() as u64;
+        self.segment_started.get_or_insert(now);
         Ok(())
+    }
+
+    /// Deletes the closed segments the retention no longer keeps, and
+    /// forgets their records and those past the retention in the index.
+    fn enforce_retention(&self, index: &RwLock<UserIndex>) {
+        let now = SystemTime::now();
+        match retention::delete_segments(&self.dir, self.segment, &self.retention, now) {
+            Ok(Some(through)) => index
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .forget(Some(through), self.retention.first_kept(now)),
+            Ok(None) => {}
+            Err(err) => tracing::warn!("notification log: cannot apply the retention: {err}"),
+        }
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -281,6 +341,7 @@ impl Journal {
         self.segment += 1;
         self.file = file;
         self.len = len;
+        self.segment_started = None;
         Ok(())
     }
 }
@@ -439,7 +500,12 @@ impl NotificationLog for EmbeddedLog {
             .index
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .plan(user_id, from, limit);
+            .plan(
+                user_id,
+                from,
+                limit,
+                self.retention.first_kept(SystemTime::now()),
+            );
         let Some(plan) = plan else {
             return Ok(None);
         };
@@ -629,7 +695,8 @@ mod tests {
     async fn a_full_segment_is_closed_and_reads_span_segments() {
         let dir = temp_dir();
         {
-            let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+            let log =
+                EmbeddedLog::open_with_segment_bytes(&dir, 600, LogRetention::FOREVER).unwrap();
             for n in 0..6 {
                 let at = format!("2026-01-01T00:00:0{n}.000Z");
                 log.append(vec![record(&format!("d{n}"), "c_1", &at)])
@@ -646,7 +713,7 @@ mod tests {
         }
 
         // Reopened, the log appends to its newest segment.
-        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600, LogRetention::FOREVER).unwrap();
         log.append(vec![record("d6", "c_1", "2026-01-01T00:00:06.000Z")])
             .await
             .unwrap();
@@ -661,7 +728,7 @@ mod tests {
     fn a_batch_whose_sync_failed_is_cut_and_the_next_one_starts_a_line() {
         let dir = temp_dir();
         let folder = dir.join("notifications");
-        let mut journal = Journal::open(&folder, SEGMENT_BYTES).unwrap();
+        let mut journal = Journal::open(&folder, SEGMENT_BYTES, LogRetention::FOREVER).unwrap();
         let first = record("d1", "c_1", "2026-01-01T00:00:00.000Z");
         journal.append([&first].into_iter()).unwrap();
 
@@ -704,7 +771,8 @@ mod tests {
     async fn a_replay_reads_a_users_records_in_log_order_across_segments_and_reopening() {
         let dir = temp_dir();
         {
-            let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+            let log =
+                EmbeddedLog::open_with_segment_bytes(&dir, 600, LogRetention::FOREVER).unwrap();
             for n in 0..6 {
                 let at = format!("2026-01-01T00:00:0{n}.000Z");
                 log.append(vec![
@@ -729,7 +797,7 @@ mod tests {
         assert!(segments(&dir.join("notifications")).unwrap().len() > 2);
         // Reopened: the index is rebuilt from the segments, and numbering
         // goes on above what they hold.
-        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600, LogRetention::FOREVER).unwrap();
         log.append(vec![record("d6", "c_1", "2026-01-01T00:00:06.000Z")])
             .await
             .unwrap();
@@ -767,7 +835,7 @@ mod tests {
     #[tokio::test]
     async fn a_replay_skips_segments_an_operator_deleted() {
         let dir = temp_dir();
-        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600).unwrap();
+        let log = EmbeddedLog::open_with_segment_bytes(&dir, 600, LogRetention::FOREVER).unwrap();
         for n in 0..6 {
             let at = format!("2026-01-01T00:00:0{n}.000Z");
             log.append(vec![record(&format!("d{n}"), "c_1", &at)])

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Mongo, NOTIFICATION_LOGS, documents};
 use crate::backoff::Backoff;
 use crate::store::{
-    LogClock, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
+    LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
 };
 
 /// Appends waiting for the writer beyond this are refused (`unavailable`)
@@ -38,6 +38,9 @@ struct Append {
 pub struct MongoLog {
     collection: Collection<Document>,
     appends: mpsc::Sender<Append>,
+    /// Records older than this are not replayed (the maintenance task
+    /// deletes them).
+    max_age: Option<Duration>,
 }
 
 impl std::fmt::Debug for MongoLog {
@@ -47,14 +50,16 @@ impl std::fmt::Debug for MongoLog {
 }
 
 impl MongoLog {
-    /// Starts the writer (on the current tokio runtime).
-    pub fn start(mongo: &Mongo) -> Self {
+    /// Starts the writer (on the current tokio runtime); `max_age`: the
+    /// retention.
+    pub fn start(mongo: &Mongo, max_age: Option<Duration>) -> Self {
         let collection = mongo.db.collection::<Document>(NOTIFICATION_LOGS);
         let (appends, queue) = mpsc::channel(QUEUED_APPENDS);
         tokio::spawn(write_loop(mongo.clone(), collection.clone(), queue));
         Self {
             collection,
             appends,
+            max_age,
         }
     }
 
@@ -120,6 +125,11 @@ impl NotificationLog for MongoLog {
         from: &ReplayFrom,
         limit: usize,
     ) -> Result<Option<ReplayPage>, StoreError> {
+        let first_kept = LogRetention {
+            max_age: self.max_age,
+            max_bytes: None,
+        }
+        .first_kept(SystemTime::now());
         let seq = match from {
             ReplayFrom::After(delivery) => {
                 let id = NotificationRecord::record_id(delivery, user_id);
@@ -136,9 +146,13 @@ impl NotificationLog for MongoLog {
                     let at = anchor.get_datetime("createdAt").ok()?.to_system_time();
                     Some(LogClock::first_at(at))
                 });
-                doc! {"$gt": seq.unwrap_or(i64::MAX)}
+                match seq {
+                    Some(seq) if seq >= first_kept => doc! {"$gt": seq},
+                    // Past the retention, not swept yet.
+                    _ => return Ok(None),
+                }
             }
-            ReplayFrom::Since(at) => doc! {"$gte": LogClock::first_at(*at)},
+            ReplayFrom::Since(at) => doc! {"$gte": LogClock::first_at(*at).max(first_kept)},
         };
         // One more than asked: whether there is more.
         let wanted = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;

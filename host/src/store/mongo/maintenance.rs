@@ -27,6 +27,8 @@ pub struct Maintenance {
     pub lease: Duration,
     /// This node's connection records.
     pub connections: Arc<MongoConnections>,
+    /// Notification log records older than this are deleted.
+    pub log_retention: Option<Duration>,
 }
 
 impl Maintenance {
@@ -64,6 +66,9 @@ impl Maintenance {
             if let Err(err) = self.mongo.observe(self.sweep_keys(database_now).await) {
                 tracing::warn!("cannot sweep expired published keys: {err}");
             }
+            if let Err(err) = self.mongo.observe(self.sweep_log(database_now).await) {
+                tracing::warn!("cannot delete notification log records past the retention: {err}");
+            }
             self.connections.reconcile_if_dirty();
         }
         let _ = self.leave().await;
@@ -86,6 +91,9 @@ impl Maintenance {
         )
         .await?;
         logs.create_index(IndexModel::builder().keys(doc! {"eventId": 1}).build())
+            .await?;
+        // The retention's sweep.
+        logs.create_index(IndexModel::builder().keys(doc! {"createdAt": 1}).build())
             .await?;
         // `resume`: a user's records in log order.
         logs.create_index(IndexModel::builder().keys(doc! {"to": 1, "seq": 1}).build())
@@ -180,10 +188,7 @@ impl Maintenance {
     /// its answer (answered at most a third of a lease after its last
     /// renewal), so a key whose claim is gone has no answer left either.
     async fn sweep_keys(&self, now: DateTime) -> mongodb::error::Result<()> {
-        let before = |age: Duration| {
-            let millis = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            DateTime::from_millis(now.timestamp_millis().saturating_sub(millis))
-        };
+        let before = |age| before(now, age);
         self.mongo
             .db
             .collection::<Document>(PUBLISHED_ANSWERS)
@@ -198,6 +203,21 @@ impl Maintenance {
         Ok(())
     }
 
+    /// Deletes the log records past the retention, by the database's clock
+    /// (a sweep rather than a TTL index, as for the keys: not every
+    /// MongoDB-protocol server has them; a replay never reaches past the
+    /// retention in between).
+    async fn sweep_log(&self, now: DateTime) -> mongodb::error::Result<()> {
+        if let Some(age) = self.log_retention {
+            self.mongo
+                .db
+                .collection::<Document>(NOTIFICATION_LOGS)
+                .delete_many(doc! {"createdAt": {"$lt": before(now, age)}})
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A clean exit: nothing of this node stays behind.
     async fn leave(&self) -> mongodb::error::Result<()> {
         self.user_connections()
@@ -208,4 +228,10 @@ impl Maintenance {
             .await?;
         Ok(())
     }
+}
+
+/// The time `age` before `now`.
+fn before(now: DateTime, age: Duration) -> DateTime {
+    let millis = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(now.timestamp_millis().saturating_sub(millis))
 }
