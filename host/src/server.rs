@@ -391,24 +391,23 @@ struct Store {
     directory: Arc<dyn UserDirectory>,
     presence: Arc<dyn Presence>,
     /// `None` for the embedded store (always usable).
-    health: Option<Arc<Health>>,
+    health: Arc<Health>,
     maintenance: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Store {
     /// The log on disk, connection records in memory, the users file.
     fn embedded(config: &Config, connections: &Arc<ConnectionRegistry>) -> anyhow::Result<Self> {
+        let log =
+            EmbeddedLog::open_with(&config.data_dir, config.log_retention).with_context(|| {
+                format!(
+                    "notification log in {} (SOCKETS_DATA_DIR)",
+                    config.data_dir.display()
+                )
+            })?;
         Ok(Self {
-            log: Arc::new(
-                EmbeddedLog::open_with(&config.data_dir, config.log_retention).with_context(
-                    || {
-                        format!(
-                            "notification log in {} (SOCKETS_DATA_DIR)",
-                            config.data_dir.display()
-                        )
-                    },
-                )?,
-            ),
+            health: log.health(),
+            log: Arc::new(log),
             keys: Arc::new(
                 EmbeddedKeys::open(&config.data_dir, PUBLISHED_KEY_RETENTION).with_context(
                     || {
@@ -425,7 +424,6 @@ impl Store {
                     .context("users file (SOCKETS_USERS_FILE)")?,
             ),
             presence: Arc::clone(connections) as Arc<dyn Presence>,
-            health: None,
             maintenance: None,
         })
     }
@@ -460,7 +458,7 @@ impl Store {
             directory: Arc::new(MongoDirectory::new(&mongo)),
             presence: Arc::clone(&connections) as Arc<dyn Presence>,
             connections,
-            health: Some(mongo.health()),
+            health: mongo.health(),
             maintenance: Some(tokio::spawn(maintenance.run(shutdown))),
         })
     }

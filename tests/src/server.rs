@@ -150,7 +150,7 @@ impl Folders {
 /// (a second or so of every start). wasmtime writes cache entries
 /// atomically, so servers sharing it concurrently is safe; tests of the
 /// cache itself pass their own data folder.
-fn fresh_data_dir_sharing_compiled_plugins(root: &Path) -> PathBuf {
+pub fn fresh_data_dir_sharing_compiled_plugins(root: &Path) -> PathBuf {
     let data_dir = root.join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     // Absolute: a relative link would resolve against `data/`.

@@ -1,13 +1,16 @@
 //! `resume` (PROTOCOL.md §3, v1.1) on the embedded store: the pushes a
-//! client missed while away, sent again from the notification log. The
-//! MongoDB store's, across two nodes, is in `mongo.rs`.
+//! client missed while away, sent again from the notification log; the
+//! log's window (age, size) and a full disk. The MongoDB store's, across
+//! two nodes, is in `mongo.rs`.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sockets_tests::client::Client;
-use sockets_tests::server::{Server, ServerConfig};
+use sockets_tests::client::{Client, http};
+use sockets_tests::server::{
+    Server, ServerConfig, fresh_data_dir_sharing_compiled_plugins, scratch_dir, token,
+};
 
 /// Rate limits off: the tests send hundreds of messages at once.
 fn unlimited() -> ServerConfig {
@@ -112,6 +115,8 @@ async fn a_long_gap_comes_in_pages_and_since_reads_from_a_time() {
     let server = Server::in_process_with(unlimited()).await;
     let mut student = Client::connect_as(&server, "s_1", "student").await;
     send_all(&mut student, "c_1", ["first".to_owned()]).await;
+    // (Times are read to the millisecond.)
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let between = sockets_host::protocol::rfc3339(std::time::SystemTime::now());
     tokio::time::sleep(Duration::from_millis(5)).await;
     send_all(&mut student, "c_1", numbered(0..5)).await;
@@ -359,4 +364,120 @@ async fn the_log_stays_under_its_size_cap_by_deleting_its_oldest_segments() {
     }
     assert!(texts(&page).last().unwrap().starts_with("r2-799 "));
     assert!(replayed < 2400, "{replayed}");
+}
+
+/// A tmpfs of a few MiB, unmounted when dropped: a disk that fills up.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+/// Runs `command` as is, else through `sudo -n`; whether either succeeded.
+fn as_root(command: &[&std::ffi::OsStr]) -> bool {
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(program)
+            .args(args)
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    let (program, args) = command.split_first().expect("a command");
+    run(&program.to_string_lossy(), args) || run("sudo", &[&["-n".as_ref()][..], command].concat())
+}
+
+impl SmallDisk {
+    /// Mounts it; fails loudly where it cannot (the test command runs as
+    /// root, or with sudo).
+    fn mount(size: &str) -> SmallDisk {
+        let dir = scratch_dir("small-disk");
+        let options = format!("size={size}");
+        let command = ["mount", "-t", "tmpfs", "-o", &options, "tmpfs"].map(std::ffi::OsStr::new);
+        assert!(
+            as_root(&[&command[..], &[dir.as_os_str()]].concat()),
+            "cannot mount a tmpfs at {} (the test needs root or sudo)",
+            dir.display()
+        );
+        SmallDisk { dir }
+    }
+
+    /// Writes a file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file
+            .write_all(&chunk)
+            .and_then(|()| file.sync_data())
+            .is_ok()
+        {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the server's files may still be open.
+        as_root(&["umount".as_ref(), "-l".as_ref(), self.dir.as_os_str()]);
+    }
+}
+
+async fn readiness(server: &Server) -> (u16, Value) {
+    let admin = [("authorization", format!("Bearer {}", token("ops", "admin")))];
+    let response = http(server, "GET", "/readyz", &admin, b"").await;
+    (response.status, response.json())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_log_writes_clearly_and_the_service_recovers_when_space_returns() {
+    let disk = SmallDisk::mount("8m");
+    let mut config = unlimited();
+    config.data_dir = Some(fresh_data_dir_sharing_compiled_plugins(&disk.dir));
+    let server = Server::in_process_with(config).await;
+    let (mut student, mut consultant) = (
+        Client::connect_as(&server, "s_1", "student").await,
+        Client::connect_as(&server, "c_1", "consultant").await,
+    );
+    send_all(&mut student, "c_1", ["before".to_owned()]).await;
+    consultant.recv().await;
+    assert_eq!(readiness(&server).await.0, 200);
+
+    let filler = disk.fill();
+    // The segment's last page may still take a record or two.
+    let mut logged_while_full = Vec::new();
+    let failed = loop {
+        let text = format!("during {}", logged_while_full.len());
+        student
+            .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": text}, "ack": 7}))
+            .await;
+        let reply = student.recv().await;
+        // The push goes out before the write, whether it fails or not.
+        assert_eq!(consultant.recv().await["data"]["text"], text.as_str());
+        if reply["ok"] == false {
+            break reply;
+        }
+        assert!(logged_while_full.len() < 100, "the disk never filled");
+        logged_while_full.push(text);
+    };
+    assert_eq!(failed["ack"], 7);
+    assert_eq!(failed["error"]["code"], "unavailable", "{failed}");
+    let (status, body) = readiness(&server).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["store"]["status"], "degraded");
+    assert_eq!(body["checks"]["store"]["backend"], "embedded");
+    let error = body["checks"]["store"]["error"].as_str().unwrap();
+    assert!(error.contains("No space left"), "{error}");
+
+    // Space comes back: ready again without any write in between.
+    std::fs::remove_file(filler).unwrap();
+    sockets_tests::eventually(Duration::from_secs(10), "ready again", || async {
+        (readiness(&server).await.0 == 200).then_some(())
+    })
+    .await;
+    send_all(&mut student, "c_1", ["after".to_owned()]).await;
+    assert_eq!(consultant.recv().await["data"]["text"], "after");
+    let (logged, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    // The write that failed is not in the log; what came after is.
+    let mut expected = vec!["before".to_owned()];
+    expected.extend(logged_while_full);
+    expected.push("after".to_owned());
+    assert_eq!(texts(&logged), expected);
 }

@@ -45,8 +45,9 @@ pub struct AppState {
     pub connections: Arc<ConnectionRegistry>,
     /// Connection records.
     pub connection_store: Arc<dyn ConnectionStore>,
-    /// The database's health, when the store is MongoDB.
-    pub store_health: Option<Arc<Health>>,
+    /// The store's health: the database's, or whether the embedded log
+    /// can be written.
+    pub store_health: Arc<Health>,
     /// Event routing.
     pub dispatcher: Arc<Dispatcher>,
     /// The notification log (`resume` reads it).

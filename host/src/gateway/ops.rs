@@ -25,17 +25,17 @@ pub async fn readyz(
     let plugins = state.plugins.snapshot();
     let loaded = plugins.iter().count();
     let status = |ok: bool| if ok { "ok" } else { "degraded" };
+    let store_problem = state.store_health.problem();
+    let backend = if state.config.mongo_url.is_some() {
+        "mongodb"
+    } else {
+        "embedded"
+    };
     let mut checks = json!({
-        "store": {"status": "ok", "backend": "embedded"},
+        "store": {"status": status(store_problem.is_none()), "backend": backend, "error": store_problem},
         "plugins": {"status": status(loaded > 0), "loaded": loaded},
     });
-    let mut ready = loaded > 0;
-    if let Some(store) = &state.store_health {
-        let problem = store.problem();
-        ready &= problem.is_none();
-        checks["store"] =
-            json!({"status": status(problem.is_none()), "backend": "mongodb", "error": problem});
-    }
+    let mut ready = loaded > 0 && store_problem.is_none();
     if let Some(broker) = &state.broker {
         let problem = broker.problem();
         ready &= problem.is_none();

@@ -21,6 +21,8 @@ use std::time::{Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
+use crate::health::Health;
+
 use super::{
     LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
 };
@@ -50,6 +52,8 @@ pub struct EmbeddedLog {
     dir: PathBuf,
     retention: LogRetention,
     index: Arc<RwLock<UserIndex>>,
+    /// Degraded while writes fail (a full or failing disk), for `/readyz`.
+    health: Arc<Health>,
     /// `None` only while dropping.
     appends: Option<mpsc::Sender<Append>>,
     writer: Option<thread::JoinHandle<()>>,
@@ -99,21 +103,30 @@ impl EmbeddedLog {
         let (journal, index) = opened
             .map_err(|err| unavailable(format!("notification log in {}: {err}", dir.display())))?;
         let index = Arc::new(RwLock::new(index));
+        let health = Arc::new(Health::default());
         let (appends, queue) = mpsc::channel();
         let writer = thread::Builder::new()
             .name("notification-log".into())
             .spawn({
                 let index = Arc::clone(&index);
-                move || write_loop(journal, &index, &queue)
+                let health = Arc::clone(&health);
+                move || write_loop(journal, &index, &health, &queue)
             })
             .map_err(unavailable)?;
         Ok(Self {
             dir,
             retention,
             index,
+            health,
             appends: Some(appends),
             writer: Some(writer),
         })
+    }
+
+    /// The log's health: degraded from a failed write until the disk takes
+    /// writes again.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// Queues records for the writer and waits for their commit.
@@ -156,13 +169,29 @@ impl Drop for EmbeddedLog {
 /// Takes appends as they come, commits everything waiting in one write,
 /// indexes it, then answers each. Ends when the log is dropped.
 ///
+/// A failed write (a full disk) fails its appenders (`unavailable`) and
+/// marks `health` degraded; every second a probe write checks whether the
+/// disk takes writes again, so readiness comes back without traffic.
+///
 /// Syncs are paced by [`SyncPace`] (1 ms apart while the process has CPU
 /// to spare, up to 2 ms once busy), so an ack waits 2 ms at most for its
 /// sync.
-fn write_loop(mut journal: Journal, index: &RwLock<UserIndex>, queue: &mpsc::Receiver<Append>) {
+fn write_loop(
+    mut journal: Journal,
+    index: &RwLock<UserIndex>,
+    health: &Health,
+    queue: &mpsc::Receiver<Append>,
+) {
     let mut pace = SyncPace::new();
     let mut last_sync: Option<Instant> = None;
     let mut retention_checked = Instant::now();
+    let mut failing = false;
+    let recovered = |failing: &mut bool| {
+        if std::mem::take(failing) {
+            health.set(None);
+            tracing::info!("notification log: writes succeed again");
+        }
+    };
     loop {
         let first = match queue.recv_timeout(retention::CHECK_EVERY) {
             Ok(first) => Some(first),
@@ -172,6 +201,9 @@ fn write_loop(mut journal: Journal, index: &RwLock<UserIndex>, queue: &mpsc::Rec
         if retention_checked.elapsed() >= retention::CHECK_EVERY {
             retention_checked = Instant::now();
             journal.enforce_retention(index);
+            if failing && journal.probe().is_ok() {
+                recovered(&mut failing);
+            }
         }
         let Some(first) = first else { continue };
         if let Some(wait) = last_sync.and_then(|at| pace.interval().checked_sub(at.elapsed())) {
@@ -195,8 +227,14 @@ fn write_loop(mut journal: Journal, index: &RwLock<UserIndex>, queue: &mpsc::Rec
                 for (record, (position, seq)) in records().zip(&journal.appended) {
                     index.add(&record.id, &record.to, *position, *seq);
                 }
+                drop(index);
+                recovered(&mut failing);
             }
-            Err(err) => tracing::error!("notification log write failed: {err}"),
+            Err(err) => {
+                tracing::error!("notification log write failed: {err}");
+                failing = true;
+                health.set(Some(format!("notification log write failed: {err}")));
+            }
         }
         for append in batch {
             let _ = append.done.send(result.clone());
@@ -312,6 +350,16 @@ impl Journal {
         self.len += self.buffer.len() as u64;
         self.segment_started.get_or_insert(now);
         Ok(())
+    }
+
+    /// Whether the disk takes a write again: a page written, synced and
+    /// removed beside the segments.
+    fn probe(&self) -> io::Result<()> {
+        let path = self.dir.join("PROBE");
+        let written = File::create(&path)
+            .and_then(|mut file| file.write_all(&[0; 4096]).and_then(|()| file.sync_data()));
+        let _ = std::fs::remove_file(&path);
+        written
     }
 
     /// Deletes the closed segments the retention no longer keeps, and
