@@ -8,8 +8,9 @@
 //! cargo run --release -p sockets-tests --example resume_cost -- 1000000 10000
 //! ```
 //!
-//! Bounded: at most 5,000,000 records; the log goes to a temporary folder
-//! that is removed at the end.
+//! Bounded: at most 5,000,000 records, and at most RECORDS / 200 users (a
+//! replay of 100 needs that many per user); the log goes to a temporary
+//! folder that is removed at the end.
 
 use std::time::{Duration, Instant, SystemTime};
 
