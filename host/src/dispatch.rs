@@ -247,6 +247,9 @@ impl Dispatcher {
             // events have fresh ids every time.
             let pushed_before =
                 inbound.source != Source::Client && !self.recent.first_time(&delivery_id);
+            // Numbered before it is pushed: the log order follows the order
+            // deliveries enter the connections' queues, which `resume` relies on.
+            let seq = self.log.next_seq();
             let Reached {
                 users: mut reached,
                 queued,
@@ -279,6 +282,7 @@ impl Dispatcher {
                 data: delivery.data,
                 connections: 0,
                 created_at: created_at.clone(),
+                seq,
             };
             push_records(&mut records, template, &delivery_id, reached);
         }
@@ -517,6 +521,7 @@ mod tests {
             data: RawValue::from_string(r#"{"text":"hi"}"#.to_owned()).unwrap(),
             connections: 0,
             created_at: "2026-11-27T10:00:00Z".to_owned(),
+            seq: 1,
         };
         let reached = vec![
             ("a".to_owned(), 2),

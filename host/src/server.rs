@@ -390,7 +390,7 @@ struct Store {
     connections: Arc<dyn ConnectionStore>,
     directory: Arc<dyn UserDirectory>,
     presence: Arc<dyn Presence>,
-    /// `None` for the embedded store (always usable).
+    /// The database's health, or whether the embedded log can be written.
     health: Arc<Health>,
     maintenance: Option<tokio::task::JoinHandle<()>>,
 }

@@ -51,6 +51,7 @@ fn record(n: usize, users: usize, at: &str) -> NotificationRecord {
         data: RawValue::from_string(data).expect("JSON"),
         connections: 1,
         created_at: at.to_owned(),
+        seq: 0,
     }
 }
 

@@ -140,7 +140,8 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
             .into_iter()
             .map(|index| index.keys)
             .collect();
-        (indexes.len() >= 4).then_some(indexes)
+        // `_id` and the four of the log.
+        (indexes.len() >= 5).then_some(indexes)
     })
     .await;
     assert!(
@@ -148,7 +149,11 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
         "{indexes:?}"
     );
     assert!(indexes.contains(&doc! {"eventId": 1}), "{indexes:?}");
-    assert!(indexes.contains(&doc! {"to": 1, "seq": 1}), "{indexes:?}");
+    assert!(
+        indexes.contains(&doc! {"to": 1, "seq": 1, "_id": 1}),
+        "{indexes:?}"
+    );
+    assert!(indexes.contains(&doc! {"createdAt": 1}), "{indexes:?}");
 }
 
 /// Sends `resume` with `data`; the pushes before its reply, and the reply.
@@ -778,4 +783,58 @@ async fn log_records_past_the_retention_are_not_replayed_and_are_deleted() {
         (!texts.iter().any(|text| text == "old")).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_of_two_nodes_with_one_number_are_all_replayed_in_id_order() {
+    use sockets_host::store::mongo::{Mongo, MongoLog};
+    use sockets_host::store::{NotificationLog, NotificationRecord, ReplayFrom};
+    let db = TestDb::unique().await;
+    let mongo = Mongo::connect(&sockets_tests::mongo::mongo_url(), &db.name)
+        .await
+        .unwrap();
+    let log = MongoLog::start(&mongo, None);
+    // Two nodes numbered a delivery each in the same millisecond.
+    let record = |delivery: &str, seq: i64| NotificationRecord {
+        id: NotificationRecord::record_id(delivery, "u"),
+        event_id: format!("e-{delivery}"),
+        event: "message".into(),
+        trigger: "sendMessage".into(),
+        source: "client".into(),
+        from: "s_1".into(),
+        to: "u".into(),
+        plugin: "chat@0.1.0".into(),
+        data: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        connections: 0,
+        created_at: "2026-12-07T10:00:00.000Z".into(),
+        seq,
+    };
+    let seq = sockets_host::store::LogClock::first_at(std::time::SystemTime::now());
+    log.append(vec![
+        record("b", seq),
+        record("a", seq),
+        record("c", seq + 1),
+    ])
+    .await
+    .unwrap();
+    let replayed = async |from: ReplayFrom, limit| {
+        let page = log.replay("u", &from, limit).await.unwrap().unwrap();
+        let ids: Vec<String> = page
+            .records
+            .iter()
+            .map(|record| record.delivery_id().to_owned())
+            .collect();
+        (ids, page.more)
+    };
+    let after = |delivery: &str| ReplayFrom::After(delivery.to_owned());
+    assert_eq!(
+        replayed(after("a"), 10).await,
+        (vec!["b".into(), "c".into()], false)
+    );
+    assert_eq!(replayed(after("b"), 10).await, (vec!["c".into()], false));
+    let since = ReplayFrom::Since(std::time::SystemTime::UNIX_EPOCH);
+    assert_eq!(
+        replayed(since, 2).await,
+        (vec!["a".into(), "b".into()], true)
+    );
 }

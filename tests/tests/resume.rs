@@ -459,6 +459,9 @@ async fn a_full_disk_fails_log_writes_clearly_and_the_service_recovers_when_spac
     };
     assert_eq!(failed["ack"], 7);
     assert_eq!(failed["error"]["code"], "unavailable", "{failed}");
+    // A resume meanwhile writes nothing, and says nothing of the disk.
+    let (_, reply) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    assert_eq!(reply["ok"], true, "{reply}");
     let (status, body) = readiness(&server).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["checks"]["store"]["status"], "degraded");

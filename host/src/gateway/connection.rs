@@ -555,7 +555,13 @@ impl Connection {
     async fn resume(&self, frame: &ClientFrame) -> Result<Box<RawValue>, ErrorBody> {
         let request = super::resume::Request::parse(&frame.data)?;
         let state = &self.state;
-        super::resume::replay(state.log.as_ref(), &self.handle, &state.metrics, &request).await
+        let mut shutdown = state.shutdown.clone();
+        // The reader handles nothing else meanwhile: a shutdown must not wait
+        // for a replay (the read loop then closes with 1001).
+        tokio::select! {
+            replayed = super::resume::replay(state.log.as_ref(), &self.handle, &state.metrics, &request) => replayed,
+            _ = shutdown.wait_for(|stop| *stop) => Err(ErrorBody::new(ErrorCode::Unavailable, "the server is shutting down")),
+        }
     }
 
     /// Delivers a plugin-routed event now; its reply waits for the log.

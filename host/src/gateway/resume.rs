@@ -17,6 +17,12 @@ pub const MAX_LIMIT: u64 = 1000;
 /// How long a replay waits for the client to read before the connection
 /// is closed as too slow (1013), as a live push to a full queue would.
 const ROOM_WAIT: Duration = Duration::from_secs(10);
+/// The longest a whole replay may take, waits for room included: the
+/// connection's reader handles nothing else meanwhile.
+const REPLAY_WAIT: Duration = Duration::from_secs(30);
+/// The longest a replay waits for this node's log writes in flight (with
+/// MongoDB down they wait for the database).
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// A valid `resume` request.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,7 +65,7 @@ impl Request {
         };
         Ok(Self {
             from,
-            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            limit: limit as usize,
         })
     }
 }
@@ -76,7 +82,10 @@ pub async fn replay(
         |err: crate::store::StoreError| ErrorBody::new(ErrorCode::Unavailable, err.to_string());
     // This node pushes before it logs: the push a client resumes after may
     // still be on its way to the log.
-    log.flush().await.map_err(unavailable)?;
+    tokio::time::timeout(FLUSH_WAIT, log.flush())
+        .await
+        .map_err(|_| ErrorBody::new(ErrorCode::Unavailable, "the log is not writable now"))?
+        .map_err(unavailable)?;
     let page = log
         .replay(&connection.user_id, &request.from, request.limit)
         .await
@@ -87,10 +96,11 @@ pub async fn replay(
                 "`after` is not a push to this user that the log still holds: reload from the backend",
             )
         })?;
+    let deadline = tokio::time::Instant::now() + REPLAY_WAIT;
     for record in &page.records {
         let frame = push_frame(&record.event, &record.data, record.delivery_id());
-        let pushed = tokio::time::timeout(ROOM_WAIT, connection.push_when_room(frame.into())).await;
-        match pushed {
+        let wait = ROOM_WAIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, connection.push_when_room(frame.into())).await {
             Ok(Push::Queued) => {}
             Ok(Push::Closed | Push::TooSlow) => {
                 return Err(ErrorBody::new(

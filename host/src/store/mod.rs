@@ -10,6 +10,7 @@ mod embedded_log;
 mod memory_connections;
 pub mod mongo;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -85,15 +86,25 @@ pub struct NotificationRecord {
     pub connections: u32,
     /// RFC 3339 time of the delivery.
     pub created_at: String,
+    /// The record's place in the log order ([`LogClock`]), taken when the
+    /// delivery is pushed; 0: numbered when appended. Records of older
+    /// versions have none.
+    #[serde(default)]
+    pub seq: i64,
 }
 
 impl NotificationRecord {
     /// The delivery's id: the push's `id`.
     pub fn delivery_id(&self) -> &str {
-        self.id
-            .strip_suffix(self.to.as_str())
+        Self::delivery_of(&self.id, &self.to)
+    }
+
+    /// The delivery id in the record id `record_id` of a record to `to`.
+    pub fn delivery_of<'a>(record_id: &'a str, to: &str) -> &'a str {
+        record_id
+            .strip_suffix(to)
             .and_then(|id| id.strip_suffix(':'))
-            .unwrap_or(&self.id)
+            .unwrap_or(record_id)
     }
 
     /// The deterministic record id of a delivery to a user.
@@ -142,8 +153,11 @@ pub trait ConnectionStore: Send + Sync {
 /// The audit log of deliveries.
 #[async_trait]
 pub trait NotificationLog: Send + Sync {
-    /// Writes records; when it returns `Ok` they are durable.
+    /// Writes records; when it returns `Ok` they are durable. Records
+    /// without a `seq` get one.
     async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError>;
+    /// The next number of the log order, for a delivery pushed now.
+    fn next_seq(&self) -> i64;
     /// Deliveries to a user, newest first.
     async fn for_user(
         &self,
@@ -192,10 +206,16 @@ impl LogRetention {
 
     /// The oldest `seq` a replay may return at `now`.
     pub fn first_kept(&self, now: SystemTime) -> i64 {
-        self.max_age
-            .and_then(|age| now.checked_sub(age))
-            .map_or(i64::MIN, LogClock::first_at)
+        first_kept(self.max_age, now)
     }
+}
+
+/// The oldest `seq` a replay may return at `now` when records older than
+/// `max_age` are not kept.
+pub fn first_kept(max_age: Option<Duration>, now: SystemTime) -> i64 {
+    max_age
+        .and_then(|age| now.checked_sub(age))
+        .map_or(i64::MIN, LogClock::first_at)
 }
 
 impl Default for LogRetention {
@@ -225,15 +245,16 @@ pub struct ReplayPage {
     pub more: bool,
 }
 
-/// Numbers a node's log records in the order it writes them (the `seq` of a
-/// stored record): each above the last and at least the write time in
-/// milliseconds shifted left by [`LogClock::TICK_BITS`], so that a time
-/// maps onto the order ([`LogClock::first_at`]) and a replay `since` a time
-/// is a range of it. More than 2^20 records in one millisecond borrow from
-/// the next one; a clock that goes back does not take the order with it.
+/// Numbers a node's deliveries in the order it pushes them (the `seq` of
+/// a stored record, taken before the push): each above the last and at
+/// least the time in milliseconds shifted left by [`LogClock::TICK_BITS`],
+/// so that a time maps onto the order ([`LogClock::first_at`]) and a
+/// replay `since` a time is a range of it. More than 2^20 in one
+/// millisecond borrow from the next one; a clock that goes back does not
+/// take the order with it.
 #[derive(Debug, Default)]
 pub struct LogClock {
-    last: i64,
+    last: AtomicI64,
 }
 
 impl LogClock {
@@ -242,18 +263,26 @@ impl LogClock {
 
     /// A clock that continues after `last` (what a reopened log holds).
     pub fn after(last: i64) -> Self {
-        Self { last }
+        Self {
+            last: AtomicI64::new(last),
+        }
     }
 
     /// The last number given.
     pub fn last(&self) -> i64 {
-        self.last
+        self.last.load(Ordering::Relaxed)
     }
 
-    /// The next number, written at `now`.
-    pub fn next(&mut self, now: SystemTime) -> i64 {
-        self.last = (self.last + 1).max(Self::first_at(now));
-        self.last
+    /// The next number, at `now`.
+    pub fn next(&self, now: SystemTime) -> i64 {
+        let floor = Self::first_at(now);
+        let previous = self
+            .last
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(last.saturating_add(1).max(floor))
+            })
+            .unwrap_or_else(|last| last);
+        previous.saturating_add(1).max(floor)
     }
 
     /// The lowest number a record written at or after `at` can have.

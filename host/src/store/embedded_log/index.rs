@@ -9,15 +9,17 @@
 //! is checked against the id asked for.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, BufRead, BufReader};
 use std::time::SystemTime;
 
-use crate::store::{LogClock, ReplayFrom};
+use crate::store::{LogClock, NotificationRecord, ReplayFrom};
 
-/// Bits of a [`Position`] that hold the offset in its segment (1 TiB).
-const OFFSET_BITS: u32 = 40;
+/// Bits of a [`Position`] that hold the offset in its segment (4 GiB: a
+/// segment is at most 64 MiB and one batch past it); the segment number
+/// has the other 32.
+const OFFSET_BITS: u32 = 32;
 
 /// A record's place in the journal: segment number and byte offset, packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,7 +27,10 @@ pub(super) struct Position(u64);
 
 impl Position {
     pub(super) fn new(segment: u64, offset: u64) -> Self {
-        debug_assert!(offset < 1 << OFFSET_BITS && segment < 1 << (64 - OFFSET_BITS));
+        assert!(
+            offset < 1 << OFFSET_BITS && segment < 1 << (64 - OFFSET_BITS),
+            "a journal position out of range: segment {segment}, offset {offset}"
+        );
         Self((segment << OFFSET_BITS) | offset)
     }
 
@@ -61,10 +66,12 @@ pub(super) struct Plan {
 /// Every indexed record of the log, by user.
 #[derive(Debug, Default)]
 pub(super) struct UserIndex {
+    /// Each user's records, by `seq`.
     users: HashMap<Box<str>, Vec<Entry>>,
-    /// The records indexed ([`record_key`]): a record appended again (a
-    /// retried write of a delivery) keeps its first place.
-    known: HashSet<u64>,
+    /// The `seq` of each record indexed, by [`record_key`]: finds a replay's
+    /// anchor without a walk, and a record appended again (a retried write
+    /// of a delivery) keeps its first place.
+    known: HashMap<u64, i64>,
     last_seq: i64,
 }
 
@@ -132,27 +139,32 @@ impl UserIndex {
     }
 
     /// Indexes a committed record (`record_id` is `<delivery id>:<to>`).
+    /// Deliveries are numbered before they are pushed and written in
+    /// batches, so a record may come a little after one with a higher
+    /// number: it is put in its place.
     pub(super) fn add(&mut self, record_id: &str, to: &str, position: Position, seq: i64) {
-        let delivery = record_id
-            .strip_suffix(to)
-            .and_then(|id| id.strip_suffix(':'))
-            .unwrap_or(record_id);
-        let delivery = hash_of(delivery);
-        if !self.known.insert(record_key(delivery, to)) {
-            return;
-        }
+        let delivery = hash_of(NotificationRecord::delivery_of(record_id, to));
+        match self.known.entry(record_key(delivery, to)) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(vacant) => vacant.insert(seq),
+        };
         let entry = Entry {
             position,
             delivery,
             seq,
         };
         self.last_seq = self.last_seq.max(seq);
-        match self.users.get_mut(to) {
-            Some(entries) => entries.push(entry),
-            None => {
-                self.users.insert(to.into(), vec![entry]);
-            }
-        }
+        let entries = match self.users.get_mut(to) {
+            Some(entries) => entries,
+            None => self.users.entry(to.into()).or_default(),
+        };
+        let at = entries.len()
+            - entries
+                .iter()
+                .rev()
+                .take_while(|later| later.seq > seq)
+                .count();
+        entries.insert(at, entry);
     }
 
     /// Forgets the records in segments up to `through_segment` (deleted)
@@ -163,13 +175,16 @@ impl UserIndex {
                 || through_segment.is_some_and(|through| entry.position.segment() <= through)
         };
         let known = &mut self.known;
+        // Every entry is looked at: segments are deleted seldom (a few per
+        // retention window or per eighth of the size cap).
         self.users.retain(|user, entries| {
-            // Positions and numbers both grow along a user's entries: the
-            // forgotten ones are a prefix.
-            let end = entries.partition_point(gone);
-            for entry in entries.drain(..end) {
-                known.remove(&record_key(entry.delivery, user));
-            }
+            entries.retain(|entry| {
+                let kept = !gone(entry);
+                if !kept {
+                    known.remove(&record_key(entry.delivery, user));
+                }
+                kept
+            });
             if entries.capacity() > 2 * entries.len() + 8 {
                 entries.shrink_to_fit();
             }
@@ -191,13 +206,12 @@ impl UserIndex {
         let entries = &all[all.partition_point(|entry| entry.seq < first_kept)..];
         let (anchor, start) = match from {
             ReplayFrom::After(delivery) => {
-                let delivery = hash_of(delivery);
-                // From the newest: a client resumes near the end, and this
-                // walks only what it will be sent.
-                let at = entries
-                    .iter()
-                    .rposition(|entry| entry.delivery == delivery)?;
-                (Some(entries[at].position), at + 1)
+                let seq = *self.known.get(&record_key(hash_of(delivery), user))?;
+                if seq < first_kept {
+                    return None;
+                }
+                let at = entries.partition_point(|entry| entry.seq < seq);
+                (Some(entries.get(at)?.position), at + 1)
             }
             ReplayFrom::Since(at) => {
                 let first = LogClock::first_at(*at);
@@ -378,8 +392,22 @@ mod tests {
     }
 
     #[test]
+    fn a_record_written_after_one_numbered_higher_takes_its_place() {
+        // d2 was numbered after d1 but reached the writer first.
+        let index = index_of(&[("d2", "u", at(2)), ("d1", "u", at(1)), ("d3", "u", at(3))]);
+        let since = ReplayFrom::Since(SystemTime::UNIX_EPOCH);
+        assert_eq!(
+            offsets(&index.plan("u", &since, 10, i64::MIN).unwrap()),
+            [1, 0, 2]
+        );
+        let after_d1 = index.plan("u", &ReplayFrom::After("d1".into()), 10, i64::MIN);
+        assert_eq!(offsets(&after_d1.unwrap()), [0, 2]);
+    }
+
+    #[test]
     fn positions_keep_segment_and_offset_apart() {
         let position = Position::new(7, (1 << OFFSET_BITS) - 1);
+        assert_eq!(Position::new((1 << 32) - 1, 0).segment(), (1 << 32) - 1);
         assert_eq!(position.segment(), 7);
         assert_eq!(position.offset(), (1 << OFFSET_BITS) - 1);
         assert!(Position::new(1, 900) < Position::new(2, 0));

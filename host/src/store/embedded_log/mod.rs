@@ -51,6 +51,8 @@ struct Append {
 pub struct EmbeddedLog {
     dir: PathBuf,
     retention: LogRetention,
+    /// Numbers deliveries; goes on above what the log held when opened.
+    clock: LogClock,
     index: Arc<RwLock<UserIndex>>,
     /// Degraded while writes fail (a full or failing disk), for `/readyz`.
     health: Arc<Health>,
@@ -95,13 +97,13 @@ impl EmbeddedLog {
         retention: LogRetention,
     ) -> Result<Self, StoreError> {
         let dir = data_dir.join("notifications");
-        let opened = Journal::open(&dir, segment_bytes, retention).and_then(|mut journal| {
+        let opened = Journal::open(&dir, segment_bytes, retention).and_then(|journal| {
             let index = UserIndex::build(&segments(&dir)?)?;
-            journal.clock = LogClock::after(index.last_seq());
             Ok((journal, index))
         });
         let (journal, index) = opened
             .map_err(|err| unavailable(format!("notification log in {}: {err}", dir.display())))?;
+        let clock = LogClock::after(index.last_seq());
         let index = Arc::new(RwLock::new(index));
         let health = Arc::new(Health::default());
         let (appends, queue) = mpsc::channel();
@@ -116,6 +118,7 @@ impl EmbeddedLog {
         Ok(Self {
             dir,
             retention,
+            clock,
             index,
             health,
             appends: Some(appends),
@@ -224,11 +227,14 @@ fn write_loop(
                 // Before the appenders hear of it: a replay that follows a
                 // flush finds every record the flush waited for.
                 let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
-                for (record, (position, seq)) in records().zip(&journal.appended) {
-                    index.add(&record.id, &record.to, *position, *seq);
+                for (record, position) in records().zip(&journal.appended) {
+                    index.add(&record.id, &record.to, *position, record.seq);
                 }
                 drop(index);
-                recovered(&mut failing);
+                // Flush markers alone wrote nothing: no sign of the disk.
+                if !journal.appended.is_empty() {
+                    recovered(&mut failing);
+                }
             }
             Err(err) => {
                 tracing::error!("notification log write failed: {err}");
@@ -254,10 +260,8 @@ struct Journal {
     segment_started: Option<SystemTime>,
     retention: LogRetention,
     buffer: Vec<u8>,
-    /// Numbers the records written.
-    clock: LogClock,
-    /// Where the records of the last append went, and their numbers.
-    appended: Vec<(Position, i64)>,
+    /// Where the records of the last append went.
+    appended: Vec<Position>,
     /// Held (locked) for the journal's life.
     _lock: File,
     /// Makes the next sync fail, as a full or failing disk would.
@@ -293,7 +297,6 @@ impl Journal {
             segment_started,
             retention,
             buffer: Vec::new(),
-            clock: LogClock::default(),
             appended: Vec::new(),
             _lock: lock,
             #[cfg(test)]
@@ -313,11 +316,6 @@ impl Journal {
         for record in records {
             let start = self.buffer.len();
             serde_json::to_writer(&mut self.buffer, record)?;
-            // `seq` goes in before the object's closing brace: cheaper than
-            // a wrapper serialized through a flattening map.
-            let seq = self.clock.next(now);
-            self.buffer.pop();
-            write!(self.buffer, ",\"seq\":{seq}}}")?;
             // A plugin's payload is kept as it wrote it, and JSON allows a
             // line break only as whitespace (never inside a string), so a
             // space in its place keeps the record one line and the same JSON.
@@ -327,7 +325,7 @@ impl Journal {
                 }
             }
             self.buffer.push(b'\n');
-            self.appended.push((Position::new(0, start as u64), seq));
+            self.appended.push(Position::new(0, start as u64));
         }
         if self.buffer.is_empty() {
             return Ok(());
@@ -337,7 +335,7 @@ impl Journal {
         if self.len > 0 && (full || old) {
             self.start_next_segment()?;
         }
-        for (position, _) in &mut self.appended {
+        for position in &mut self.appended {
             *position = Position::new(self.segment, self.len + position.offset());
         }
         let written = self.file.write_all(&self.buffer);
@@ -504,11 +502,18 @@ fn scan(
 
 #[async_trait]
 impl NotificationLog for EmbeddedLog {
-    async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
+    async fn append(&self, mut records: Vec<NotificationRecord>) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
+        for record in records.iter_mut().filter(|record| record.seq == 0) {
+            record.seq = self.next_seq();
+        }
         self.enqueue(records).await
+    }
+
+    fn next_seq(&self) -> i64 {
+        self.clock.next(SystemTime::now())
     }
 
     /// Appends are committed in order: a marker behind them is answered
@@ -570,8 +575,9 @@ impl NotificationLog for EmbeddedLog {
 }
 
 /// Reads the records of a replay; `None` if its anchor is not the record
-/// asked for (two delivery ids whose hashes collide) or is in a segment an
-/// operator deleted. Records of deleted segments are skipped.
+/// asked for (two delivery ids whose hashes collide) or if a segment it
+/// needs was deleted meanwhile (the client cannot have all it missed).
+/// A replay `since` a time skips deleted segments: it starts later.
 fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Option<ReplayPage>> {
     let mut reader = SegmentReader::new(dir);
     if let (Some(anchor), Some(anchor_id)) = (plan.anchor, anchor_id) {
@@ -582,7 +588,11 @@ fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Opti
     }
     let mut records = Vec::with_capacity(plan.records.len());
     for position in plan.records {
-        records.extend(reader.read(position)?);
+        match reader.read(position)? {
+            Some(record) => records.push(record),
+            None if anchor_id.is_some() => return Ok(None),
+            None => {}
+        }
     }
     Ok(Some(ReplayPage {
         records,
@@ -649,6 +659,7 @@ mod tests {
             data: RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap(),
             connections: 1,
             created_at: at.into(),
+            seq: 0,
         }
     }
 

@@ -42,8 +42,8 @@ pub fn connection(record: &ConnectionRecord, instance_id: &str) -> Document {
     }
 }
 
-/// A `notificationLogs` document; `seq` is its place in the log order.
-pub fn notification(record: &NotificationRecord, seq: i64) -> Document {
+/// A `notificationLogs` document.
+pub fn notification(record: &NotificationRecord) -> Document {
     doc! {
         "_id": &record.id,
         "eventId": &record.event_id,
@@ -56,7 +56,7 @@ pub fn notification(record: &NotificationRecord, seq: i64) -> Document {
         "data": json_to_bson(&record.data),
         "connections": i64::from(record.connections),
         "createdAt": date(&record.created_at),
-        "seq": seq,
+        "seq": record.seq,
     }
 }
 
@@ -84,6 +84,7 @@ pub fn notification_record(document: &Document) -> Option<NotificationRecord> {
             _ => 0,
         },
         created_at: rfc3339(document.get_datetime("createdAt").ok()?.to_system_time()),
+        seq: document.get_i64("seq").unwrap_or(0),
     })
 }
 
@@ -106,11 +107,13 @@ mod tests {
                 .unwrap(),
             connections: 2,
             created_at: "2026-11-26T10:00:00.123Z".into(),
+            seq: 7,
         };
-        let back = notification_record(&notification(&record, 1)).unwrap();
+        let back = notification_record(&notification(&record)).unwrap();
         assert_eq!(back.id, record.id);
         assert_eq!(back.created_at, record.created_at);
         assert_eq!(back.connections, 2);
+        assert_eq!(back.seq, 7);
         let data: serde_json::Value = serde_json::from_str(back.data.get()).unwrap();
         assert_eq!(
             data,

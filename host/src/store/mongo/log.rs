@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Mongo, NOTIFICATION_LOGS, documents};
 use crate::backoff::Backoff;
 use crate::store::{
-    LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
+    LogClock, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError, first_kept,
 };
 
 /// Appends waiting for the writer beyond this are refused (`unavailable`)
@@ -41,6 +41,9 @@ pub struct MongoLog {
     /// Records older than this are not replayed (the maintenance task
     /// deletes them).
     max_age: Option<Duration>,
+    /// Numbers this node's deliveries; the order between nodes follows
+    /// their clocks.
+    clock: LogClock,
 }
 
 impl std::fmt::Debug for MongoLog {
@@ -60,16 +63,19 @@ impl MongoLog {
             collection,
             appends,
             max_age,
+            clock: LogClock::default(),
         }
     }
 
     async fn find(
         &self,
         filter: Document,
-        sort: Document,
         limit: Option<i64>,
     ) -> Result<Vec<NotificationRecord>, StoreError> {
-        let mut find = self.collection.find(filter).sort(sort);
+        let mut find = self
+            .collection
+            .find(filter)
+            .sort(doc! {"createdAt": -1, "_id": -1});
         if let Some(limit) = limit {
             find = find.limit(limit);
         }
@@ -88,9 +94,12 @@ impl MongoLog {
 
 #[async_trait]
 impl NotificationLog for MongoLog {
-    async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
+    async fn append(&self, mut records: Vec<NotificationRecord>) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
+        }
+        for record in records.iter_mut().filter(|record| record.seq == 0) {
+            record.seq = self.next_seq();
         }
         let (written, done) = oneshot::channel();
         self.appends
@@ -102,69 +111,76 @@ impl NotificationLog for MongoLog {
             .map_err(|_| StoreError::Unavailable("the notification log stopped".to_owned()))
     }
 
+    fn next_seq(&self) -> i64 {
+        self.clock.next(SystemTime::now())
+    }
+
     async fn for_user(
         &self,
         user_id: &str,
         limit: usize,
     ) -> Result<Vec<NotificationRecord>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.find(doc! {"to": user_id}, newest_first(), Some(limit))
-            .await
+        self.find(doc! {"to": user_id}, Some(limit)).await
     }
 
     async fn for_event(&self, event_id: &str) -> Result<Vec<NotificationRecord>, StoreError> {
-        self.find(doc! {"eventId": event_id}, newest_first(), None)
-            .await
+        self.find(doc! {"eventId": event_id}, None).await
     }
 
-    /// Through the index on (`to`, `seq`). Records written before `seq`
-    /// existed are not replayed.
+    /// Through the index on (`to`, `seq`, `_id`): records of two nodes
+    /// with one number are ordered by id. Records written before `seq`
+    /// existed are not replayed, and an anchor among them is `not_found`.
     async fn replay(
         &self,
         user_id: &str,
         from: &ReplayFrom,
         limit: usize,
     ) -> Result<Option<ReplayPage>, StoreError> {
-        let first_kept = LogRetention {
-            max_age: self.max_age,
-            max_bytes: None,
-        }
-        .first_kept(SystemTime::now());
-        let seq = match from {
+        let first_kept = first_kept(self.max_age, SystemTime::now());
+        let filter = match from {
             ReplayFrom::After(delivery) => {
                 let id = NotificationRecord::record_id(delivery, user_id);
                 let anchor = self
                     .collection
-                    .find_one(doc! {"_id": id})
-                    .projection(doc! {"seq": 1, "createdAt": 1})
+                    .find_one(doc! {"_id": &id})
+                    .projection(doc! {"seq": 1})
                     .await
                     .map_err(|err| super::unavailable(&err))?;
-                let Some(anchor) = anchor else {
+                // Past the retention (not swept yet), or of an older version.
+                let Some(seq) = anchor
+                    .and_then(|anchor| anchor.get_i64("seq").ok())
+                    .filter(|seq| *seq >= first_kept)
+                else {
                     return Ok(None);
                 };
-                let seq = anchor.get_i64("seq").ok().or_else(|| {
-                    let at = anchor.get_datetime("createdAt").ok()?.to_system_time();
-                    Some(LogClock::first_at(at))
-                });
-                match seq {
-                    Some(seq) if seq >= first_kept => doc! {"$gt": seq},
-                    // Past the retention, not swept yet.
-                    _ => return Ok(None),
-                }
+                doc! {"to": user_id, "$or": [
+                    {"seq": {"$gt": seq}},
+                    {"seq": seq, "_id": {"$gt": id}},
+                ]}
             }
-            ReplayFrom::Since(at) => doc! {"$gte": LogClock::first_at(*at).max(first_kept)},
+            ReplayFrom::Since(at) => {
+                doc! {"to": user_id, "seq": {"$gte": LogClock::first_at(*at).max(first_kept)}}
+            }
         };
         // One more than asked: whether there is more.
         let wanted = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
-        let mut records = self
-            .find(
-                doc! {"to": user_id, "seq": seq},
-                doc! {"seq": 1},
-                Some(wanted),
-            )
-            .await?;
-        let more = records.len() > limit;
-        records.truncate(limit);
+        let documents = self
+            .collection
+            .find(filter)
+            .sort(doc! {"seq": 1, "_id": 1})
+            .limit(wanted)
+            .await
+            .map_err(|err| super::unavailable(&err))?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(|err| super::unavailable(&err))?;
+        let more = documents.len() > limit;
+        let records = documents
+            .iter()
+            .take(limit)
+            .filter_map(documents::notification_record)
+            .collect();
         Ok(Some(ReplayPage { records, more }))
     }
 
@@ -182,19 +198,12 @@ impl NotificationLog for MongoLog {
     }
 }
 
-fn newest_first() -> Document {
-    doc! {"createdAt": -1, "_id": -1}
-}
-
 /// Writes what waits, together, until it is written; then answers.
 async fn write_loop(
     mongo: Mongo,
     collection: Collection<Document>,
     mut queue: mpsc::Receiver<Append>,
 ) {
-    // This node's records in the order it sends them; the order between
-    // nodes follows their clocks.
-    let mut clock = LogClock::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         let mut records = batch[0].records.len();
@@ -207,11 +216,10 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let now = SystemTime::now();
         let documents: Vec<Document> = batch
             .iter()
             .flat_map(|append| &append.records)
-            .map(|record| documents::notification(record, clock.next(now)))
+            .map(documents::notification)
             .collect();
         // Flush markers alone have nothing to insert.
         if !documents.is_empty() {

@@ -96,8 +96,12 @@ impl Maintenance {
         logs.create_index(IndexModel::builder().keys(doc! {"createdAt": 1}).build())
             .await?;
         // `resume`: a user's records in log order.
-        logs.create_index(IndexModel::builder().keys(doc! {"to": 1, "seq": 1}).build())
-            .await?;
+        logs.create_index(
+            IndexModel::builder()
+                .keys(doc! {"to": 1, "seq": 1, "_id": 1})
+                .build(),
+        )
+        .await?;
         let connections = self.user_connections();
         connections
             .create_index(IndexModel::builder().keys(doc! {"userId": 1}).build())
