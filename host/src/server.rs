@@ -143,6 +143,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         config_file = %config.config_file.as_deref().map(|file| file.display().to_string()).unwrap_or_else(|| "none".into()),
         "starting",
     );
+    // Said at every start: records past the window are deleted, the audit
+    // included (an upgrade from a version without a window deletes at once).
+    let retention = config.log_retention;
+    tracing::info!(
+        max_age_s = retention.max_age.map_or(0, |age| age.as_secs()),
+        max_mib = retention.max_bytes.map_or(0, |bytes| bytes >> 20),
+        "notification log window (SOCKETS_LOG_RETENTION, SOCKETS_LOG_MAX_MB; 0: no limit)"
+    );
     let config = Arc::new(config);
     let auth = Arc::new(Authenticator::new(&config.jwt).context("JWT configuration")?);
     let (stop, stopped) = watch::channel(false);

@@ -567,7 +567,8 @@ impl NotificationLog for EmbeddedLog {
             ReplayFrom::After(delivery) => Some(NotificationRecord::record_id(delivery, user_id)),
             ReplayFrom::Since(_) => None,
         };
-        tokio::task::spawn_blocking(move || read_plan(&dir, plan, anchor_id.as_deref()))
+        let user = user_id.to_owned();
+        tokio::task::spawn_blocking(move || read_plan(&dir, &user, plan, anchor_id.as_deref()))
             .await
             .map_err(unavailable)?
             .map_err(unavailable)
@@ -578,7 +579,12 @@ impl NotificationLog for EmbeddedLog {
 /// asked for (two delivery ids whose hashes collide) or if a segment it
 /// needs was deleted meanwhile (the client cannot have all it missed).
 /// A replay `since` a time skips deleted segments: it starts later.
-fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Option<ReplayPage>> {
+fn read_plan(
+    dir: &Path,
+    user: &str,
+    plan: Plan,
+    anchor_id: Option<&str>,
+) -> io::Result<Option<ReplayPage>> {
     let mut reader = SegmentReader::new(dir);
     if let (Some(anchor), Some(anchor_id)) = (plan.anchor, anchor_id) {
         match reader.read(anchor)? {
@@ -589,7 +595,14 @@ fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Opti
     let mut records = Vec::with_capacity(plan.records.len());
     for position in plan.records {
         match reader.read(position)? {
-            Some(record) => records.push(record),
+            Some(record) if record.to == user => records.push(record),
+            Some(record) => {
+                // An index bug must not push one user's records to another.
+                return Err(io::Error::other(format!(
+                    "the index points at a record of another user ({})",
+                    record.id
+                )));
+            }
             None if anchor_id.is_some() => return Ok(None),
             None => {}
         }
@@ -601,10 +614,11 @@ fn read_plan(dir: &Path, plan: Plan, anchor_id: Option<&str>) -> io::Result<Opti
 }
 
 /// Reads records at positions, keeping the last segment open: a replay's
-/// records are mostly in one or two.
+/// records are mostly in one or two, in file order.
 struct SegmentReader<'a> {
     dir: &'a Path,
-    open: Option<(u64, BufReader<File>)>,
+    /// The open segment, its reader and the reader's offset in it.
+    open: Option<(u64, BufReader<File>, u64)>,
     line: Vec<u8>,
 }
 
@@ -620,20 +634,33 @@ impl<'a> SegmentReader<'a> {
     /// The record at `position`; `None` if its segment was deleted.
     fn read(&mut self, position: Position) -> io::Result<Option<NotificationRecord>> {
         use std::io::{Seek, SeekFrom};
-        let reader = match &mut self.open {
-            Some((segment, reader)) if *segment == position.segment() => reader,
+        let offset = position.offset();
+        let (reader, at) = match &mut self.open {
+            Some((segment, reader, at)) if *segment == position.segment() => {
+                // Forward within the buffer keeps it: records of one user
+                // often sit close together.
+                match i64::try_from(offset).ok().zip(i64::try_from(*at).ok()) {
+                    Some((to, from)) if to >= from => reader.seek_relative(to - from)?,
+                    _ => {
+                        reader.seek(SeekFrom::Start(offset))?;
+                    }
+                }
+                (reader, at)
+            }
             open => {
                 let file = match File::open(segment_path(self.dir, position.segment())) {
                     Ok(file) => file,
                     Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
                     Err(err) => return Err(err),
                 };
-                &mut open.insert((position.segment(), BufReader::new(file))).1
+                let (_, reader, at) = open.insert((position.segment(), BufReader::new(file), 0));
+                reader.seek(SeekFrom::Start(offset))?;
+                (reader, at)
             }
         };
-        reader.seek(SeekFrom::Start(position.offset()))?;
         self.line.clear();
-        reader.read_until(b'\n', &mut self.line)?;
+        let read = reader.read_until(b'\n', &mut self.line)?;
+        *at = offset + read as u64;
         serde_json::from_slice(&self.line)
             .map(Some)
             .map_err(io::Error::other)
