@@ -1,7 +1,7 @@
 //! Where each user's records lie in the journal, in log order: what a
 //! `resume` reads, so that a replay costs the records it returns, not a scan
-//! of the log. Held in memory (24 bytes an entry, about 58 a record with
-//! the set of ids and vector slack: docs/benchmarks.md, "Resume"),
+//! of the log. Held in memory (24 bytes an entry, about 84 a record with
+//! the map of ids and vector slack: docs/benchmarks.md, "Resume"),
 //! built from the segments when the log opens and extended by the writer
 //! after each commit, before the appenders hear of it.
 //!
