@@ -47,7 +47,7 @@ pub fn encode(copies: &[&DeliveryCopy]) -> Vec<u8> {
         for user in copy.users.iter().take(usize::from(users)) {
             put_str(&mut body, user);
         }
-        put_str(&mut body, copy.frame.as_str());
+        put_bytes(&mut body, copy.frame.as_bytes());
     }
     body
 }
@@ -85,8 +85,12 @@ fn len_u32(len: usize) -> u32 {
 }
 
 fn put_str(body: &mut Vec<u8>, text: &str) {
-    body.extend_from_slice(&len_u32(text.len()).to_be_bytes());
-    body.extend_from_slice(text.as_bytes());
+    put_bytes(body, text.as_bytes());
+}
+
+fn put_bytes(body: &mut Vec<u8>, bytes: &[u8]) {
+    body.extend_from_slice(&len_u32(bytes.len()).to_be_bytes());
+    body.extend_from_slice(bytes);
 }
 
 struct Reader<'a> {

@@ -21,7 +21,13 @@ pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 pub struct OutboundFrame(Bytes);
 
 impl OutboundFrame {
-    /// The frame's text.
+    /// The frame's bytes (UTF-8), as written to another node's batch.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The frame's text, for tests (checks the UTF-8 again).
+    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("frames are built from strings")
     }

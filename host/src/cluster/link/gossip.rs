@@ -185,28 +185,29 @@ impl Link {
         if hello {
             self.send_table(channel, &node).await?;
         } else if applied.wants_table {
-            self.publish_presence(
-                channel,
-                "",
-                &self.queue_of(&node),
-                presence::REQUEST_TYPE,
-                addressed_kind(presence::REQUEST_TYPE, &node),
-                Vec::new(),
-            )
-            .await?;
+            self.send_to(channel, &node, presence::REQUEST_TYPE, Vec::new())
+                .await?;
         }
         if answer {
-            self.publish_presence(
-                channel,
-                "",
-                &self.queue_of(&node),
-                presence::ACK_TYPE,
-                addressed_kind(presence::ACK_TYPE, &node),
-                format!("{seq} {session}").into_bytes(),
-            )
-            .await?;
+            let body = format!("{seq} {session}").into_bytes();
+            self.send_to(channel, &node, presence::ACK_TYPE, body)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Sends `node` alone a message of `kind`, signed for it alone.
+    async fn send_to(
+        &self,
+        channel: &Channel,
+        node: &str,
+        kind: &str,
+        body: Vec<u8>,
+    ) -> lapin::Result<()> {
+        let queue = self.queue_of(node);
+        let signed_kind = addressed_kind(kind, node);
+        self.publish_presence(channel, "", &queue, kind, signed_kind, body)
+            .await
     }
 
     /// A peer has applied this node's announcements up to the answered one
