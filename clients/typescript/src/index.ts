@@ -1,0 +1,421 @@
+/**
+ * A client for the Sockets Service (PROTOCOL.md v1.1): one WebSocket that
+ * reconnects by itself, resumes what was pushed while it was away from the
+ * service's log, de-duplicates by push `id`, refreshes its token before it
+ * expires, and answers `emit` with the reply's data or a typed error.
+ *
+ * No runtime dependency in the browser; under Node 20 pass the `ws`
+ * package's class as `WebSocket` (Node 22 has a global one).
+ *
+ * @packageDocumentation
+ */
+
+/** What the client needs of a WebSocket (the browser's, or `ws`'s). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+/** A WebSocket class. */
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** Returns a token; called at every connect and before the token expires. */
+export type TokenProvider = () => string | Promise<string>;
+
+/** How to reach the service and how to behave. */
+export interface SocketsClientOptions {
+  /** The service's WebSocket URL, e.g. `wss://realtime.example.com/ws`. */
+  url: string;
+  /** A token, or a provider of fresh ones (needed to survive expiry). */
+  token: string | TokenProvider;
+  /** The WebSocket class; default `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** How long `emit` waits for its reply, ms (default 10,000). */
+  emitTimeoutMs?: number;
+  /** First reconnect delay bound, ms (default 500); doubles per attempt. */
+  reconnectDelayMs?: number;
+  /** Largest reconnect delay bound, ms (default 30,000). */
+  maxReconnectDelayMs?: number;
+  /** How long before `exp` a provided token is refreshed, ms (default 60,000). */
+  refreshBeforeExpiryMs?: number;
+  /** Resume missed pushes after a reconnect (default true). */
+  resume?: boolean;
+}
+
+/** A push: an event for this user. */
+export interface Push<T = unknown> {
+  event: string;
+  data: T;
+  /** The delivery id: the same for every copy of one delivery. */
+  id: string;
+}
+
+/** The connection's state, as `onState` reports it. */
+export type ConnectionState =
+  | { state: "connecting"; attempt: number }
+  | { state: "connected"; connectionId: string; userId: string; role: string }
+  | { state: "disconnected"; code: number; reason: string; willRetry: boolean };
+
+/**
+ * A failed `emit`: `code` is PROTOCOL's error code (`bad_request`,
+ * `not_found`, `forbidden`, …) or, for failures on this side, `timeout`
+ * or `disconnected`.
+ */
+export class SocketsError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = "SocketsError";
+    this.code = code;
+  }
+}
+
+/** Close codes after which a static token is not tried again. */
+const AUTH_CLOSE_CODES = new Set([4001, 1008]);
+/** Ids of pushes remembered for de-duplication. */
+const REMEMBERED_IDS = 10_000;
+/** A `resume` after an id the log does not hold falls back to `since` this much earlier. */
+const SINCE_MARGIN_MS = 10_000;
+
+interface Pending {
+  resolve: (data: unknown) => void;
+  reject: (error: SocketsError) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/** The seconds-since-epoch `exp` of a JWT, if it has one. */
+function expiryOf(token: string): number | undefined {
+  const payload = token.split(".")[1];
+  if (!payload) return undefined;
+  try {
+    const base64 = payload.replace(/-/g, "+").replace(/_/g, "/");
+    const json = JSON.parse(atob(base64.padEnd(base64.length + ((4 - (base64.length % 4)) % 4), "=")));
+    return typeof json.exp === "number" ? json.exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A client of the Sockets Service. Call `start()` to connect. */
+export class SocketsClient {
+  private readonly options: Required<Omit<SocketsClientOptions, "WebSocket">> & {
+    WebSocket: WebSocketConstructor;
+  };
+  private socket: WebSocketLike | undefined;
+  private current: ConnectionState = { state: "disconnected", code: 1000, reason: "not started", willRetry: false };
+  private stopped = true;
+  private attempt = 0;
+  private nextAck = 1;
+  private readonly pending = new Map<number, Pending>();
+  private readonly handlers = new Map<string, Set<(data: unknown, push: Push) => void>>();
+  private readonly stateHandlers = new Set<(state: ConnectionState) => void>();
+  private readonly seen = new Set<string>();
+  private readonly seenOrder: string[] = [];
+  private lastId: string | undefined;
+  private lastAt: number | undefined;
+  /** Pushes held while a resume runs, delivered when it answers. */
+  private held: Push[] | undefined;
+  private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  private refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  private waiters: Array<() => void> = [];
+
+  constructor(options: SocketsClientOptions) {
+    const WebSocketClass = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WebSocketClass) {
+      throw new Error("no WebSocket class: pass one (e.g. the `ws` package's) as `WebSocket`");
+    }
+    this.options = {
+      emitTimeoutMs: 10_000,
+      reconnectDelayMs: 500,
+      maxReconnectDelayMs: 30_000,
+      refreshBeforeExpiryMs: 60_000,
+      resume: true,
+      ...options,
+      WebSocket: WebSocketClass,
+    };
+  }
+
+  /** The connection's state now. */
+  get state(): ConnectionState {
+    return this.current;
+  }
+
+  /** Connects, and keeps connecting until `stop()`. */
+  start(): void {
+    if (!this.stopped) return;
+    this.stopped = false;
+    void this.connect();
+  }
+
+  /** Closes the connection (1000) and stops reconnecting. */
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.refreshTimer);
+    const socket = this.socket;
+    this.socket = undefined;
+    socket?.close(1000, "client stopped");
+    this.failPending("disconnected", "the client stopped");
+    this.setState({ state: "disconnected", code: 1000, reason: "client stopped", willRetry: false });
+  }
+
+  /** Calls `handler` with each push of `event` (`"*"`: every push); returns an unsubscribe function. */
+  on<T = unknown>(event: string, handler: (data: T, push: Push<T>) => void): () => void {
+    const set = this.handlers.get(event) ?? new Set();
+    set.add(handler as (data: unknown, push: Push) => void);
+    this.handlers.set(event, set);
+    return () => set.delete(handler as (data: unknown, push: Push) => void);
+  }
+
+  /** Calls `handler` on every state change; returns an unsubscribe function. */
+  onState(handler: (state: ConnectionState) => void): () => void {
+    this.stateHandlers.add(handler);
+    return () => this.stateHandlers.delete(handler);
+  }
+
+  /**
+   * Sends an event and resolves with its reply's `data`, or rejects with a
+   * {@link SocketsError}. Waits for the connection (within the timeout).
+   */
+  async emit<T = unknown>(event: string, data: unknown = {}, options: { timeoutMs?: number } = {}): Promise<T> {
+    const timeoutMs = options.timeoutMs ?? this.options.emitTimeoutMs;
+    const deadline = Date.now() + timeoutMs;
+    while (this.current.state !== "connected") {
+      if (this.stopped) throw new SocketsError("disconnected", "the client is stopped");
+      const left = deadline - Date.now();
+      if (left <= 0) throw new SocketsError("timeout", `not connected within ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    return (await this.send(event, data, Math.max(deadline - Date.now(), 1))) as T;
+  }
+
+  /** Sends a frame with an ack on the open socket. */
+  private send(event: string, data: unknown, timeoutMs: number): Promise<unknown> {
+    const socket = this.socket;
+    if (!socket) return Promise.reject(new SocketsError("disconnected", "not connected"));
+    const ack = this.nextAck++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(ack);
+        reject(new SocketsError("timeout", `no reply to ${event} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(ack, { resolve, reject, timer });
+      socket.send(JSON.stringify({ event, data, ack }));
+    });
+  }
+
+  private async token(): Promise<string> {
+    const { token } = this.options;
+    return typeof token === "function" ? await token() : token;
+  }
+
+  private async connect(): Promise<void> {
+    if (this.stopped) return;
+    this.attempt += 1;
+    this.setState({ state: "connecting", attempt: this.attempt });
+    let token: string;
+    try {
+      token = await this.token();
+    } catch (error) {
+      this.closed(1006, `no token: ${String(error)}`, false);
+      return;
+    }
+    const exp = expiryOf(token);
+    if (typeof this.options.token === "string" && exp !== undefined && exp * 1000 <= Date.now()) {
+      this.stopped = true;
+      this.setState({ state: "disconnected", code: 4001, reason: "token expired", willRetry: false });
+      return;
+    }
+    if (this.stopped) return;
+    const separator = this.options.url.includes("?") ? "&" : "?";
+    const socket = new this.options.WebSocket(
+      `${this.options.url}${separator}access_token=${encodeURIComponent(token)}`,
+    );
+    this.socket = socket;
+    let opened = false;
+    let unauthorized = false;
+    socket.onopen = () => {
+      opened = true;
+    };
+    socket.onerror = (event) => {
+      // `ws` says why an upgrade failed; a browser does not.
+      const message = String((event as { message?: string })?.message ?? "");
+      if (!opened && /\b401\b/.test(message)) unauthorized = true;
+    };
+    socket.onmessage = (event) => this.received(String(event.data), token);
+    socket.onclose = (event) => {
+      if (this.socket !== socket) return;
+      this.socket = undefined;
+      if (unauthorized) this.closed(401, "unauthorized", true);
+      else this.closed(event.code, event.reason, AUTH_CLOSE_CODES.has(event.code));
+    };
+  }
+
+  /** The socket closed: fail what waits, and retry unless that cannot help. */
+  private closed(code: number, reason: string, authFailure: boolean): void {
+    clearTimeout(this.refreshTimer);
+    this.held = undefined;
+    this.failPending("disconnected", `the connection closed (${code}${reason ? ` ${reason}` : ""})`);
+    // A static token refused once is refused again: only a provider can help.
+    const willRetry = !this.stopped && !(authFailure && typeof this.options.token === "string");
+    this.setState({ state: "disconnected", code, reason, willRetry });
+    if (!willRetry) {
+      this.stopped = true;
+      return;
+    }
+    // Exponential backoff with full jitter.
+    const bound = Math.min(this.options.maxReconnectDelayMs, this.options.reconnectDelayMs * 2 ** (this.attempt - 1));
+    this.reconnectTimer = setTimeout(() => void this.connect(), Math.random() * bound);
+  }
+
+  private received(text: string, token: string): void {
+    let frame: { event?: string; data?: unknown; id?: string; ack?: number; ok?: boolean; error?: { code: string; message: string } };
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (typeof frame.ack === "number") {
+      const pending = this.pending.get(frame.ack);
+      if (!pending) return;
+      this.pending.delete(frame.ack);
+      clearTimeout(pending.timer);
+      if (frame.ok) pending.resolve(frame.data ?? null);
+      else pending.reject(new SocketsError(frame.error?.code ?? "internal", frame.error?.message ?? "failed"));
+      return;
+    }
+    if (frame.event === "connected") {
+      void this.opened(frame.data as { connectionId: string; userId: string; role: string }, token);
+      return;
+    }
+    if (typeof frame.id === "string" && typeof frame.event === "string") {
+      const push: Push = { event: frame.event, data: frame.data, id: frame.id };
+      if (this.held) this.held.push(push);
+      else this.deliver(push);
+      return;
+    }
+    if (frame.event === "error") this.dispatch({ event: "error", data: frame.data, id: "" });
+  }
+
+  /** `connected` arrived: resume what was missed, then say connected. */
+  private async opened(info: { connectionId: string; userId: string; role: string }, token: string): Promise<void> {
+    const socket = this.socket;
+    this.attempt = 0;
+    this.scheduleRefresh(token);
+    if (this.options.resume && this.lastId !== undefined) {
+      this.held = [];
+      try {
+        await this.resume();
+      } catch (error) {
+        if (this.socket !== socket) return;
+        // Not recoverable from the log: the application reloads its state.
+        this.dispatch({ event: "resumeFailed", data: { code: (error as SocketsError).code }, id: "" });
+      }
+      if (this.socket !== socket) return;
+      const held = this.held ?? [];
+      this.held = undefined;
+      for (const push of held) this.deliver(push);
+    }
+    if (this.socket !== socket) return;
+    this.setState({ state: "connected", ...info });
+  }
+
+  /** Sends `resume` after the last push delivered, page after page. */
+  private async resume(): Promise<void> {
+    let from: Record<string, unknown> = { after: this.lastId };
+    for (;;) {
+      let reply: { more?: boolean };
+      try {
+        reply = (await this.send("resume", from, this.options.emitTimeoutMs)) as { more?: boolean };
+      } catch (error) {
+        // The last id may be a copy this user got as a sender, which the
+        // log keeps for the recipient only: resume by time instead.
+        if ((error as SocketsError).code !== "not_found" || !("after" in from) || this.lastAt === undefined) throw error;
+        from = { since: new Date(this.lastAt - SINCE_MARGIN_MS).toISOString() };
+        continue;
+      }
+      // Deliver this page before asking for the next one after it.
+      const page = this.held ?? [];
+      this.held = [];
+      for (const push of page) this.deliver(push);
+      if (!reply.more || this.lastId === undefined) return;
+      from = { after: this.lastId };
+    }
+  }
+
+  private scheduleRefresh(token: string): void {
+    clearTimeout(this.refreshTimer);
+    if (typeof this.options.token !== "function") return;
+    const exp = expiryOf(token);
+    if (exp === undefined) return;
+    const wait = Math.max(exp * 1000 - this.options.refreshBeforeExpiryMs - Date.now(), 0);
+    this.refreshTimer = setTimeout(() => void this.refresh(), wait);
+  }
+
+  private async refresh(): Promise<void> {
+    const socket = this.socket;
+    try {
+      const token = await this.token();
+      await this.send("refreshToken", { token }, this.options.emitTimeoutMs);
+      if (this.socket === socket) this.scheduleRefresh(token);
+    } catch {
+      // Tried again shortly; at expiry the server closes with 4001 and the
+      // reconnect asks the provider again.
+      if (this.socket === socket) this.refreshTimer = setTimeout(() => void this.refresh(), 5_000);
+    }
+  }
+
+  private deliver(push: Push): void {
+    if (this.seen.has(push.id)) return;
+    this.seen.add(push.id);
+    this.seenOrder.push(push.id);
+    if (this.seenOrder.length > REMEMBERED_IDS) this.seen.delete(this.seenOrder.shift()!);
+    this.lastId = push.id;
+    this.lastAt = Date.now();
+    this.dispatch(push);
+  }
+
+  private dispatch(push: Push): void {
+    // `error` and `resumeFailed` are not pushes: no `*` for them.
+    for (const key of push.id ? [push.event, "*"] : [push.event]) {
+      for (const handler of this.handlers.get(key) ?? []) {
+        try {
+          handler(push.data, push);
+        } catch (error) {
+          setTimeout(() => {
+            throw error;
+          });
+        }
+      }
+    }
+  }
+
+  private failPending(code: string, message: string): void {
+    for (const [ack, pending] of this.pending) {
+      clearTimeout(pending.timer);
+      pending.reject(new SocketsError(code, message));
+      this.pending.delete(ack);
+    }
+  }
+
+  private setState(state: ConnectionState): void {
+    this.current = state;
+    if (state.state === "connected" || this.stopped) {
+      const waiters = this.waiters;
+      this.waiters = [];
+      for (const wake of waiters) wake();
+    }
+    for (const handler of this.stateHandlers) handler(state);
+  }
+}
