@@ -13,10 +13,15 @@
 /** What the client needs of a WebSocket (the browser's, or `ws`'s). */
 export interface WebSocketLike {
   readonly readyState: number;
-  onopen: ((event: unknown) => void) | null;
-  onmessage: ((event: { data: unknown }) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
-  onerror: ((event: unknown) => void) | null;
+  // Event parameters are loose so that the DOM's and `ws`'s classes both fit.
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onopen: ((event: any) => void) | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onmessage: ((event: any) => void) | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onclose: ((event: any) => void) | null;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  onerror: ((event: any) => void) | null;
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }
@@ -79,8 +84,18 @@ export class SocketsError extends Error {
 const AUTH_CLOSE_CODES = new Set([4001, 1008]);
 /** Ids of pushes remembered for de-duplication. */
 const REMEMBERED_IDS = 10_000;
-/** A `resume` after an id the log does not hold falls back to `since` this much earlier. */
+/** Recent push ids tried, newest first, when the log does not hold the last. */
+const RESUME_CANDIDATES = 20;
+/** A client that never got a push resumes `since` its first connect, this much earlier. */
 const SINCE_MARGIN_MS = 10_000;
+/** How long a `resume` may take (the service flushes its log, then replays up to 30 s). */
+const RESUME_TIMEOUT_MS = 45_000;
+/** A connection that stayed up this long starts the backoff over. */
+const STABLE_AFTER_MS = 10_000;
+/** The longest `setTimeout` can wait. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+/** The WebSocket `OPEN` ready state. */
+const OPEN = 1;
 
 interface Pending {
   resolve: (data: unknown) => void;
@@ -116,10 +131,17 @@ export class SocketsClient {
   private readonly stateHandlers = new Set<(state: ConnectionState) => void>();
   private readonly seen = new Set<string>();
   private readonly seenOrder: string[] = [];
-  private lastId: string | undefined;
-  private lastAt: number | undefined;
+  /** The last push ids handed to the application, newest last. */
+  private recent: string[] = [];
+  /** When the client first connected: where a resume starts without a push. */
+  private firstConnectedAt: number | undefined;
+  private connectedAt: number | undefined;
+  /** Bumped by `start` and `stop`: work of an older generation stops. */
+  private generation = 0;
   /** Pushes held while a resume runs, delivered when it answers. */
   private held: Push[] | undefined;
+  /** The id of the last push frame received while a resume runs. */
+  private replayCursor: string | undefined;
   private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   private refreshTimer: ReturnType<typeof setTimeout> | undefined;
   private waiters: Array<() => void> = [];
@@ -149,14 +171,18 @@ export class SocketsClient {
   start(): void {
     if (!this.stopped) return;
     this.stopped = false;
-    void this.connect();
+    this.generation += 1;
+    this.attempt = 0;
+    void this.connect(this.generation);
   }
 
   /** Closes the connection (1000) and stops reconnecting. */
   stop(): void {
     this.stopped = true;
+    this.generation += 1;
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.refreshTimer);
+    this.held = undefined;
     const socket = this.socket;
     this.socket = undefined;
     socket?.close(1000, "client stopped");
@@ -203,45 +229,68 @@ export class SocketsClient {
   /** Sends a frame with an ack on the open socket. */
   private send(event: string, data: unknown, timeoutMs: number): Promise<unknown> {
     const socket = this.socket;
-    if (!socket) return Promise.reject(new SocketsError("disconnected", "not connected"));
+    if (!socket || socket.readyState !== OPEN) {
+      return Promise.reject(new SocketsError("disconnected", "not connected"));
+    }
     const ack = this.nextAck++;
     return new Promise((resolve, reject) => {
+      try {
+        socket.send(JSON.stringify({ event, data, ack }));
+      } catch (error) {
+        reject(new SocketsError("disconnected", `cannot send: ${String(error)}`));
+        return;
+      }
       const timer = setTimeout(() => {
         this.pending.delete(ack);
         reject(new SocketsError("timeout", `no reply to ${event} within ${timeoutMs} ms`));
-      }, timeoutMs);
+      }, Math.min(timeoutMs, MAX_TIMER_MS));
       this.pending.set(ack, { resolve, reject, timer });
-      socket.send(JSON.stringify({ event, data, ack }));
     });
   }
 
+  /** The token, from the provider within the emit timeout. */
   private async token(): Promise<string> {
     const { token } = this.options;
-    return typeof token === "function" ? await token() : token;
+    if (typeof token !== "function") return token;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("the token provider did not answer")), this.options.emitTimeoutMs);
+    });
+    try {
+      return await Promise.race([Promise.resolve(token()), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
-  private async connect(): Promise<void> {
-    if (this.stopped) return;
+  private async connect(generation: number): Promise<void> {
+    if (generation !== this.generation) return;
     this.attempt += 1;
     this.setState({ state: "connecting", attempt: this.attempt });
     let token: string;
     try {
       token = await this.token();
     } catch (error) {
-      this.closed(1006, `no token: ${String(error)}`, false);
+      if (generation === this.generation) this.closed(1006, `no token: ${String(error)}`, false);
       return;
     }
+    if (generation !== this.generation) return;
     const exp = expiryOf(token);
     if (typeof this.options.token === "string" && exp !== undefined && exp * 1000 <= Date.now()) {
       this.stopped = true;
       this.setState({ state: "disconnected", code: 4001, reason: "token expired", willRetry: false });
       return;
     }
-    if (this.stopped) return;
     const separator = this.options.url.includes("?") ? "&" : "?";
-    const socket = new this.options.WebSocket(
-      `${this.options.url}${separator}access_token=${encodeURIComponent(token)}`,
-    );
+    let socket: WebSocketLike;
+    try {
+      socket = new this.options.WebSocket(`${this.options.url}${separator}access_token=${encodeURIComponent(token)}`);
+    } catch (error) {
+      // An unusable URL, or a page that may not open it: retrying cannot help.
+      this.stopped = true;
+      this.setState({ state: "disconnected", code: 1006, reason: String(error), willRetry: false });
+      return;
+    }
     this.socket = socket;
     let opened = false;
     let unauthorized = false;
@@ -253,7 +302,9 @@ export class SocketsClient {
       const message = String((event as { message?: string })?.message ?? "");
       if (!opened && /\b401\b/.test(message)) unauthorized = true;
     };
-    socket.onmessage = (event) => this.received(String(event.data), token);
+    socket.onmessage = (event) => {
+      if (this.socket === socket) this.received(socket, String(event.data), token);
+    };
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = undefined;
@@ -265,21 +316,24 @@ export class SocketsClient {
   /** The socket closed: fail what waits, and retry unless that cannot help. */
   private closed(code: number, reason: string, authFailure: boolean): void {
     clearTimeout(this.refreshTimer);
+    // Logged pushes among them come back with the next resume.
     this.held = undefined;
     this.failPending("disconnected", `the connection closed (${code}${reason ? ` ${reason}` : ""})`);
+    if (this.connectedAt !== undefined && Date.now() - this.connectedAt >= STABLE_AFTER_MS) this.attempt = 0;
+    this.connectedAt = undefined;
     // A static token refused once is refused again: only a provider can help.
     const willRetry = !this.stopped && !(authFailure && typeof this.options.token === "string");
+    if (!willRetry) this.stopped = true;
     this.setState({ state: "disconnected", code, reason, willRetry });
-    if (!willRetry) {
-      this.stopped = true;
-      return;
-    }
+    if (!willRetry) return;
     // Exponential backoff with full jitter.
-    const bound = Math.min(this.options.maxReconnectDelayMs, this.options.reconnectDelayMs * 2 ** (this.attempt - 1));
-    this.reconnectTimer = setTimeout(() => void this.connect(), Math.random() * bound);
+    const exponent = Math.max(this.attempt - 1, 0);
+    const bound = Math.min(this.options.maxReconnectDelayMs, this.options.reconnectDelayMs * 2 ** exponent);
+    const generation = this.generation;
+    this.reconnectTimer = setTimeout(() => void this.connect(generation), Math.random() * bound);
   }
 
-  private received(text: string, token: string): void {
+  private received(socket: WebSocketLike, text: string, token: string): void {
     let frame: { event?: string; data?: unknown; id?: string; ack?: number; ok?: boolean; error?: { code: string; message: string } };
     try {
       frame = JSON.parse(text);
@@ -295,32 +349,46 @@ export class SocketsClient {
       else pending.reject(new SocketsError(frame.error?.code ?? "internal", frame.error?.message ?? "failed"));
       return;
     }
-    if (frame.event === "connected") {
-      void this.opened(frame.data as { connectionId: string; userId: string; role: string }, token);
+    if (frame.event === "connected" && frame.id === undefined) {
+      void this.opened(socket, frame.data as { connectionId: string; userId: string; role: string }, token);
       return;
     }
     if (typeof frame.id === "string" && typeof frame.event === "string") {
       const push: Push = { event: frame.event, data: frame.data, id: frame.id };
-      if (this.held) this.held.push(push);
-      else this.deliver(push);
+      if (this.held) {
+        this.held.push(push);
+        this.replayCursor = push.id;
+      } else this.deliver(push);
       return;
     }
     if (frame.event === "error") this.dispatch({ event: "error", data: frame.data, id: "" });
   }
 
   /** `connected` arrived: resume what was missed, then say connected. */
-  private async opened(info: { connectionId: string; userId: string; role: string }, token: string): Promise<void> {
-    const socket = this.socket;
-    this.attempt = 0;
-    this.scheduleRefresh(token);
-    if (this.options.resume && this.lastId !== undefined) {
+  private async opened(
+    socket: WebSocketLike,
+    info: { connectionId: string; userId: string; role: string },
+    token: string,
+  ): Promise<void> {
+    this.scheduleRefresh(socket, token);
+    const first = this.firstConnectedAt === undefined;
+    this.firstConnectedAt ??= Date.now();
+    if (this.options.resume && !first) {
       this.held = [];
       try {
         await this.resume();
       } catch (error) {
         if (this.socket !== socket) return;
+        const code = (error as SocketsError).code;
+        if (code !== "not_found") {
+          // A timeout, the log briefly unavailable, a rate limit: the next
+          // connection resumes again.
+          this.held = undefined;
+          socket.close(4000, "resume failed, retrying");
+          return;
+        }
         // Not recoverable from the log: the application reloads its state.
-        this.dispatch({ event: "resumeFailed", data: { code: (error as SocketsError).code }, id: "" });
+        this.dispatch({ event: "resumeFailed", data: { code }, id: "" });
       }
       if (this.socket !== socket) return;
       const held = this.held ?? [];
@@ -328,51 +396,67 @@ export class SocketsClient {
       for (const push of held) this.deliver(push);
     }
     if (this.socket !== socket) return;
+    this.connectedAt = Date.now();
     this.setState({ state: "connected", ...info });
   }
 
-  /** Sends `resume` after the last push delivered, page after page. */
+  /**
+   * Sends `resume` after the last push handed over (or, never having had
+   * one, since the first connect), page after page. A page's cursor is the
+   * last push frame received before its reply: live pushes and replayed
+   * ones look alike (see the README, "Order").
+   */
   private async resume(): Promise<void> {
-    let from: Record<string, unknown> = { after: this.lastId };
+    const candidates = [...this.recent].reverse();
+    let from: Record<string, unknown> =
+      candidates.length > 0
+        ? { after: candidates.shift() }
+        : { since: new Date((this.firstConnectedAt ?? Date.now()) - SINCE_MARGIN_MS).toISOString() };
     for (;;) {
+      this.replayCursor = undefined;
       let reply: { more?: boolean };
       try {
-        reply = (await this.send("resume", from, this.options.emitTimeoutMs)) as { more?: boolean };
+        reply = (await this.send("resume", from, RESUME_TIMEOUT_MS)) as { more?: boolean };
       } catch (error) {
         // The last id may be a copy this user got as a sender, which the
-        // log keeps for the recipient only: resume by time instead.
-        if ((error as SocketsError).code !== "not_found" || !("after" in from) || this.lastAt === undefined) throw error;
-        from = { since: new Date(this.lastAt - SINCE_MARGIN_MS).toISOString() };
-        continue;
+        // log keeps for the recipient only: an earlier one will do.
+        if ((error as SocketsError).code === "not_found" && candidates.length > 0) {
+          from = { after: candidates.shift() };
+          continue;
+        }
+        throw error;
       }
-      // Deliver this page before asking for the next one after it.
+      // Hand this page over before asking for the next one.
       const page = this.held ?? [];
       this.held = [];
       for (const push of page) this.deliver(push);
-      if (!reply.more || this.lastId === undefined) return;
-      from = { after: this.lastId };
+      if (!reply.more || this.replayCursor === undefined) return;
+      from = { after: this.replayCursor };
     }
   }
 
-  private scheduleRefresh(token: string): void {
+  private scheduleRefresh(socket: WebSocketLike, token: string): void {
     clearTimeout(this.refreshTimer);
     if (typeof this.options.token !== "function") return;
     const exp = expiryOf(token);
     if (exp === undefined) return;
-    const wait = Math.max(exp * 1000 - this.options.refreshBeforeExpiryMs - Date.now(), 0);
-    this.refreshTimer = setTimeout(() => void this.refresh(), wait);
+    const left = exp * 1000 - Date.now();
+    // Never sooner than halfway (at most 5 s), so that a provider handing
+    // out short-lived tokens does not make a loop of it.
+    const wait = Math.max(left - this.options.refreshBeforeExpiryMs, Math.min(left / 2, 5_000), 0);
+    this.refreshTimer = setTimeout(() => void this.refresh(socket), Math.min(wait, MAX_TIMER_MS));
   }
 
-  private async refresh(): Promise<void> {
-    const socket = this.socket;
+  private async refresh(socket: WebSocketLike): Promise<void> {
+    if (this.socket !== socket) return;
     try {
       const token = await this.token();
       await this.send("refreshToken", { token }, this.options.emitTimeoutMs);
-      if (this.socket === socket) this.scheduleRefresh(token);
+      if (this.socket === socket) this.scheduleRefresh(socket, token);
     } catch {
       // Tried again shortly; at expiry the server closes with 4001 and the
       // reconnect asks the provider again.
-      if (this.socket === socket) this.refreshTimer = setTimeout(() => void this.refresh(), 5_000);
+      if (this.socket === socket) this.refreshTimer = setTimeout(() => void this.refresh(socket), 5_000);
     }
   }
 
@@ -381,8 +465,8 @@ export class SocketsClient {
     this.seen.add(push.id);
     this.seenOrder.push(push.id);
     if (this.seenOrder.length > REMEMBERED_IDS) this.seen.delete(this.seenOrder.shift()!);
-    this.lastId = push.id;
-    this.lastAt = Date.now();
+    this.recent.push(push.id);
+    if (this.recent.length > RESUME_CANDIDATES) this.recent.shift();
     this.dispatch(push);
   }
 
@@ -416,6 +500,15 @@ export class SocketsClient {
       this.waiters = [];
       for (const wake of waiters) wake();
     }
-    for (const handler of this.stateHandlers) handler(state);
+    for (const handler of this.stateHandlers) {
+      try {
+        handler(state);
+      } catch (error) {
+        // A handler's error must not stop the reconnects.
+        setTimeout(() => {
+          throw error;
+        });
+      }
+    }
   }
 }

@@ -156,21 +156,68 @@ test("pushes across a dropped TCP connection arrive exactly once and in order", 
   }
 });
 
+test("a client that had no push yet gets what was sent while it was away", async () => {
+  const host = await startHost();
+  const proxy = await proxyTo(host.port);
+  const { sockets, payments } = client(`ws://127.0.0.1:${proxy.port}/ws`);
+  try {
+    sockets.start();
+    await until("connected", () => sockets.state.state === "connected");
+    proxy.refusing = true;
+    proxy.cut();
+    await until("disconnected", () => sockets.state.state !== "connected");
+    for (const id of ids(0, 3)) await publish(host.port, id);
+    proxy.refusing = false;
+    await until("connected again", () => sockets.state.state === "connected");
+    await until("3 pushes", () => payments.length >= 3);
+    assert.deepEqual(payments.map((push) => push.paymentId), ids(0, 3));
+  } finally {
+    sockets.stop();
+    proxy.close();
+    await host.stop();
+  }
+});
+
+test("stop then start at once leaves one connection, and stop ends every timer", async () => {
+  const host = await startHost();
+  const { sockets, payments } = client(`ws://127.0.0.1:${host.port}/ws`);
+  try {
+    sockets.start();
+    sockets.stop();
+    sockets.start();
+    await until("connected", () => sockets.state.state === "connected");
+    await publish(host.port, "p0");
+    await until("a push", () => payments.length >= 1);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // One socket: the host counts one connection.
+    const metrics = await (await fetch(`http://127.0.0.1:${host.port}/metrics`)).text();
+    assert.match(metrics, /^sockets_connections 1$/m);
+  } finally {
+    sockets.stop();
+    await host.stop();
+  }
+});
+
 test("pushes across a server restart arrive exactly once and in order", async () => {
   let host = await startHost();
-  const { sockets, payments, states } = client(`ws://127.0.0.1:${host.port}/ws`, { reconnectDelayMs: 1500 });
+  // Through a proxy that refuses while the host restarts, so that the
+  // pushes published meanwhile can only come back by resume, from the log
+  // the restarted host reopened.
+  const proxy = await proxyTo(host.port);
+  const { sockets, payments, states } = client(`ws://127.0.0.1:${proxy.port}/ws`);
   try {
     sockets.start();
     await until("connected", () => sockets.state.state === "connected");
     for (const id of ids(0, 5)) await publish(host.port, id);
     await until("5 pushes", () => payments.length === 5);
 
+    proxy.refusing = true;
     await host.stop();
     await until("disconnected", () => sockets.state.state !== "connected");
     assert.equal(states.find((state) => state.state === "disconnected")?.code, 1001);
     host = await startHost({ port: host.port, dataDir: host.dataDir });
-    // Most likely before the client is back (its first retry waits up to 1.5 s).
     for (const id of ids(5, 10)) await publish(host.port, id);
+    proxy.refusing = false;
     await until("connected again", () => sockets.state.state === "connected");
     for (const id of ids(10, 15)) await publish(host.port, id);
     await until("15 pushes", () => payments.length >= 15);
@@ -180,6 +227,7 @@ test("pushes across a server restart arrive exactly once and in order", async ()
     assert.equal(new Set(payments.map((push) => push.id)).size, 15);
   } finally {
     sockets.stop();
+    proxy.close();
     await host.stop();
     rmSync(host.dataDir, { recursive: true, force: true });
   }
