@@ -34,8 +34,6 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Extra command-line arguments (e.g. `--config FILE`).
     pub args: Vec<String>,
-    /// A command the binary runs under (e.g. `faketime -f +120s`).
-    pub prefix: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -45,7 +43,6 @@ impl Default for ServerConfig {
             env: Vec::new(),
             data_dir: None,
             args: Vec::new(),
-            prefix: Vec::new(),
         }
     }
 }
@@ -183,14 +180,9 @@ impl Server {
             plugins_dir,
             stderr_log,
         } = Folders::new(&config);
-        let mut command = match config.prefix.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(host_binary());
-                command
-            }
-            None => Command::new(host_binary()),
-        };
+        // The binary itself, never under a wrapper: killing a wrapper (e.g.
+        // `faketime`, which forks) left its server running after the test.
+        let mut command = Command::new(host_binary());
         command
             .arg("serve")
             .args(&config.args)
@@ -228,10 +220,6 @@ impl Server {
     /// binary would get (`config.env` as flags); panics (with its log) if
     /// it does not come up. `kill`, `signal` and `pid` need a spawned one.
     pub async fn in_process_with(config: ServerConfig) -> Server {
-        assert!(
-            config.prefix.is_empty(),
-            "a command prefix needs a spawned server"
-        );
         let Folders {
             data_dir,
             plugins_dir,
