@@ -16,15 +16,6 @@ use std::time::Instant;
 use serde_json::json;
 use sockets_host::cluster::{Announcement, RemotePresence};
 
-fn rss_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
-    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
-}
-
 /// A user id as long as the marketplace's (`usr_` and a UUID).
 fn user(n: usize) -> String {
     format!("usr_{n:08x}-0000-7000-8000-{:012x}", n * 7919)
@@ -71,13 +62,13 @@ fn main() -> anyhow::Result<()> {
     // once: the resident memory grows by the index alone (a table of a
     // million users, freed once applied, would leave memory the index
     // reuses, hiding its size).
-    let before = rss_kib()?;
+    let before = sockets_tests::rss_kib()?;
     let started = Instant::now();
     for n in 0..users {
         change(n % nodes, user(n), 1);
     }
     let apply_users = started.elapsed();
-    let after = rss_kib()?;
+    let after = sockets_tests::rss_kib()?;
 
     // A delivery asks which nodes hold the user and how many connections.
     let lookups = 1_000_000;

@@ -19,15 +19,6 @@ use serde_json::value::RawValue;
 use sockets_host::protocol::{delivery_id, rfc3339};
 use sockets_host::store::{EmbeddedLog, NotificationLog, NotificationRecord, ReplayFrom};
 
-fn rss_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
-    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
-}
-
 fn user(n: usize) -> String {
     format!("usr_{n:08x}-0000-7000-8000-{:012x}", n * 7919)
 }
@@ -94,11 +85,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|metadata| metadata.len())
         .sum();
 
-    let rss_before = rss_kib()?;
+    let rss_before = sockets_tests::rss_kib()?;
     let started = Instant::now();
     let log = EmbeddedLog::open(&dir)?;
     let open_seconds = started.elapsed().as_secs_f64();
-    let index_kib = rss_kib()?.saturating_sub(rss_before);
+    let index_kib = sockets_tests::rss_kib()?.saturating_sub(rss_before);
 
     // Each user holds records / users records; a client resuming 100 back.
     let per_user = records / users;

@@ -166,6 +166,21 @@ impl Client {
         None
     }
 
+    /// Sends `resume` with `data` (ack 900) and reads up to its reply:
+    /// the pushes that came before it, and the reply.
+    pub async fn resume(&mut self, data: Value) -> (Vec<Value>, Value) {
+        self.send(&serde_json::json!({"event": "resume", "data": data, "ack": 900}))
+            .await;
+        let mut pushes = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame["ack"] == 900 {
+                return (pushes, frame);
+            }
+            pushes.push(frame);
+        }
+    }
+
     /// Reads until the server closes; returns the close code and reason
     /// and the text frames seen before it.
     pub async fn closed(&mut self, wait: Duration) -> (u16, String, Vec<Value>) {

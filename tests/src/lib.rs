@@ -19,6 +19,16 @@ pub const TEST_PLUGINS: [&str; 7] = [
     "presence",
 ];
 
+/// This process's resident memory, KiB (Linux), for the memory examples.
+pub fn rss_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
+}
+
 /// The repository root.
 pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

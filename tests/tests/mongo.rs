@@ -156,24 +156,6 @@ async fn deliveries_are_logged_once_with_deterministic_ids_and_indexes() {
     assert!(indexes.contains(&doc! {"createdAt": 1}), "{indexes:?}");
 }
 
-/// Sends `resume` with `data`; the pushes before its reply, and the reply.
-async fn resume(
-    client: &mut Client,
-    data: serde_json::Value,
-) -> (Vec<serde_json::Value>, serde_json::Value) {
-    client
-        .send(&json!({"event": "resume", "data": data, "ack": 900}))
-        .await;
-    let mut pushes = Vec::new();
-    loop {
-        let frame = client.recv().await;
-        if frame["ack"] == 900 {
-            return (pushes, frame);
-        }
-        pushes.push(frame);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_resumes_on_another_node_from_the_shared_log() {
     let db = TestDb::unique().await;
@@ -199,7 +181,7 @@ async fn a_client_resumes_on_another_node_from_the_shared_log() {
     };
     send(&mut student, "before").await;
     let seen = laptop.recv().await;
-    let (replayed, _) = resume(&mut phone, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (replayed, _) = phone.resume(json!({"since": "2000-01-01T00:00:00Z"})).await;
     assert_eq!(replayed.len(), 1);
     assert_eq!(replayed[0]["id"], seen["id"]);
     drop(phone);
@@ -214,9 +196,11 @@ async fn a_client_resumes_on_another_node_from_the_shared_log() {
     ]
     .into();
     let mut phone = Client::connect_as(&b, "c_1", "consultant").await;
-    let (page, reply) = resume(&mut phone, json!({"after": seen["id"], "limit": 2})).await;
+    let (page, reply) = phone.resume(json!({"after": seen["id"], "limit": 2})).await;
     assert_eq!(reply["data"], json!({"replayed": 2, "more": true}));
-    let (rest, reply) = resume(&mut phone, json!({"after": page[1]["id"], "limit": 2})).await;
+    let (rest, reply) = phone
+        .resume(json!({"after": page[1]["id"], "limit": 2}))
+        .await;
     assert_eq!(reply["data"], json!({"replayed": 1, "more": false}));
     let replayed: Vec<&serde_json::Value> = page.iter().chain(&rest).collect();
     assert_eq!(replayed.len(), 3);
@@ -224,11 +208,9 @@ async fn a_client_resumes_on_another_node_from_the_shared_log() {
         assert_eq!(*replayed, live, "the same push, logged by node A");
     }
 
-    let (_, reply) = resume(
-        &mut phone,
-        json!({"after": "0123456789abcdef0123456789abcdef"}),
-    )
-    .await;
+    let (_, reply) = phone
+        .resume(json!({"after": "0123456789abcdef0123456789abcdef"}))
+        .await;
     assert_eq!(reply["error"]["code"], "not_found");
 }
 
@@ -763,9 +745,11 @@ async fn log_records_past_the_retention_are_not_replayed_and_are_deleted() {
     send(&mut student, "new", 2).await;
     consultant.recv().await;
 
-    let (_, reply) = resume(&mut consultant, json!({"after": old["id"]})).await;
+    let (_, reply) = consultant.resume(json!({"after": old["id"]})).await;
     assert_eq!(reply["error"]["code"], "not_found", "{reply}");
-    let (kept, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (kept, _) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0]["data"]["text"], "new");
     eventually(WAIT, "the old record is deleted", || async {

@@ -32,22 +32,6 @@ async fn send_all(sender: &mut Client, to: &str, texts: impl IntoIterator<Item =
     }
 }
 
-/// Sends `resume` with `data` and reads up to its reply: the pushes before
-/// it and the reply.
-async fn resume(client: &mut Client, data: Value) -> (Vec<Value>, Value) {
-    client
-        .send(&json!({"event": "resume", "data": data, "ack": 900}))
-        .await;
-    let mut pushes = Vec::new();
-    loop {
-        let frame = client.recv().await;
-        if frame["ack"] == 900 {
-            return (pushes, frame);
-        }
-        pushes.push(frame);
-    }
-}
-
 fn texts(pushes: &[Value]) -> Vec<&str> {
     pushes
         .iter()
@@ -77,7 +61,7 @@ async fn a_client_back_from_a_gap_gets_what_it_missed_once_in_order_then_the_rep
         live_ids.push(laptop.recv().await["id"].clone());
     }
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let (pushes, reply) = resume(&mut consultant, json!({"after": seen["id"]})).await;
+    let (pushes, reply) = consultant.resume(json!({"after": seen["id"]})).await;
 
     assert_eq!(texts(&pushes), ["m0", "m1", "m2"]);
     for push in &pushes {
@@ -103,10 +87,12 @@ async fn a_client_back_from_a_gap_gets_what_it_missed_once_in_order_then_the_rep
     assert_eq!(consultant.try_recv(Duration::from_millis(300)).await, None);
 
     // The sender's other devices got copies, which are not theirs to replay.
-    let (pushes, reply) = resume(&mut laptop, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (pushes, reply) = laptop
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(pushes, Vec::<Value>::new());
     assert_eq!(reply["data"], json!({"replayed": 0, "more": false}));
-    let (_, reply) = resume(&mut laptop, json!({"after": sender_copy["id"]})).await;
+    let (_, reply) = laptop.resume(json!({"after": sender_copy["id"]})).await;
     assert_eq!(reply["error"]["code"], "not_found", "{reply}");
 }
 
@@ -122,18 +108,20 @@ async fn a_long_gap_comes_in_pages_and_since_reads_from_a_time() {
     send_all(&mut student, "c_1", numbered(0..5)).await;
 
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let (all, reply) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (all, reply) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(texts(&all), ["first", "m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(reply["data"], json!({"replayed": 6, "more": false}));
 
-    let (later, _) = resume(&mut consultant, json!({"since": between})).await;
+    let (later, _) = consultant.resume(json!({"since": between})).await;
     assert_eq!(texts(&later), ["m0", "m1", "m2", "m3", "m4"]);
 
     // Pages of two, each after the last id received, until `more` is false.
     let mut after = all[0]["id"].clone();
     let mut pages = Vec::new();
     loop {
-        let (page, reply) = resume(&mut consultant, json!({"after": after, "limit": 2})).await;
+        let (page, reply) = consultant.resume(json!({"after": after, "limit": 2})).await;
         assert_eq!(reply["data"]["replayed"], page.len());
         pages.push(texts(&page).join(","));
         if reply["data"]["more"] == false {
@@ -143,7 +131,9 @@ async fn a_long_gap_comes_in_pages_and_since_reads_from_a_time() {
     }
     assert_eq!(pages, ["m0,m1", "m2,m3", "m4"]);
     // At the end: nothing, and no more.
-    let (none, reply) = resume(&mut consultant, json!({"after": all[5]["id"], "limit": 1})).await;
+    let (none, reply) = consultant
+        .resume(json!({"after": all[5]["id"], "limit": 1}))
+        .await;
     assert!(none.is_empty());
     assert_eq!(reply["data"], json!({"replayed": 0, "more": false}));
 }
@@ -154,12 +144,12 @@ async fn a_point_the_log_does_not_hold_is_not_found_and_bad_input_a_bad_request(
     let mut student = Client::connect_as(&server, "s_1", "student").await;
     send_all(&mut student, "c_2", ["to someone else".to_owned()]).await;
     let mut other = Client::connect_as(&server, "c_2", "consultant").await;
-    let (theirs, _) = resume(&mut other, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (theirs, _) = other.resume(json!({"since": "2000-01-01T00:00:00Z"})).await;
     let their_id = theirs[0]["id"].clone();
 
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
     for after in [json!("0123456789abcdef0123456789abcdef"), their_id] {
-        let (pushes, reply) = resume(&mut consultant, json!({"after": after})).await;
+        let (pushes, reply) = consultant.resume(json!({"after": after})).await;
         assert!(pushes.is_empty());
         assert_eq!(reply["ok"], false);
         assert_eq!(reply["error"]["code"], "not_found", "{reply}");
@@ -174,7 +164,7 @@ async fn a_point_the_log_does_not_hold_is_not_found_and_bad_input_a_bad_request(
         json!({"after": "unknown", "limit": 2.0}),
         json!("after"),
     ] {
-        let (_, reply) = resume(&mut consultant, data.clone()).await;
+        let (_, reply) = consultant.resume(data.clone()).await;
         assert_eq!(reply["error"]["code"], "bad_request", "{data}: {reply}");
     }
     // Without an ack the error is an `error` event.
@@ -196,11 +186,9 @@ async fn live_pushes_during_a_large_replay_all_arrive_and_the_replay_keeps_the_c
     send_all(&mut student, "c_1", numbered(0..700)).await;
 
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let (first, _) = resume(
-        &mut consultant,
-        json!({"since": "2000-01-01T00:00:00Z", "limit": 1}),
-    )
-    .await;
+    let (first, _) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z", "limit": 1}))
+        .await;
     consultant
         .send(&json!({"event": "resume", "data": {"after": first[0]["id"]}, "ack": 900}))
         .await;
@@ -266,9 +254,11 @@ async fn a_restarted_server_replays_what_it_logged_before() {
     config.data_dir = Some(data_dir);
     let server = Server::in_process_with(config).await;
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let (all, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (all, _) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(texts(&all), ["m0", "m1", "m2", "m3"]);
-    let (rest, reply) = resume(&mut consultant, json!({"after": all[1]["id"]})).await;
+    let (rest, reply) = consultant.resume(json!({"after": all[1]["id"]})).await;
     assert_eq!(texts(&rest), ["m2", "m3"]);
     assert_eq!(reply["data"], json!({"replayed": 2, "more": false}));
 }
@@ -301,9 +291,11 @@ async fn past_the_retention_a_push_is_not_replayed_and_its_segment_is_deleted() 
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     send_all(&mut student, "c_1", ["new".to_owned()]).await;
     consultant.recv().await;
-    let (_, reply) = resume(&mut consultant, json!({"after": old["id"]})).await;
+    let (_, reply) = consultant.resume(json!({"after": old["id"]})).await;
     assert_eq!(reply["error"]["code"], "not_found", "{reply}");
-    let (kept, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (kept, _) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(texts(&kept), ["new"]);
 
     // The segment that held it goes from the disk too.
@@ -350,8 +342,9 @@ async fn the_log_stays_under_its_size_cap_by_deleting_its_oldest_segments() {
 
     // What is left replays, page after page, up to the newest record.
     let mut consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let (mut page, mut reply) =
-        resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (mut page, mut reply) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert!(
         !texts(&page)[0].starts_with("r0-0 "),
         "the oldest records are gone"
@@ -359,7 +352,7 @@ async fn the_log_stays_under_its_size_cap_by_deleting_its_oldest_segments() {
     let mut replayed = page.len();
     while reply["data"]["more"] == true {
         let after = page.last().unwrap()["id"].clone();
-        (page, reply) = resume(&mut consultant, json!({"after": after})).await;
+        (page, reply) = consultant.resume(json!({"after": after})).await;
         replayed += page.len();
     }
     assert!(texts(&page).last().unwrap().starts_with("r2-799 "));
@@ -460,7 +453,9 @@ async fn a_full_disk_fails_log_writes_clearly_and_the_service_recovers_when_spac
     assert_eq!(failed["ack"], 7);
     assert_eq!(failed["error"]["code"], "unavailable", "{failed}");
     // A resume meanwhile writes nothing, and says nothing of the disk.
-    let (_, reply) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (_, reply) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     assert_eq!(reply["ok"], true, "{reply}");
     let (status, body) = readiness(&server).await;
     assert_eq!(status, 503, "{body}");
@@ -477,7 +472,9 @@ async fn a_full_disk_fails_log_writes_clearly_and_the_service_recovers_when_spac
     .await;
     send_all(&mut student, "c_1", ["after".to_owned()]).await;
     assert_eq!(consultant.recv().await["data"]["text"], "after");
-    let (logged, _) = resume(&mut consultant, json!({"since": "2000-01-01T00:00:00Z"})).await;
+    let (logged, _) = consultant
+        .resume(json!({"since": "2000-01-01T00:00:00Z"}))
+        .await;
     // The write that failed is not in the log; what came after is.
     let mut expected = vec!["before".to_owned()];
     expected.extend(logged_while_full);

@@ -285,6 +285,14 @@ impl LogClock {
         previous.saturating_add(1).max(floor)
     }
 
+    /// Numbers the records that have no `seq` yet (tools and tests append
+    /// records the dispatcher did not number).
+    pub fn number(&self, records: &mut [NotificationRecord]) {
+        for record in records.iter_mut().filter(|record| record.seq == 0) {
+            record.seq = self.next(SystemTime::now());
+        }
+    }
+
     /// The lowest number a record written at or after `at` can have.
     pub fn first_at(at: SystemTime) -> i64 {
         let millis = match at.duration_since(SystemTime::UNIX_EPOCH) {

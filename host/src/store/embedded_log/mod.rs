@@ -506,9 +506,7 @@ impl NotificationLog for EmbeddedLog {
         if records.is_empty() {
             return Ok(());
         }
-        for record in records.iter_mut().filter(|record| record.seq == 0) {
-            record.seq = self.next_seq();
-        }
+        self.clock.number(&mut records);
         self.enqueue(records).await
     }
 

@@ -98,9 +98,7 @@ impl NotificationLog for MongoLog {
         if records.is_empty() {
             return Ok(());
         }
-        for record in records.iter_mut().filter(|record| record.seq == 0) {
-            record.seq = self.next_seq();
-        }
+        self.clock.number(&mut records);
         let (written, done) = oneshot::channel();
         self.appends
             .try_send(Append { records, written })
