@@ -13,7 +13,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
 
-import { SocketsClient, SocketsError } from "../dist/index.js";
+import { SocketsClient, SocketsError } from "../src/index.js";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 const hostBinary = process.env.SOCKETS_HOST_BIN ?? path.join(root, "target/debug/sockets-host");
