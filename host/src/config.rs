@@ -133,6 +133,10 @@ pub struct Settings {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "SOCKETS_LOG", global = true)]
     pub log: Option<String>,
+    /// Serve the demo page at `/demo` (default: on in dev mode on the
+    /// embedded store, off otherwise).
+    #[arg(long, env = "SOCKETS_DEMO", global = true)]
+    pub demo: Option<bool>,
     /// Per-plugin JSON configuration, from the file's `[plugins.NAME]` tables.
     #[arg(skip)]
     #[serde(default)]
@@ -190,6 +194,7 @@ impl Settings {
             ping_interval: self.ping_interval.or(lower.ping_interval),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             log: self.log.or(lower.log),
+            demo: self.demo.or(lower.demo),
             plugins,
         }
     }
@@ -326,6 +331,20 @@ pub struct Config {
     pub plugin_configs: BTreeMap<String, String>,
     /// The config file, watched for plugin configuration changes.
     pub config_file: Option<PathBuf>,
+    /// `SOCKETS_DEMO`, when set.
+    pub demo: Option<bool>,
+    /// No key is configured: the server signs with the dev secret (set by
+    /// `server::apply_dev_mode`).
+    pub dev_mode: bool,
+}
+
+impl Config {
+    /// Whether `/demo` is served: as set, or on the embedded default (dev
+    /// mode, no MongoDB).
+    pub fn demo_page(&self) -> bool {
+        self.demo
+            .unwrap_or(self.dev_mode && self.mongo_url.is_none())
+    }
 }
 
 /// The plugins folder a newcomer gets: what `scripts/build-plugins.sh` builds.
@@ -555,6 +574,8 @@ impl Config {
             log: settings.log.unwrap_or_else(|| "info".to_owned()),
             plugin_configs,
             config_file: None,
+            demo: settings.demo,
+            dev_mode: false,
         })
     }
 }
@@ -591,6 +612,28 @@ mod tests {
         assert_eq!(config.limits.rate_limit, 100);
         assert_eq!(config.mongo_db, "sockets");
         assert!(config.allowed_origins.is_none());
+    }
+
+    #[test]
+    fn the_demo_page_is_on_for_the_embedded_default_only_unless_set() {
+        let demo = |settings: Settings, dev_mode: bool| {
+            let mut config = Config::from_settings(settings).unwrap();
+            config.dev_mode = dev_mode;
+            config.demo_page()
+        };
+        assert!(demo(Settings::default(), true));
+        assert!(!demo(Settings::default(), false), "a key is configured");
+        let mongo = || Settings {
+            mongo_url: Some("mongodb://127.0.0.1:27017".into()),
+            ..Settings::default()
+        };
+        assert!(!demo(mongo(), true), "a production store");
+        let set = |on: bool, settings: Settings| Settings {
+            demo: Some(on),
+            ..settings
+        };
+        assert!(!demo(set(false, Settings::default()), true));
+        assert!(demo(set(true, mongo()), false));
     }
 
     #[test]

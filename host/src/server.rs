@@ -17,6 +17,7 @@ use crate::cluster::{Cluster, ClusterKey, ClusterPresence, LocalNode, RemotePres
 use crate::config::Config;
 use crate::delivery::registry::ConnectionRegistry;
 use crate::dispatch::{Dispatcher, PluginServices};
+use crate::gateway::demo::Demo;
 use crate::gateway::{self, AppState, ConnectionLimits, app};
 use crate::health::Health;
 use crate::intake::Idempotency;
@@ -25,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::plugin::manager::{self, PluginManager};
 use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
 use crate::store::directory::FileDirectory;
-use crate::store::directory::UserDirectory;
+use crate::store::directory::{User, UserDirectory};
 use crate::store::mongo::{
     Maintenance, Mongo, MongoConnections, MongoDirectory, MongoKeys, MongoLog,
 };
@@ -93,6 +94,7 @@ pub fn apply_dev_mode(config: &mut Config) -> anyhow::Result<bool> {
         return Ok(false);
     }
     config.jwt.secret = Some(dev_secret(&config.data_dir)?);
+    config.dev_mode = true;
     Ok(true)
 }
 
@@ -303,6 +305,13 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         shutdown: stopped,
         connection_tasks: connection_tasks.clone(),
         instance_id,
+        demo: config.demo_page().then(|| {
+            Arc::new(Demo {
+                dev_mode: config.dev_mode,
+                directory: Arc::clone(&store.directory),
+                users: store.listed_users,
+            })
+        }),
     };
     Ok(Server {
         listener,
@@ -397,6 +406,8 @@ struct Store {
     keys: Arc<dyn PublishedKeys>,
     connections: Arc<dyn ConnectionStore>,
     directory: Arc<dyn UserDirectory>,
+    /// The users a directory can list (a users file's; MongoDB's are not).
+    listed_users: Vec<User>,
     presence: Arc<dyn Presence>,
     /// The database's health, or whether the embedded log can be written.
     health: Arc<Health>,
@@ -413,6 +424,8 @@ impl Store {
                     config.data_dir.display()
                 )
             })?;
+        let directory =
+            FileDirectory::load(&config.users_file).context("users file (SOCKETS_USERS_FILE)")?;
         Ok(Self {
             health: log.health(),
             log: Arc::new(log),
@@ -427,10 +440,8 @@ impl Store {
                 )?,
             ),
             connections: Arc::new(MemoryConnections::new()),
-            directory: Arc::new(
-                FileDirectory::load(&config.users_file)
-                    .context("users file (SOCKETS_USERS_FILE)")?,
-            ),
+            listed_users: directory.users(),
+            directory: Arc::new(directory),
             presence: Arc::clone(connections) as Arc<dyn Presence>,
             maintenance: None,
         })
@@ -464,6 +475,7 @@ impl Store {
                 config.node_lease,
             )),
             directory: Arc::new(MongoDirectory::new(&mongo)),
+            listed_users: Vec::new(),
             presence: Arc::clone(&connections) as Arc<dyn Presence>,
             connections,
             health: mongo.health(),

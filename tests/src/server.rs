@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Extra command-line arguments (e.g. `--config FILE`).
     pub args: Vec<String>,
+    /// No JWT secret: the server runs in dev mode (its own secret in the
+    /// data folder, the demo's sign-in on).
+    pub dev_mode: bool,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +46,7 @@ impl Default for ServerConfig {
             env: Vec::new(),
             data_dir: None,
             args: Vec::new(),
+            dev_mode: false,
         }
     }
 }
@@ -51,6 +55,12 @@ impl ServerConfig {
     /// Adds an environment variable.
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
         self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// Starts the server without a JWT secret: dev mode.
+    pub fn dev_mode(mut self) -> Self {
+        self.dev_mode = true;
         self
     }
 
@@ -189,7 +199,7 @@ impl Server {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SOCKETS_LISTEN", "127.0.0.1:0")
-            .env("SOCKETS_JWT_SECRET", SECRET)
+            .envs((!config.dev_mode).then_some(("SOCKETS_JWT_SECRET", SECRET)))
             .env("SOCKETS_CLUSTER_KEY", CLUSTER_KEY)
             .env("SOCKETS_DATA_DIR", &data_dir)
             .env("SOCKETS_PLUGINS_DIR", &plugins_dir)
@@ -233,6 +243,9 @@ impl Server {
             ("SOCKETS_PLUGINS_DIR".into(), plugins_dir.clone().into()),
             ("SOCKETS_LOG".into(), "info,sockets_host=debug".into()),
         ];
+        if config.dev_mode {
+            settings.retain(|(set, _)| set != "SOCKETS_JWT_SECRET");
+        }
         for (name, value) in &config.env {
             settings.retain(|(set, _)| set != name);
             settings.push((name.clone(), value.into()));

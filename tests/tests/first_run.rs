@@ -66,6 +66,8 @@ async fn readme_first_command_and_trying_it() {
         "dev mode keeps its secret in ./data"
     );
 
+    assert_demo_page_served(&server).await;
+
     // Tokens as the README mints them, from the checkout.
     let student_token = readme_token("s_1", "student");
     let consultant_token = readme_token("c_1", "consultant");
@@ -141,6 +143,14 @@ async fn readme_first_command_and_trying_it() {
     assert!(server.stop().await, "SIGTERM ends the server with success");
 }
 
+/// The README sends newcomers to `/demo`: the page and its sign-in are on.
+async fn assert_demo_page_served(server: &Server) {
+    let page = http(server, "GET", "/demo", &[], b"").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let session = http(server, "GET", "/demo/session", &[], b"").await.json();
+    assert_eq!(session["devMode"], true, "{session}");
+}
+
 /// Runs a script with Node (its WebSocket behind a flag before Node 22);
 /// its stdout.
 fn run_javascript(script: &str) -> String {
@@ -178,6 +188,7 @@ async fn bare_binary_in_a_fresh_folder() {
     )
     .await;
     wait_ready(&server).await;
+    assert_demo_page_served(&server).await;
     for made in ["dev-jwt-secret", "plugin-cache", "notifications"] {
         assert!(
             data_dir.join(made).exists(),

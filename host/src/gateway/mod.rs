@@ -4,6 +4,7 @@
 mod admin;
 mod claims;
 mod connection;
+pub mod demo;
 pub mod error;
 mod ops;
 mod publish;
@@ -71,6 +72,8 @@ pub struct AppState {
     /// Every upgraded connection's task: shutdown waits for them, as a
     /// connection leaves the registry before its close frame is written.
     pub connection_tasks: TaskTracker,
+    /// The `/demo` page, when it is served.
+    pub demo: Option<Arc<demo::Demo>>,
 }
 
 /// The routes, testable without a socket.
@@ -93,7 +96,12 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.yaml", get(ops::openapi))
         .layer(DefaultBodyLimit::max(max_body));
+    let demo = match state.demo.as_deref() {
+        Some(page) => demo::routes(page).layer(DefaultBodyLimit::max(max_body)),
+        None => Router::new(),
+    };
     api.merge(admin)
+        .merge(demo)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

@@ -20,10 +20,11 @@ use crate::store::Source;
 /// Longest idempotency key: it becomes part of delivery ids and log ids.
 const MAX_ID_BYTES: usize = 256;
 
-struct Publication {
-    event: String,
-    data: String,
-    key: Option<String>,
+/// An event to route, as a backend service (or the demo page) publishes it.
+pub(super) struct Publication {
+    pub(super) event: String,
+    pub(super) data: String,
+    pub(super) key: Option<String>,
 }
 
 pub async fn publish(
@@ -32,16 +33,26 @@ pub async fn publish(
     body: LimitedBody<RequestBodyLimit>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let publication = parse(&body.bytes)?;
+    accept(&state, publication, claims.sub).await
+}
+
+/// Routes a publication from `from` exactly as `POST /api/events` does:
+/// `202` with the recipients, a repeated key answered like the first call.
+pub(super) async fn accept(
+    state: &AppState,
+    publication: Publication,
+    from: String,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let inbound = Inbound {
         event: Event {
             id: publication.key.clone().unwrap_or_else(new_id),
             name: publication.event.clone(),
-            origin: Origin::Api(claims.sub.clone()),
+            origin: Origin::Api(from.clone()),
             data: publication.data.clone(),
             received_at: rfc3339(SystemTime::now()),
         },
         source: Source::Api,
-        from: claims.sub.clone(),
+        from,
     };
     let rejected = |err: RouteError| {
         tracing::info!(event = %publication.event, "published event rejected: {err}");
@@ -73,7 +84,7 @@ pub async fn publish(
 }
 
 /// `{"event": "<name>", "data": <any>, "id": "<optional key>"}`
-fn parse(body: &[u8]) -> Result<Publication, ApiError> {
+pub(super) fn parse(body: &[u8]) -> Result<Publication, ApiError> {
     let bad = |message: &str| ApiError::new(StatusCode::BAD_REQUEST, message);
     let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(body) else {
         return Err(bad("the body must be a JSON object"));

@@ -84,6 +84,13 @@ impl FileDirectory {
     pub fn get(&self, id: &str) -> Option<&User> {
         self.users.get(id)
     }
+
+    /// Every user, by id.
+    pub fn users(&self) -> Vec<User> {
+        let mut users: Vec<User> = self.users.values().cloned().collect();
+        users.sort_by(|a, b| a.id.cmp(&b.id));
+        users
+    }
 }
 
 impl UserDirectory for FileDirectory {
