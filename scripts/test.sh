@@ -18,13 +18,17 @@ cargo --version
 step "Services the tests need (RabbitMQ, FerretDB)"
 scripts/services.sh
 
-step "Test tools from Debian's packages (faketime: a node whose clock runs ahead)"
-if ! command -v faketime >/dev/null; then
+step "Test tools from Debian's packages (faketime: a node whose clock runs ahead; chromium: the demo page's browser test)"
+missing=()
+command -v faketime >/dev/null || missing+=(faketime)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
     as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq faketime >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 faketime --version | head -1
+chromium --version 2>/dev/null
 
 step "Exchanges earlier test runs left on the broker"
 # Each test declares exchanges and queues of its own, named
@@ -74,6 +78,11 @@ step "The TypeScript client: build, API docs, tests against the host (packages f
 # clients/typescript/test starts the debug host with the bundled plugins.
 cargo build -p sockets-host --locked
 (cd clients/typescript && npm ci --no-audit --no-fund && npm run docs && npm test)
+
+step "The /demo page in a real headless browser (Debian's Chromium, puppeteer-core from npm)"
+# Two pages chat, one loses its network and gets what it missed once;
+# screenshots of both are kept in target/artifacts.
+(cd tests/browser && npm ci --no-audit --no-fund && npm test)
 
 step "Schema-driven fuzzing of the live HTTP API (schemathesis from PyPI, bounded in time)"
 FUZZ_TIME=45 scripts/fuzz-api.sh
