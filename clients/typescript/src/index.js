@@ -127,43 +127,97 @@ function expiryOf(token) {
 
 /** A client of the Sockets Service. Call `start()` to connect. */
 export class SocketsClient {
-  /** @type {Required<Omit<SocketsClientOptions, "WebSocket">> & { WebSocket: WebSocketConstructor }} */
-  #options;
-  /** @type {WebSocketLike | undefined} */
-  #socket;
-  /** @type {ConnectionState} */
-  #current = { state: "disconnected", code: 1000, reason: "not started", willRetry: false };
-  #stopped = true;
-  #attempt = 0;
-  #nextAck = 1;
-  /** @type {Map<number, { resolve: (data: unknown) => void, reject: (error: SocketsError) => void, timer: ReturnType<typeof setTimeout> }>} Emits waiting for their replies. */
-  #pending = new Map();
-  /** @type {Map<string, Set<(data: unknown, push: Push) => void>>} */
-  #handlers = new Map();
-  /** @type {Set<(state: ConnectionState) => void>} */
-  #stateHandlers = new Set();
-  /** @type {Set<string>} */
-  #seen = new Set();
-  /** @type {string[]} */
-  #seenOrder = [];
-  /** @type {string[]} The last push ids handed to the application, newest last. */
-  #recent = [];
-  /** @type {number | undefined} When the client first connected: where a resume starts without a push. */
-  #firstConnectedAt;
-  /** @type {number | undefined} */
-  #connectedAt;
-  /** Bumped by `start` and `stop`: work of an older generation stops. */
-  #generation = 0;
-  /** @type {Push[] | undefined} Pushes held while a resume runs, delivered when it answers. */
-  #held;
-  /** @type {string | undefined} The id of the last push frame received while a resume runs. */
-  #replayCursor;
-  /** @type {ReturnType<typeof setTimeout> | undefined} */
-  #reconnectTimer;
-  /** @type {ReturnType<typeof setTimeout> | undefined} */
-  #refreshTimer;
-  /** @type {Array<() => void>} */
-  #waiters = [];
+  /**
+   * @type {Required<Omit<SocketsClientOptions, "WebSocket">> & { WebSocket: WebSocketConstructor }}
+   * @private
+   */
+  _options;
+  /**
+   * @type {WebSocketLike | undefined}
+   * @private
+   */
+  _socket;
+  /**
+   * @type {ConnectionState}
+   * @private
+   */
+  _current = { state: "disconnected", code: 1000, reason: "not started", willRetry: false };
+  /** @private */
+  _stopped = true;
+  /** @private */
+  _attempt = 0;
+  /** @private */
+  _nextAck = 1;
+  /**
+   * @type {Map<number, { resolve: (data: unknown) => void, reject: (error: SocketsError) => void, timer: ReturnType<typeof setTimeout> }>} Emits waiting for their replies.
+   * @private
+   */
+  _pending = new Map();
+  /**
+   * @type {Map<string, Set<(data: unknown, push: Push) => void>>}
+   * @private
+   */
+  _handlers = new Map();
+  /**
+   * @type {Set<(state: ConnectionState) => void>}
+   * @private
+   */
+  _stateHandlers = new Set();
+  /**
+   * @type {Set<string>}
+   * @private
+   */
+  _seen = new Set();
+  /**
+   * @type {string[]}
+   * @private
+   */
+  _seenOrder = [];
+  /**
+   * @type {string[]} The last push ids handed to the application, newest last.
+   * @private
+   */
+  _recent = [];
+  /**
+   * @type {number | undefined} When the client first connected: where a resume starts without a push.
+   * @private
+   */
+  _firstConnectedAt;
+  /**
+   * @type {number | undefined}
+   * @private
+   */
+  _connectedAt;
+  /**
+   * Bumped by `start` and `stop`: work of an older generation stops.
+   * @private
+   */
+  _generation = 0;
+  /**
+   * @type {Push[] | undefined} Pushes held while a resume runs, delivered when it answers.
+   * @private
+   */
+  _held;
+  /**
+   * @type {string | undefined} The id of the last push frame received while a resume runs.
+   * @private
+   */
+  _replayCursor;
+  /**
+   * @type {ReturnType<typeof setTimeout> | undefined}
+   * @private
+   */
+  _reconnectTimer;
+  /**
+   * @type {ReturnType<typeof setTimeout> | undefined}
+   * @private
+   */
+  _refreshTimer;
+  /**
+   * @type {Array<() => void>}
+   * @private
+   */
+  _waiters = [];
 
   /** @param {SocketsClientOptions} options */
   constructor(options) {
@@ -172,7 +226,7 @@ export class SocketsClient {
     if (!WebSocketClass) {
       throw new Error("no WebSocket class: pass one (e.g. the `ws` package's) as `WebSocket`");
     }
-    this.#options = {
+    this._options = {
       emitTimeoutMs: 10_000,
       reconnectDelayMs: 500,
       maxReconnectDelayMs: 30_000,
@@ -189,30 +243,30 @@ export class SocketsClient {
    * @returns {ConnectionState}
    */
   get state() {
-    return this.#current;
+    return this._current;
   }
 
   /** Connects, and keeps connecting until `stop()`. */
   start() {
-    if (!this.#stopped) return;
-    this.#stopped = false;
-    this.#generation += 1;
-    this.#attempt = 0;
-    void this.#connect(this.#generation);
+    if (!this._stopped) return;
+    this._stopped = false;
+    this._generation += 1;
+    this._attempt = 0;
+    void this._connect(this._generation);
   }
 
   /** Closes the connection (1000) and stops reconnecting. */
   stop() {
-    this.#stopped = true;
-    this.#generation += 1;
-    clearTimeout(this.#reconnectTimer);
-    clearTimeout(this.#refreshTimer);
-    this.#held = undefined;
-    const socket = this.#socket;
-    this.#socket = undefined;
+    this._stopped = true;
+    this._generation += 1;
+    clearTimeout(this._reconnectTimer);
+    clearTimeout(this._refreshTimer);
+    this._held = undefined;
+    const socket = this._socket;
+    this._socket = undefined;
     socket?.close(1000, "client stopped");
-    this.#failPending("disconnected", "the client stopped");
-    this.#setState({ state: "disconnected", code: 1000, reason: "client stopped", willRetry: false });
+    this._failPending("disconnected", "the client stopped");
+    this._setState({ state: "disconnected", code: 1000, reason: "client stopped", willRetry: false });
   }
 
   /**
@@ -224,10 +278,10 @@ export class SocketsClient {
    * @returns {() => boolean}
    */
   on(event, handler) {
-    const set = this.#handlers.get(event) ?? new Set();
+    const set = this._handlers.get(event) ?? new Set();
     const untyped = /** @type {(data: unknown, push: Push) => void} */ (handler);
     set.add(untyped);
-    this.#handlers.set(event, set);
+    this._handlers.set(event, set);
     return () => set.delete(untyped);
   }
 
@@ -238,8 +292,8 @@ export class SocketsClient {
    * @returns {() => boolean}
    */
   onState(handler) {
-    this.#stateHandlers.add(handler);
-    return () => this.#stateHandlers.delete(handler);
+    this._stateHandlers.add(handler);
+    return () => this._stateHandlers.delete(handler);
   }
 
   /**
@@ -253,21 +307,21 @@ export class SocketsClient {
    * @returns {Promise<T>}
    */
   async emit(event, data = {}, options = {}) {
-    const timeoutMs = options.timeoutMs ?? this.#options.emitTimeoutMs;
+    const timeoutMs = options.timeoutMs ?? this._options.emitTimeoutMs;
     const deadline = Date.now() + timeoutMs;
-    while (this.#current.state !== "connected") {
-      if (this.#stopped) throw new SocketsError("disconnected", "the client is stopped");
+    while (this._current.state !== "connected") {
+      if (this._stopped) throw new SocketsError("disconnected", "the client is stopped");
       const left = deadline - Date.now();
       if (left <= 0) throw new SocketsError("timeout", `not connected within ${timeoutMs} ms`);
       await new Promise((resolve) => {
         const timer = setTimeout(resolve, left);
-        this.#waiters.push(() => {
+        this._waiters.push(() => {
           clearTimeout(timer);
           resolve(undefined);
         });
       });
     }
-    return /** @type {T} */ (await this.#send(event, data, Math.max(deadline - Date.now(), 1)));
+    return /** @type {T} */ (await this._send(event, data, Math.max(deadline - Date.now(), 1)));
   }
 
   /**
@@ -277,13 +331,14 @@ export class SocketsClient {
    * @param {unknown} data
    * @param {number} timeoutMs
    * @returns {Promise<unknown>}
+   * @private
    */
-  #send(event, data, timeoutMs) {
-    const socket = this.#socket;
+  _send(event, data, timeoutMs) {
+    const socket = this._socket;
     if (!socket || socket.readyState !== OPEN) {
       return Promise.reject(new SocketsError("disconnected", "not connected"));
     }
-    const ack = this.#nextAck++;
+    const ack = this._nextAck++;
     return new Promise((resolve, reject) => {
       try {
         socket.send(JSON.stringify({ event, data, ack }));
@@ -292,10 +347,10 @@ export class SocketsClient {
         return;
       }
       const timer = setTimeout(() => {
-        this.#pending.delete(ack);
+        this._pending.delete(ack);
         reject(new SocketsError("timeout", `no reply to ${event} within ${timeoutMs} ms`));
       }, Math.min(timeoutMs, MAX_TIMER_MS));
-      this.#pending.set(ack, { resolve, reject, timer });
+      this._pending.set(ack, { resolve, reject, timer });
     });
   }
 
@@ -303,15 +358,16 @@ export class SocketsClient {
    * The token, from the provider within the emit timeout.
    *
    * @returns {Promise<string>}
+   * @private
    */
-  async #token() {
-    const { token } = this.#options;
+  async _token() {
+    const { token } = this._options;
     if (typeof token !== "function") return token;
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     let timer;
     /** @type {Promise<never>} */
     const timeout = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error("the token provider did not answer")), this.#options.emitTimeoutMs);
+      timer = setTimeout(() => reject(new Error("the token provider did not answer")), this._options.emitTimeoutMs);
     });
     try {
       return await Promise.race([Promise.resolve(token()), timeout]);
@@ -320,38 +376,41 @@ export class SocketsClient {
     }
   }
 
-  /** @param {number} generation */
-  async #connect(generation) {
-    if (generation !== this.#generation) return;
-    this.#attempt += 1;
-    this.#setState({ state: "connecting", attempt: this.#attempt });
+  /**
+   * @param {number} generation
+   * @private
+   */
+  async _connect(generation) {
+    if (generation !== this._generation) return;
+    this._attempt += 1;
+    this._setState({ state: "connecting", attempt: this._attempt });
     /** @type {string} */
     let token;
     try {
-      token = await this.#token();
+      token = await this._token();
     } catch (error) {
-      if (generation === this.#generation) this.#closed(1006, `no token: ${String(error)}`, false);
+      if (generation === this._generation) this._closed(1006, `no token: ${String(error)}`, false);
       return;
     }
-    if (generation !== this.#generation) return;
+    if (generation !== this._generation) return;
     const exp = expiryOf(token);
-    if (typeof this.#options.token === "string" && exp !== undefined && exp * 1000 <= Date.now()) {
-      this.#stopped = true;
-      this.#setState({ state: "disconnected", code: 4001, reason: "token expired", willRetry: false });
+    if (typeof this._options.token === "string" && exp !== undefined && exp * 1000 <= Date.now()) {
+      this._stopped = true;
+      this._setState({ state: "disconnected", code: 4001, reason: "token expired", willRetry: false });
       return;
     }
-    const separator = this.#options.url.includes("?") ? "&" : "?";
+    const separator = this._options.url.includes("?") ? "&" : "?";
     /** @type {WebSocketLike} */
     let socket;
     try {
-      socket = new this.#options.WebSocket(`${this.#options.url}${separator}access_token=${encodeURIComponent(token)}`);
+      socket = new this._options.WebSocket(`${this._options.url}${separator}access_token=${encodeURIComponent(token)}`);
     } catch (error) {
       // An unusable URL, or a page that may not open it: retrying cannot help.
-      this.#stopped = true;
-      this.#setState({ state: "disconnected", code: 1006, reason: String(error), willRetry: false });
+      this._stopped = true;
+      this._setState({ state: "disconnected", code: 1006, reason: String(error), willRetry: false });
       return;
     }
-    this.#socket = socket;
+    this._socket = socket;
     let opened = false;
     let unauthorized = false;
     socket.onopen = () => {
@@ -363,13 +422,13 @@ export class SocketsClient {
       if (!opened && /\b401\b/.test(message)) unauthorized = true;
     };
     socket.onmessage = (event) => {
-      if (this.#socket === socket) this.#received(socket, String(event.data), token);
+      if (this._socket === socket) this._received(socket, String(event.data), token);
     };
     socket.onclose = (event) => {
-      if (this.#socket !== socket) return;
-      this.#socket = undefined;
-      if (unauthorized) this.#closed(401, "unauthorized", true);
-      else this.#closed(event.code, event.reason, AUTH_CLOSE_CODES.has(event.code));
+      if (this._socket !== socket) return;
+      this._socket = undefined;
+      if (unauthorized) this._closed(401, "unauthorized", true);
+      else this._closed(event.code, event.reason, AUTH_CLOSE_CODES.has(event.code));
     };
   }
 
@@ -379,32 +438,34 @@ export class SocketsClient {
    * @param {number} code
    * @param {string} reason
    * @param {boolean} authFailure
+   * @private
    */
-  #closed(code, reason, authFailure) {
-    clearTimeout(this.#refreshTimer);
+  _closed(code, reason, authFailure) {
+    clearTimeout(this._refreshTimer);
     // Logged pushes among them come back with the next resume.
-    this.#held = undefined;
-    this.#failPending("disconnected", `the connection closed (${code}${reason ? ` ${reason}` : ""})`);
-    if (this.#connectedAt !== undefined && Date.now() - this.#connectedAt >= STABLE_AFTER_MS) this.#attempt = 0;
-    this.#connectedAt = undefined;
+    this._held = undefined;
+    this._failPending("disconnected", `the connection closed (${code}${reason ? ` ${reason}` : ""})`);
+    if (this._connectedAt !== undefined && Date.now() - this._connectedAt >= STABLE_AFTER_MS) this._attempt = 0;
+    this._connectedAt = undefined;
     // A static token refused once is refused again: only a provider can help.
-    const willRetry = !this.#stopped && !(authFailure && typeof this.#options.token === "string");
-    if (!willRetry) this.#stopped = true;
-    this.#setState({ state: "disconnected", code, reason, willRetry });
+    const willRetry = !this._stopped && !(authFailure && typeof this._options.token === "string");
+    if (!willRetry) this._stopped = true;
+    this._setState({ state: "disconnected", code, reason, willRetry });
     if (!willRetry) return;
     // Exponential backoff with full jitter.
-    const exponent = Math.max(this.#attempt - 1, 0);
-    const bound = Math.min(this.#options.maxReconnectDelayMs, this.#options.reconnectDelayMs * 2 ** exponent);
-    const generation = this.#generation;
-    this.#reconnectTimer = setTimeout(() => void this.#connect(generation), Math.random() * bound);
+    const exponent = Math.max(this._attempt - 1, 0);
+    const bound = Math.min(this._options.maxReconnectDelayMs, this._options.reconnectDelayMs * 2 ** exponent);
+    const generation = this._generation;
+    this._reconnectTimer = setTimeout(() => void this._connect(generation), Math.random() * bound);
   }
 
   /**
    * @param {WebSocketLike} socket
    * @param {string} text
    * @param {string} token
+   * @private
    */
-  #received(socket, text, token) {
+  _received(socket, text, token) {
     /** @type {{ event?: string, data?: unknown, id?: string, ack?: number, ok?: boolean, error?: { code: string, message: string } }} */
     let frame;
     try {
@@ -413,28 +474,28 @@ export class SocketsClient {
       return;
     }
     if (typeof frame.ack === "number") {
-      const pending = this.#pending.get(frame.ack);
+      const pending = this._pending.get(frame.ack);
       if (!pending) return;
-      this.#pending.delete(frame.ack);
+      this._pending.delete(frame.ack);
       clearTimeout(pending.timer);
       if (frame.ok) pending.resolve(frame.data ?? null);
       else pending.reject(new SocketsError(frame.error?.code ?? "internal", frame.error?.message ?? "failed"));
       return;
     }
     if (frame.event === "connected" && frame.id === undefined) {
-      void this.#opened(socket, /** @type {{ connectionId: string, userId: string, role: string }} */ (frame.data), token);
+      void this._opened(socket, /** @type {{ connectionId: string, userId: string, role: string }} */ (frame.data), token);
       return;
     }
     if (typeof frame.id === "string" && typeof frame.event === "string") {
       /** @type {Push} */
       const push = { event: frame.event, data: frame.data, id: frame.id };
-      if (this.#held) {
-        this.#held.push(push);
-        this.#replayCursor = push.id;
-      } else this.#deliver(push);
+      if (this._held) {
+        this._held.push(push);
+        this._replayCursor = push.id;
+      } else this._deliver(push);
       return;
     }
-    if (frame.event === "error") this.#dispatch({ event: "error", data: frame.data, id: "" });
+    if (frame.event === "error") this._dispatch({ event: "error", data: frame.data, id: "" });
   }
 
   /**
@@ -443,36 +504,37 @@ export class SocketsClient {
    * @param {WebSocketLike} socket
    * @param {{ connectionId: string, userId: string, role: string }} info
    * @param {string} token
+   * @private
    */
-  async #opened(socket, info, token) {
-    this.#scheduleRefresh(socket, token);
-    const first = this.#firstConnectedAt === undefined;
-    this.#firstConnectedAt ??= Date.now();
-    if (this.#options.resume && !first) {
-      this.#held = [];
+  async _opened(socket, info, token) {
+    this._scheduleRefresh(socket, token);
+    const first = this._firstConnectedAt === undefined;
+    this._firstConnectedAt ??= Date.now();
+    if (this._options.resume && !first) {
+      this._held = [];
       try {
-        await this.#resume();
+        await this._resume();
       } catch (error) {
-        if (this.#socket !== socket) return;
+        if (this._socket !== socket) return;
         const code = /** @type {SocketsError} */ (error).code;
         if (code !== "not_found") {
           // A timeout, the log briefly unavailable, a rate limit: the next
           // connection resumes again.
-          this.#held = undefined;
+          this._held = undefined;
           socket.close(4000, "resume failed, retrying");
           return;
         }
         // Not recoverable from the log: the application reloads its state.
-        this.#dispatch({ event: "resumeFailed", data: { code }, id: "" });
+        this._dispatch({ event: "resumeFailed", data: { code }, id: "" });
       }
-      if (this.#socket !== socket) return;
-      const held = this.#held ?? [];
-      this.#held = undefined;
-      for (const push of held) this.#deliver(push);
+      if (this._socket !== socket) return;
+      const held = this._held ?? [];
+      this._held = undefined;
+      for (const push of held) this._deliver(push);
     }
-    if (this.#socket !== socket) return;
-    this.#connectedAt = Date.now();
-    this.#setState({ state: "connected", ...info });
+    if (this._socket !== socket) return;
+    this._connectedAt = Date.now();
+    this._setState({ state: "connected", ...info });
   }
 
   /**
@@ -482,20 +544,21 @@ export class SocketsClient {
    * ones look alike (see the README, "Order").
    *
    * @returns {Promise<void>}
+   * @private
    */
-  async #resume() {
-    const candidates = [...this.#recent].reverse();
+  async _resume() {
+    const candidates = [...this._recent].reverse();
     /** @type {Record<string, unknown>} */
     let from =
       candidates.length > 0
         ? { after: candidates.shift() }
-        : { since: new Date((this.#firstConnectedAt ?? Date.now()) - SINCE_MARGIN_MS).toISOString() };
+        : { since: new Date((this._firstConnectedAt ?? Date.now()) - SINCE_MARGIN_MS).toISOString() };
     for (;;) {
-      this.#replayCursor = undefined;
+      this._replayCursor = undefined;
       /** @type {{ more?: boolean }} */
       let reply;
       try {
-        reply = /** @type {{ more?: boolean }} */ (await this.#send("resume", from, RESUME_TIMEOUT_MS));
+        reply = /** @type {{ more?: boolean }} */ (await this._send("resume", from, RESUME_TIMEOUT_MS));
       } catch (error) {
         // The last id may be a copy this user got as a sender, which the
         // log keeps for the recipient only: an earlier one will do.
@@ -506,60 +569,70 @@ export class SocketsClient {
         throw error;
       }
       // Hand this page over before asking for the next one.
-      const page = this.#held ?? [];
-      this.#held = [];
-      for (const push of page) this.#deliver(push);
-      if (!reply.more || this.#replayCursor === undefined) return;
-      from = { after: this.#replayCursor };
+      const page = this._held ?? [];
+      this._held = [];
+      for (const push of page) this._deliver(push);
+      if (!reply.more || this._replayCursor === undefined) return;
+      from = { after: this._replayCursor };
     }
   }
 
   /**
    * @param {WebSocketLike} socket
    * @param {string} token
+   * @private
    */
-  #scheduleRefresh(socket, token) {
-    clearTimeout(this.#refreshTimer);
-    if (typeof this.#options.token !== "function") return;
+  _scheduleRefresh(socket, token) {
+    clearTimeout(this._refreshTimer);
+    if (typeof this._options.token !== "function") return;
     const exp = expiryOf(token);
     if (exp === undefined) return;
     const left = exp * 1000 - Date.now();
     // Never sooner than halfway (at most 5 s), so that a provider handing
     // out short-lived tokens does not make a loop of it.
-    const wait = Math.max(left - this.#options.refreshBeforeExpiryMs, Math.min(left / 2, 5_000), 0);
-    this.#refreshTimer = setTimeout(() => void this.#refresh(socket), Math.min(wait, MAX_TIMER_MS));
+    const wait = Math.max(left - this._options.refreshBeforeExpiryMs, Math.min(left / 2, 5_000), 0);
+    this._refreshTimer = setTimeout(() => void this._refresh(socket), Math.min(wait, MAX_TIMER_MS));
   }
 
-  /** @param {WebSocketLike} socket */
-  async #refresh(socket) {
-    if (this.#socket !== socket) return;
+  /**
+   * @param {WebSocketLike} socket
+   * @private
+   */
+  async _refresh(socket) {
+    if (this._socket !== socket) return;
     try {
-      const token = await this.#token();
-      await this.#send("refreshToken", { token }, this.#options.emitTimeoutMs);
-      if (this.#socket === socket) this.#scheduleRefresh(socket, token);
+      const token = await this._token();
+      await this._send("refreshToken", { token }, this._options.emitTimeoutMs);
+      if (this._socket === socket) this._scheduleRefresh(socket, token);
     } catch {
       // Tried again shortly; at expiry the server closes with 4001 and the
       // reconnect asks the provider again.
-      if (this.#socket === socket) this.#refreshTimer = setTimeout(() => void this.#refresh(socket), 5_000);
+      if (this._socket === socket) this._refreshTimer = setTimeout(() => void this._refresh(socket), 5_000);
     }
   }
 
-  /** @param {Push} push */
-  #deliver(push) {
-    if (this.#seen.has(push.id)) return;
-    this.#seen.add(push.id);
-    this.#seenOrder.push(push.id);
-    if (this.#seenOrder.length > REMEMBERED_IDS) this.#seen.delete(/** @type {string} */ (this.#seenOrder.shift()));
-    this.#recent.push(push.id);
-    if (this.#recent.length > RESUME_CANDIDATES) this.#recent.shift();
-    this.#dispatch(push);
+  /**
+   * @param {Push} push
+   * @private
+   */
+  _deliver(push) {
+    if (this._seen.has(push.id)) return;
+    this._seen.add(push.id);
+    this._seenOrder.push(push.id);
+    if (this._seenOrder.length > REMEMBERED_IDS) this._seen.delete(/** @type {string} */ (this._seenOrder.shift()));
+    this._recent.push(push.id);
+    if (this._recent.length > RESUME_CANDIDATES) this._recent.shift();
+    this._dispatch(push);
   }
 
-  /** @param {Push} push */
-  #dispatch(push) {
+  /**
+   * @param {Push} push
+   * @private
+   */
+  _dispatch(push) {
     // `error` and `resumeFailed` are not pushes: no `*` for them.
     for (const key of push.id ? [push.event, "*"] : [push.event]) {
-      for (const handler of this.#handlers.get(key) ?? []) {
+      for (const handler of this._handlers.get(key) ?? []) {
         try {
           handler(push.data, push);
         } catch (error) {
@@ -574,24 +647,28 @@ export class SocketsClient {
   /**
    * @param {string} code
    * @param {string} message
+   * @private
    */
-  #failPending(code, message) {
-    for (const [ack, pending] of this.#pending) {
+  _failPending(code, message) {
+    for (const [ack, pending] of this._pending) {
       clearTimeout(pending.timer);
       pending.reject(new SocketsError(code, message));
-      this.#pending.delete(ack);
+      this._pending.delete(ack);
     }
   }
 
-  /** @param {ConnectionState} state */
-  #setState(state) {
-    this.#current = state;
-    if (state.state === "connected" || this.#stopped) {
-      const waiters = this.#waiters;
-      this.#waiters = [];
+  /**
+   * @param {ConnectionState} state
+   * @private
+   */
+  _setState(state) {
+    this._current = state;
+    if (state.state === "connected" || this._stopped) {
+      const waiters = this._waiters;
+      this._waiters = [];
       for (const wake of waiters) wake();
     }
-    for (const handler of this.#stateHandlers) {
+    for (const handler of this._stateHandlers) {
       try {
         handler(state);
       } catch (error) {

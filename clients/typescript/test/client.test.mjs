@@ -301,3 +301,24 @@ test("emit resolves with the reply's data and rejects with the protocol's code",
     await host.stop();
   }
 });
+
+test("a client wrapped in a Proxy (Vue's reactive, MobX) still works", () => {
+  // Private `#fields` would throw "Cannot read private member" here.
+  class Inert {
+    readyState = 0;
+    onopen = null;
+    onmessage = null;
+    onclose = null;
+    onerror = null;
+    send() {}
+    close() {}
+  }
+  const client = new Proxy(new SocketsClient({ url: "ws://127.0.0.1:9/ws", token: "t", WebSocket: Inert }), {});
+  const states = [];
+  client.onState((state) => states.push(state.state));
+  client.on("message", () => {});
+  client.start();
+  assert.equal(client.state.state, "connecting");
+  client.stop();
+  assert.deepEqual(states, ["connecting", "disconnected"]);
+});
