@@ -21,14 +21,15 @@ scripts/services.sh
 step "Test tools from Debian's packages (faketime: a node whose clock runs ahead; chromium: the demo page's browser test)"
 missing=()
 command -v faketime >/dev/null || missing+=(faketime)
-command -v chromium >/dev/null || missing+=(chromium)
+# The fonts too: a recommends-less install would screenshot empty boxes.
+command -v chromium >/dev/null || missing+=(chromium fonts-liberation)
 if [ ${#missing[@]} -gt 0 ]; then
     as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 faketime --version | head -1
-chromium --version 2>/dev/null
+chromium --version
 
 step "Exchanges earlier test runs left on the broker"
 # Each test declares exchanges and queues of its own, named

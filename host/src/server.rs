@@ -306,8 +306,16 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         connection_tasks: connection_tasks.clone(),
         instance_id,
         demo: config.demo_page().then(|| {
+            let sign_in = gateway::demo::sign_in_allowed(config.dev_mode, config.listen);
+            if config.dev_mode && !sign_in {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "the demo page cannot sign in by itself: dev mode mints its tokens on a \
+                     loopback address only (SOCKETS_LISTEN)"
+                );
+            }
             Arc::new(Demo {
-                dev_mode: config.dev_mode,
+                sign_in,
                 directory: Arc::clone(&store.directory),
                 users: store.listed_users,
             })

@@ -63,7 +63,7 @@ async fn dev_mode_serves_the_page_with_the_client_it_embeds() {
     assert!(header(&style, "content-type").starts_with("text/css"));
 
     let session = http(&server, "GET", "/demo/session", &[], b"").await.json();
-    assert_eq!(session["devMode"], true);
+    assert_eq!(session["signIn"], true);
     let users: Vec<&str> = session["users"]
         .as_array()
         .unwrap()
@@ -102,6 +102,59 @@ async fn dev_mode_signs_in_students_and_consultants_only() {
     .await;
     cross_site.assert_error(415, "bad_request");
     assert!(!cross_site.body.contains("eyJ"), "{}", cross_site.body);
+    // The JSON request another site would need asks first, and is not let in.
+    let preflight = http(
+        &server,
+        "OPTIONS",
+        "/demo/token",
+        &[
+            ("origin", "https://evil.example".to_owned()),
+            ("access-control-request-method", "POST".to_owned()),
+            ("access-control-request-headers", "content-type".to_owned()),
+        ],
+        b"",
+    )
+    .await;
+    assert!(
+        !preflight
+            .headers
+            .iter()
+            .any(|(name, _)| name.starts_with("access-control-allow")),
+        "{:?}",
+        preflight.headers
+    );
+    // A page of another site whose name now points at 127.0.0.1.
+    let rebound = raw_post(
+        &server,
+        "/demo/token",
+        "evil.example:8080",
+        r#"{"user":"s_1"}"#,
+    )
+    .await;
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    assert!(!rebound.contains("eyJ"), "{rebound}");
+    let local = raw_post(
+        &server,
+        "/demo/token",
+        "localhost:8080",
+        r#"{"user":"s_1"}"#,
+    )
+    .await;
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+}
+
+/// A JSON `POST` naming `host` in its Host header; the raw answer.
+async fn raw_post(server: &Server, path: &str, host: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -115,6 +168,7 @@ async fn dev_mode_plays_the_payment_and_review_events_only() {
     )
     .await;
     assert_eq!(played.status, 202, "{}", played.body);
+    assert_eq!(played.json()["recipients"], 1);
     let push = student.recv().await;
     assert_eq!(push["event"], "paymentProcessed", "{push}");
     assert_eq!(push["data"]["paymentId"], "p_demo");
@@ -172,7 +226,7 @@ async fn a_configured_key_hides_the_demo_and_never_mints() {
     let shown = Server::in_process_with(ServerConfig::default().env("SOCKETS_DEMO", "true")).await;
     assert_eq!(http(&shown, "GET", "/demo", &[], b"").await.status, 200);
     let session = http(&shown, "GET", "/demo/session", &[], b"").await.json();
-    assert_eq!(session, json!({"devMode": false, "users": []}));
+    assert_eq!(session, json!({"signIn": false, "users": []}));
     post_json(&shown, "/demo/token", &json!({"user": "s_1"}))
         .await
         .assert_error(404, "not_found");

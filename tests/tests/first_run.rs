@@ -148,7 +148,7 @@ async fn assert_demo_page_served(server: &Server) {
     let page = http(server, "GET", "/demo", &[], b"").await;
     assert_eq!(page.status, 200, "{}", page.body);
     let session = http(server, "GET", "/demo/session", &[], b"").await.json();
-    assert_eq!(session["devMode"], true, "{session}");
+    assert_eq!(session["signIn"], true, "{session}");
 }
 
 /// Runs a script with Node (its WebSocket behind a flag before Node 22);

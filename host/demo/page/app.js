@@ -1,4 +1,4 @@
-// The demo page: signs in (in dev mode through the host's /demo/token),
+// The demo page: signs in (in dev mode, through the host's /demo/token),
 // then chats and shows notifications through the service's client, which
 // reconnects and resumes by itself. Nothing here de-duplicates: a push
 // shown twice would be the client's fault, and the browser test would see it.
@@ -9,8 +9,8 @@ const socketUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location
 
 /** @type {SocketsClient | undefined} */
 let client;
-/** @type {{ devMode: boolean, users: Array<{ id: string, role: string, name?: string }> }} */
-let session = { devMode: false, users: [] };
+/** @type {{ signIn: boolean, users: Array<{ id: string, role: string, name?: string }> }} */
+let session = { signIn: false, users: [] };
 let me = { id: "", role: "" };
 
 const nameOf = (id) => session.users.find((user) => user.id === id)?.name ?? id;
@@ -65,20 +65,41 @@ function fillSelect(select, users) {
 function setState(state) {
   const badge = $("state");
   badge.dataset.state = state.state;
+  const why = state.state === "disconnected" ? state.reason || String(state.code) : "";
   badge.textContent =
     state.state === "connected"
       ? "online"
       : state.state === "connecting"
         ? "connecting…"
         : state.willRetry
-          ? `offline (${state.code}), retrying`
-          : `offline: ${state.reason || state.code}`;
-  if (state.state === "disconnected" && !state.willRetry && client) {
-    $("login-error").textContent = `Disconnected: ${state.reason || state.code}`;
+          ? `offline (${why}), retrying`
+          : `offline: ${why}`;
+  // The client gave up (a token refused or expired): say so where it shows.
+  $("notice").textContent =
+    state.state === "disconnected" && !state.willRetry ? `Disconnected for good: ${why}. Sign out and in again.` : "";
+}
+
+/** Back to the sign-in form, with nothing of the last session left. */
+function signOut() {
+  const stopping = client;
+  client = undefined;
+  stopping?.stop();
+  for (const list of ["messages", "notifications"]) $(list).replaceChildren();
+  for (const message of ["send-error", "backend-error", "backend-status", "login-error", "notice"]) {
+    $(message).textContent = "";
   }
+  $("resume-note").hidden = true;
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("sign-out").hidden = true;
+  $("who").textContent = "";
+  const badge = $("state");
+  badge.dataset.state = "disconnected";
+  badge.textContent = "signed out";
 }
 
 function start(token, user) {
+  if (client) signOut();
   me = user;
   client = new SocketsClient({ url: socketUrl, token });
   client.onState(setState);
@@ -107,7 +128,7 @@ function start(token, user) {
   $("login").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
-  $("backend").hidden = !session.devMode;
+  $("backend").hidden = !session.signIn;
   const others = session.users.filter((user) => user.id !== me.id);
   $("people").replaceChildren(
     ...others.map((user) => {
@@ -123,13 +144,17 @@ function start(token, user) {
 
 $("login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  const button = $("sign-in");
+  if (button.disabled) return;
   $("login-error").textContent = "";
+  button.disabled = true;
   try {
-    if (session.devMode) {
+    if (session.signIn) {
       const id = session.users.length > 0 ? $("user").value : $("user-id").value.trim();
       const first = await postJson("/demo/token", { user: id });
       let fresh = first.token;
-      // The first token is used at once; later connects and refreshes ask again.
+      // The first token is used at once; later connects and refreshes ask
+      // again, and a refusal shows in the state badge.
       const provider = async () => {
         const token = fresh ?? (await postJson("/demo/token", { user: id })).token;
         fresh = undefined;
@@ -139,24 +164,17 @@ $("login-form").addEventListener("submit", async (event) => {
     } else {
       const token = $("token").value.trim();
       const claims = claimsOf(token);
-      start(token, { id: claims.sub ?? "?", role: claims.role ?? "?" });
+      if (!claims.sub) throw new Error("that is not a JWT");
+      start(token, { id: claims.sub, role: claims.role ?? "?" });
     }
   } catch (error) {
     $("login-error").textContent = String(error.message ?? error);
+  } finally {
+    button.disabled = false;
   }
 });
 
-$("sign-out").addEventListener("click", () => {
-  client?.stop();
-  client = undefined;
-  $("messages").replaceChildren();
-  $("notifications").replaceChildren();
-  $("app").hidden = true;
-  $("login").hidden = false;
-  $("sign-out").hidden = true;
-  $("who").textContent = "";
-  setState({ state: "disconnected", code: 1000, reason: "signed out", willRetry: false });
-});
+$("sign-out").addEventListener("click", signOut);
 
 $("send-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -183,8 +201,10 @@ const uniqueId = (prefix) => `${prefix}_${Date.now().toString(36)}${Math.random(
 
 async function playBackend(body) {
   $("backend-error").textContent = "";
+  $("backend-status").textContent = "";
   try {
-    await postJson("/demo/events", body);
+    const answer = await postJson("/demo/events", body);
+    $("backend-status").textContent = `${body.event} published (${answer.recipients} recipient${answer.recipients === 1 ? "" : "s"}).`;
   } catch (error) {
     $("backend-error").textContent = String(error.message ?? error);
   }
@@ -215,23 +235,25 @@ $("review-form").addEventListener("submit", (event) => {
 async function load() {
   try {
     const response = await fetch("/demo/session");
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
     session = await response.json();
   } catch (error) {
-    $("login-error").textContent = `Cannot reach the service: ${error}`;
+    $("login-error").textContent = `Cannot reach the service: ${error.message ?? error}`;
     return;
   }
-  if (session.devMode && session.users.length > 0) {
+  if (session.signIn && session.users.length > 0) {
     $("pick-user").hidden = false;
     fillSelect($("user"), session.users);
-  } else if (session.devMode) {
+  } else if (session.signIn) {
     $("type-user").hidden = false;
   } else {
     $("paste-token").hidden = false;
     $("login-note").textContent =
-      "A key is configured (SOCKETS_JWT_*): the page cannot sign in by itself. Paste a token your identity provider issued.";
+      "This server does not sign the demo in by itself (a key is configured, or it listens beyond this machine): paste a token for a student or consultant.";
   }
   fillSelect($("payment-student"), session.users.filter((user) => user.role === "student"));
   fillSelect($("review-consultant"), session.users.filter((user) => user.role === "consultant"));
+  $("sign-in").disabled = false;
   document.body.dataset.ready = "true";
 }
 

@@ -1,10 +1,13 @@
 //! `/demo`: a chat page for trying the service in a browser, compiled into
-//! the binary with the client it uses. In dev mode (no key configured) the
-//! page signs in as a user of the directory and plays the backend through
-//! two endpoints of its own; they exist in dev mode only, where the signing
-//! secret is a local one anyway, and never mint a token for an admin or a
-//! service.
+//! the binary with the client it uses. In dev mode (no key configured) on a
+//! loopback address the page signs in as a user of the directory and plays
+//! the backend through two endpoints of its own. They exist nowhere else:
+//! there the dev secret is a local one anyway (`sockets-host token` reads
+//! it from the data folder). They never mint a token for an admin or a
+//! service, and answer only requests addressed to a loopback host (a page
+//! that rebinds its own name to 127.0.0.1 is refused).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,8 +44,8 @@ const DEMO_PUBLISHER: &str = "demo";
 
 /// What the demo needs beyond the rest of the server.
 pub struct Demo {
-    /// Dev mode: the sign-in and backend endpoints exist.
-    pub dev_mode: bool,
+    /// The sign-in and backend endpoints exist (see [`sign_in_allowed`]).
+    pub sign_in: bool,
     /// Where a demo user's role is checked before a token is minted.
     pub directory: Arc<dyn UserDirectory>,
     /// The users the page offers (a users file lists them; MongoDB's
@@ -50,7 +53,15 @@ pub struct Demo {
     pub users: Vec<User>,
 }
 
-/// The demo's routes; the dev-mode endpoints only in dev mode.
+/// Whether the page may sign in by itself: in dev mode, listening on a
+/// loopback address only (a dev-mode server open to the network would
+/// hand its tokens to anyone on it).
+pub fn sign_in_allowed(dev_mode: bool, listen: SocketAddr) -> bool {
+    dev_mode && listen.ip().is_loopback()
+}
+
+/// The demo's routes; the sign-in and backend endpoints only where
+/// [`sign_in_allowed`].
 pub fn routes(demo: &Demo) -> Router<AppState> {
     let page = Router::new()
         .route("/demo", get(index))
@@ -62,7 +73,7 @@ pub fn routes(demo: &Demo) -> Router<AppState> {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/demo/session", get(session));
-    if demo.dev_mode {
+    if demo.sign_in {
         page.route("/demo/token", post(token))
             .route("/demo/events", post(events))
     } else {
@@ -76,7 +87,7 @@ async fn index() -> Response {
     response.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'",
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
         ),
     );
     response
@@ -98,13 +109,11 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// `{"devMode": bool, "users": [...]}`: whether the page may sign in by
+/// `{"signIn": bool, "users": [...]}`: whether the page may sign in by
 /// itself, and as whom.
 async fn session(State(state): State<AppState>) -> Json<Value> {
-    let demo = state.demo.as_deref();
-    let dev_mode = demo.is_some_and(|demo| demo.dev_mode);
+    let demo = state.demo.as_deref().filter(|demo| demo.sign_in);
     let users: Vec<&User> = demo
-        .filter(|demo| demo.dev_mode)
         .map(|demo| {
             demo.users
                 .iter()
@@ -112,7 +121,7 @@ async fn session(State(state): State<AppState>) -> Json<Value> {
                 .collect()
         })
         .unwrap_or_default();
-    Json(json!({"devMode": dev_mode, "users": users}))
+    Json(json!({"signIn": demo.is_some(), "users": users}))
 }
 
 #[derive(Deserialize)]
@@ -127,6 +136,7 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    require_local(&headers)?;
     let request: TokenRequest = json_body(&headers, &body)?;
     let demo = state
         .demo
@@ -162,8 +172,11 @@ async fn events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require_local(&headers)?;
     require_json(&headers)?;
-    let publication = parse(&body)?;
+    let mut publication = parse(&body)?;
+    // A page's key must not collide with the real backend's.
+    publication.key = None;
     if !DEMO_EVENTS.contains(&publication.event.as_str()) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -171,6 +184,35 @@ async fn events(
         ));
     }
     accept(&state, publication, DEMO_PUBLISHER.to_owned()).await
+}
+
+/// The request names a loopback host: a page of another site whose name
+/// was rebound to 127.0.0.1 sends its own name.
+fn require_local(headers: &HeaderMap) -> Result<(), ApiError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if is_loopback_host(host) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the demo signs in on a loopback address only (Host: localhost or 127.0.0.1)",
+        ))
+    }
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn is_demo_user(user: &User) -> bool {
@@ -206,5 +248,45 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send JSON (Content-Type: application/json)",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_signs_in_by_itself_in_dev_mode_on_loopback_only() {
+        let at = |address: &str| address.parse::<SocketAddr>().unwrap();
+        assert!(sign_in_allowed(true, at("127.0.0.1:8080")));
+        assert!(sign_in_allowed(true, at("[::1]:8080")));
+        assert!(!sign_in_allowed(true, at("0.0.0.0:8080")));
+        assert!(!sign_in_allowed(true, at("192.168.1.20:8080")));
+        assert!(!sign_in_allowed(false, at("127.0.0.1:8080")));
+    }
+
+    #[test]
+    fn only_loopback_host_names_are_local() {
+        for local in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:8080",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(local), "{local}");
+        }
+        for remote in [
+            "",
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!is_loopback_host(remote), "{remote}");
+        }
     }
 }
