@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Builds the bundled plugins (chat, payments, reviews) into
+# Builds every plugin crate in plugins/ (each folder is named after its
+# crate, as `sockets-host plugin new` makes them) into
 # target/plugins/wasm32-wasip2/release/, the server's default plugins folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
 # The release profile (Cargo.toml) links each plugin with fat LTO.
-cargo build --release --locked --target wasm32-wasip2 --target-dir target/plugins \
-    -p chat -p payments -p reviews
+packages=()
+for manifest in plugins/*/Cargo.toml; do
+    packages+=(-p "$(basename "$(dirname "$manifest")")")
+done
+# Not --locked: a plugin just made adds itself to Cargo.lock.
+cargo build --release --target wasm32-wasip2 --target-dir target/plugins "${packages[@]}"
 ls -l target/plugins/wasm32-wasip2/release/*.wasm

@@ -49,6 +49,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugin(PluginCommand::New(args)) => {
+            sockets_host::cli::new::run(&args, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::Check(mut args)) => {
             args.users = args.users.or_else(|| Some(config.users_file.clone()));
             if args.plugin_config.is_none() {

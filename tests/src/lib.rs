@@ -8,16 +8,41 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Every plugin crate the tests load, built for `wasm32-wasip2`.
-pub const TEST_PLUGINS: [&str; 7] = [
-    "chat",
-    "payments",
-    "reviews",
-    "misbehaving",
-    "wrong-world",
-    "chat-v2",
-    "presence",
-];
+/// The plugins shipped with the service: every crate in `plugins/` (each
+/// folder named after its crate), sorted. The one list: the workspace and
+/// `scripts/build-plugins.sh` read the same folder.
+pub fn bundled_plugins() -> &'static [&'static str] {
+    static BUNDLED: OnceLock<Vec<&'static str>> = OnceLock::new();
+    BUNDLED.get_or_init(|| crates_in("plugins"))
+}
+
+/// Every plugin crate the tests load, built for `wasm32-wasip2`: the
+/// bundled ones and the tests' own (`tests/plugins/`).
+pub fn test_plugins() -> &'static [&'static str] {
+    static ALL: OnceLock<Vec<&'static str>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut all = bundled_plugins().to_vec();
+        all.extend(crates_in("tests/plugins"));
+        all
+    })
+}
+
+/// The names of the crate folders in `folder` of the workspace, sorted.
+fn crates_in(folder: &str) -> Vec<&'static str> {
+    let dir = workspace_root().join(folder);
+    let mut names: Vec<&'static str> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            path.join("Cargo.toml").is_file().then(|| {
+                let name = path.file_name()?.to_str()?.to_owned();
+                Some(&*Box::leak(name.into_boxed_str()))
+            })?
+        })
+        .collect();
+    names.sort_unstable();
+    names
+}
 
 /// This process's resident memory, KiB (Linux), for the memory examples.
 pub fn rss_kib() -> anyhow::Result<u64> {
@@ -85,7 +110,7 @@ fn run(mut command: Command, what: &str) {
     assert!(status.success(), "building {what} failed: {status}");
 }
 
-/// The compiled component of plugin crate `name` (one of [`TEST_PLUGINS`]).
+/// The compiled component of plugin crate `name` (one of [`test_plugins`]).
 ///
 /// Plugins are built once per test process, in their own target directory
 /// (the outer `cargo test` holds the lock of the main one), with the release
@@ -104,7 +129,7 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
                 "--target-dir",
             ])
             .arg(&target_dir);
-        for plugin in TEST_PLUGINS {
+        for plugin in test_plugins() {
             command.args(["-p", plugin]);
         }
         run(command, "the test plugins");

@@ -42,7 +42,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            plugins: vec!["chat", "payments", "reviews"],
+            plugins: crate::bundled_plugins().to_vec(),
             env: Vec::new(),
             data_dir: None,
             args: Vec::new(),

@@ -1,6 +1,7 @@
 //! The command line (PROTOCOL.md §9).
 
 pub mod check;
+pub mod new;
 
 use std::path::PathBuf;
 
@@ -75,6 +76,21 @@ pub enum PluginCommand {
     /// Load a plugin exactly as the server would, print its subscriptions
     /// and, given an event, the outcome it returns.
     Check(CheckArgs),
+    /// Create a plugin crate that builds, with a native test.
+    New(NewArgs),
+}
+
+/// `sockets-host plugin new NAME [--dir plugins]`
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name: lowercase words joined by `_` (`offline_notify`);
+    /// it names the crate, the `.wasm` and its events.
+    pub name: String,
+    /// Where the crate's folder goes: the workspace's `plugins` (a member,
+    /// built by scripts/build-plugins.sh) or anywhere else (a crate of
+    /// its own).
+    #[arg(long, default_value = "plugins")]
+    pub dir: PathBuf,
 }
 
 /// `sockets-host plugin check FILE.wasm [--event NAME --data JSON]`
