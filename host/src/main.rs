@@ -29,6 +29,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Making a plugin reads no setting: a bad one must not stop it.
+    if let Some(Command::Plugin(PluginCommand::New(args))) = &cli.command {
+        sockets_host::cli::new::run(args, &mut std::io::stdout().lock())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut config = cli.config()?;
 
     let filter = EnvFilter::try_new(&config.log).context("invalid SOCKETS_LOG filter")?;
@@ -49,10 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin(PluginCommand::New(args)) => {
-            sockets_host::cli::new::run(&args, &mut std::io::stdout().lock())?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Plugin(PluginCommand::New(_)) => unreachable!("made before the settings are read"),
         Command::Plugin(PluginCommand::Check(mut args)) => {
             args.users = args.users.or_else(|| Some(config.users_file.clone()));
             if args.plugin_config.is_none() {

@@ -177,7 +177,7 @@ pub fn scratch_dir(label: &str) -> PathBuf {
 }
 
 impl Server {
-    /// Starts the default server (chat, payments, reviews).
+    /// Starts the default server (every plugin in plugins/).
     pub async fn start() -> Server {
         Self::start_with(ServerConfig::default()).await
     }
@@ -219,7 +219,7 @@ impl Server {
         Server::adopt(child, addr, data_dir, plugins_dir, stderr_log)
     }
 
-    /// Starts the default server (chat, payments, reviews) inside the test
+    /// Starts the default server (every plugin in plugins/) inside the test
     /// process: for tests of HTTP and WebSocket behaviour, which need no
     /// process of their own.
     pub async fn in_process() -> Server {

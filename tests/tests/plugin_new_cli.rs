@@ -1,6 +1,9 @@
-//! `sockets-host plugin new`, followed as a plugin author follows it: the
-//! crate it makes passes its own tests, builds for wasm32-wasip2, passes
-//! `plugin check`, and a server loads it and answers a client with it.
+//! `sockets-host plugin new`, followed as a plugin author follows it
+//! outside the workspace (inside it, the made crate would join the
+//! checkout under test; the manifest it would get is unit-tested in
+//! `host/src/cli/new.rs`): the crate passes its own tests, builds for
+//! wasm32-wasip2, passes `plugin check`, and a server loads it and answers
+//! a client with it.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -18,24 +21,27 @@ fn sockets_host(args: &[&str], dir: &Path) -> Output {
         .expect("sockets-host runs")
 }
 
-/// `cargo ARGS` in the new crate, sharing a target folder across runs.
-fn cargo_in(crate_dir: &Path, args: &[&str]) {
+/// `cargo ARGS` in the new crate, sharing a target folder across runs;
+/// its stdout.
+fn cargo_in(crate_dir: &Path, args: &[&str]) -> String {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     without_test_env(&mut command);
-    let status = command
+    let output = command
         .args(args)
         .current_dir(crate_dir)
         .env(
             "CARGO_TARGET_DIR",
             workspace_root().join("target/plugin-new"),
         )
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .expect("cargo runs");
     assert!(
-        status.success(),
+        output.status.success(),
         "cargo {args:?} in {}",
         crate_dir.display()
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -52,7 +58,8 @@ async fn a_new_plugin_builds_passes_its_tests_and_answers_a_client() {
     );
 
     // Its native tests pass as made, and it builds for the host.
-    cargo_in(&crate_dir, &["test", "--quiet"]);
+    let tested = cargo_in(&crate_dir, &["test"]);
+    assert!(tested.contains("test result: ok. 2 passed"), "{tested}");
     cargo_in(
         &crate_dir,
         &["build", "--release", "--quiet", "--target", "wasm32-wasip2"],
@@ -84,7 +91,11 @@ async fn a_new_plugin_builds_passes_its_tests_and_answers_a_client() {
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(&wasm, plugins.join("greeter.wasm")).unwrap();
     let server = Server::in_process_with(
-        ServerConfig::default().env("SOCKETS_PLUGINS_DIR", plugins.to_str().unwrap()),
+        ServerConfig {
+            plugins: Vec::new(),
+            ..ServerConfig::default()
+        }
+        .env("SOCKETS_PLUGINS_DIR", plugins.to_str().unwrap()),
     )
     .await;
     let mut sender = Client::connect_as(&server, "s_1", "student").await;
@@ -98,6 +109,13 @@ async fn a_new_plugin_builds_passes_its_tests_and_answers_a_client() {
     let pong = other_tab.recv().await;
     assert_eq!(pong["event"], "greeter.pong", "{pong}");
     assert_eq!(pong["data"], json!({"text": "hello", "from": "s_1"}));
+    assert!(
+        sender
+            .try_recv(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the sending connection gets the reply, not the push"
+    );
 }
 
 #[test]
@@ -116,5 +134,5 @@ fn a_bad_name_or_a_taken_folder_is_refused_with_the_reason() {
     );
     let again = sockets_host(&["plugin", "new", "twice", "--dir", "."], &folder);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exist already"));
 }

@@ -86,11 +86,11 @@ pub struct NewArgs {
     /// The plugin's name: lowercase words joined by `_` (`offline_notify`);
     /// it names the crate, the `.wasm` and its events.
     pub name: String,
-    /// Where the crate's folder goes: the workspace's `plugins` (a member,
-    /// built by scripts/build-plugins.sh) or anywhere else (a crate of
-    /// its own).
-    #[arg(long, default_value = "plugins")]
-    pub dir: PathBuf,
+    /// Where the crate's folder goes; default: the `plugins` folder of the
+    /// checkout around the working directory (a workspace member, built by
+    /// scripts/build-plugins.sh). Anywhere else: a crate of its own.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `sockets-host plugin check FILE.wasm [--event NAME --data JSON]`

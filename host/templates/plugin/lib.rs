@@ -8,6 +8,11 @@
 use serde::{Deserialize, Serialize};
 use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
 
+/// The event a client sends.
+const PING: &str = "{{name}}.ping";
+/// The event the user's other connections receive.
+const PONG: &str = "{{name}}.pong";
+
 /// The plugin: what it subscribes to, and what it does with each event.
 pub struct {{type}};
 
@@ -25,7 +30,7 @@ struct Pong<'a> {
 }
 
 impl Plugin for {{type}} {
-    const SUBSCRIPTIONS: &'static [&'static str] = &["{{name}}.ping"];
+    const SUBSCRIPTIONS: &'static [&'static str] = &[PING];
 
     fn handle(event: &Event, _host: &dyn Host) -> Result<Outcome, Failure> {
         // From a client only: a backend publishing it is refused.
@@ -35,7 +40,7 @@ impl Plugin for {{type}} {
             text: &ping.text,
             from: &sender.user_id,
         };
-        let push = Delivery::new("{{name}}.pong", &pong)?.to_user(&sender.user_id);
+        let push = Delivery::new(PONG, &pong)?.to_user(&sender.user_id);
         Outcome::new()
             .deliver(push)
             .reply(&serde_json::json!({"pong": true}))
@@ -52,14 +57,17 @@ mod tests {
 
     use super::*;
 
+    fn handle(event: &Event) -> Result<Outcome, Failure> {
+        {{type}}::handle(event, &TestHost::new())
+    }
+
     #[test]
     fn a_ping_is_pushed_to_the_senders_user_and_answered() {
-        let event = client_event("{{name}}.ping", "s_1", "student", r#"{"text":"hi"}"#);
-        let outcome = {{type}}::handle(&event, &TestHost::new()).unwrap();
+        let outcome = handle(&client_event(PING, "s_1", "student", r#"{"text":"hi"}"#)).unwrap();
 
         assert_eq!(outcome.deliveries.len(), 1);
         let push = &outcome.deliveries[0];
-        assert_eq!(push.event, "{{name}}.pong");
+        assert_eq!(push.event, PONG);
         assert_eq!(push.to, vec![Recipient::User("s_1".into())]);
         let data: Value = serde_json::from_str(&push.data).unwrap();
         assert_eq!(data, json!({"text": "hi", "from": "s_1"}));
@@ -69,11 +77,8 @@ mod tests {
 
     #[test]
     fn bad_data_and_backend_events_are_refused() {
-        let empty = client_event("{{name}}.ping", "s_1", "student", r#"{"text":""}"#);
-        let failure = {{type}}::handle(&empty, &TestHost::new()).unwrap_err();
-        assert_eq!(failure.code, ErrorCode::BadRequest);
-
-        let from_backend = broker_event("{{name}}.ping", r#"{"text":"hi"}"#);
-        assert!({{type}}::handle(&from_backend, &TestHost::new()).is_err());
+        let empty = client_event(PING, "s_1", "student", r#"{"text":""}"#);
+        assert_eq!(handle(&empty).unwrap_err().code, ErrorCode::BadRequest);
+        assert!(handle(&broker_event(PING, r#"{"text":"hi"}"#)).is_err());
     }
 }
