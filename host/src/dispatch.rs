@@ -14,11 +14,14 @@ use crate::delivery::recent::RecentDeliveries;
 use crate::delivery::registry::{ConnectionRegistry, OutboundFrame};
 use crate::metrics::Metrics;
 use crate::plugin::{
-    CallError, DispatchError, Event, HostServices, Origin, PluginDelivery, PluginRegistry,
-    Recipient, RefusalCode,
+    CallError, ClientOrigin, DispatchError, Event, HostServices, Origin, PluginDelivery,
+    PluginRegistry, Recipient, RefusalCode, lifecycle,
 };
-use crate::protocol::{ErrorBody, ErrorCode, delivery_id, push_frame, rfc3339};
+use crate::protocol::{
+    ErrorBody, ErrorCode, delivery_id, ephemeral_push_frame, push_frame, rfc3339,
+};
 use crate::store::directory::{User, UserDirectory};
+use crate::store::plugin_state::PluginState;
 use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreError};
 
 /// How long a client or HTTP publisher waits for its log records.
@@ -33,7 +36,16 @@ pub struct Inbound {
     pub source: Source,
     /// The sending user id or service name.
     pub from: String,
+    /// How many emitted events led to this one (0: none; see [`MAX_EMIT_DEPTH`]).
+    pub depth: u8,
 }
+
+/// How deep events emitted by plugins may chain: an event emitted while
+/// handling an event at this depth is dropped, which cuts loops.
+pub const MAX_EMIT_DEPTH: u8 = 4;
+
+/// Emitted events waiting for the host's router, at most.
+const EMITTED_QUEUE: usize = 1024;
 
 /// What routing produced.
 #[derive(Debug)]
@@ -109,6 +121,8 @@ pub struct PluginServices {
     pub directory: Arc<dyn UserDirectory>,
     /// Connections per user (the cluster's when the store knows them).
     pub presence: Arc<dyn Presence>,
+    /// Where plugins keep state.
+    pub state: Arc<dyn PluginState>,
     /// Longest user id; longer ones name no user and are not looked up
     /// (plugins pass on ids that clients chose).
     pub max_user_id_bytes: usize,
@@ -134,6 +148,20 @@ impl HostServices for PluginServices {
         }
         u32::try_from(self.presence.count_of_user(user_id)).unwrap_or(u32::MAX)
     }
+
+    fn plugin_state(&self) -> &dyn PluginState {
+        &*self.state
+    }
+}
+
+/// Names under `sockets.` are the host's lifecycle events: sent by anyone
+/// else (a client, a backend, a plugin's emit), they name no handler.
+fn refuse_reserved(inbound: &Inbound) -> Result<(), RouteError> {
+    let raised_by_host = matches!(inbound.event.origin, Origin::Lifecycle(_));
+    if lifecycle::is_reserved(&inbound.event.name) && !raised_by_host {
+        return Err(RouteError::UnknownEvent(inbound.event.name.clone()));
+    }
+    Ok(())
 }
 
 fn route_error(err: DispatchError) -> RouteError {
@@ -156,6 +184,11 @@ pub struct Dispatcher {
     cluster: Option<Arc<Cluster>>,
     /// Delivery ids pushed on this node, shared with the cluster link.
     recent: Arc<RecentDeliveries>,
+    /// Connections per user, for lifecycle events' counts.
+    presence: Arc<dyn Presence>,
+    /// Events emitted by plugins, for the task that takes them (`take_emitted`).
+    emitted: tokio::sync::mpsc::Sender<Inbound>,
+    emitted_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Inbound>>>,
 }
 
 impl Dispatcher {
@@ -167,7 +200,9 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
         recent: Arc<RecentDeliveries>,
+        presence: Arc<dyn Presence>,
     ) -> Self {
+        let (emitted, queue) = tokio::sync::mpsc::channel(EMITTED_QUEUE);
         Self {
             plugins,
             connections,
@@ -175,6 +210,97 @@ impl Dispatcher {
             metrics,
             cluster,
             recent,
+            presence,
+            emitted,
+            emitted_queue: std::sync::Mutex::new(Some(queue)),
+        }
+    }
+
+    /// Raises a lifecycle event about a connection, if a plugin subscribes
+    /// to it: `connections` is the user's live connections after the change.
+    /// Its deliveries are made and logged like any event's; a failure is
+    /// logged, never the connection's concern.
+    pub async fn raise(&self, name: &'static str, about: &ClientOrigin, connections: usize) {
+        if self.plugins.snapshot().handlers(name).is_empty() {
+            return;
+        }
+        let inbound = Inbound {
+            event: Event {
+                id: format!("{}.{name}", about.connection_id),
+                name: name.to_owned(),
+                origin: Origin::Lifecycle(about.clone()),
+                data: format!("{{\"connections\":{connections}}}"),
+                received_at: rfc3339(SystemTime::now()),
+            },
+            source: Source::Client,
+            from: about.user_id.clone(),
+            depth: 0,
+        };
+        if let Err(err) = self.route(&inbound).await {
+            tracing::warn!(event = name, user = %about.user_id, "lifecycle event not handled: {err}");
+        }
+    }
+
+    /// Raises what a connection's opening means: `sockets.connectionOpened`
+    /// and, for the user's first connection, `sockets.userOnline`.
+    pub async fn connection_opened(&self, about: &ClientOrigin) {
+        let connections = self.presence.count_of_user(&about.user_id);
+        self.raise(lifecycle::CONNECTION_OPENED, about, connections)
+            .await;
+        if connections == 1 {
+            self.raise(lifecycle::USER_ONLINE, about, connections).await;
+        }
+    }
+
+    /// Raises what a connection's closing means: `sockets.connectionClosed`
+    /// and, for the user's last connection, `sockets.userOffline`.
+    pub async fn connection_closed(&self, about: &ClientOrigin) {
+        let connections = self.presence.count_of_user(&about.user_id);
+        self.raise(lifecycle::CONNECTION_CLOSED, about, connections)
+            .await;
+        if connections == 0 {
+            self.raise(lifecycle::USER_OFFLINE, about, connections)
+                .await;
+        }
+    }
+
+    /// The queue of events plugins emit, for the one task that takes it
+    /// (`intake::emit`): `None` once taken.
+    pub fn take_emitted(&self) -> Option<tokio::sync::mpsc::Receiver<Inbound>> {
+        self.emitted_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Queues the events a decision emits for the router.
+    fn emit(&self, inbound: &Inbound, emitted: Vec<(Arc<str>, crate::plugin::Emitted)>) {
+        for (position, (plugin, event)) in emitted.into_iter().enumerate() {
+            let name = plugin.split_once('@').map_or(&*plugin, |(name, _)| name);
+            if inbound.depth >= MAX_EMIT_DEPTH {
+                self.metrics.emitted_dropped();
+                tracing::warn!(plugin = %plugin, event = %event.name, depth = inbound.depth, "emitted event dropped: too deep a chain of emitted events");
+                continue;
+            }
+            let next = Inbound {
+                event: Event {
+                    // Derived: handling the event again emits the same ids.
+                    id: format!("{}.emit", delivery_id(&inbound.event.id, name, position)),
+                    name: event.name,
+                    origin: Origin::Plugin(name.to_owned()),
+                    data: event.data.get().to_owned(),
+                    received_at: rfc3339(SystemTime::now()),
+                },
+                source: Source::Broker,
+                from: format!("plugin:{name}"),
+                depth: inbound.depth + 1,
+            };
+            tracing::info!(plugin = %plugin, event = %next.event.name, id = %next.event.id, "event emitted");
+            self.metrics.emitted();
+            if self.emitted.try_send(next).is_err() {
+                self.metrics.emitted_dropped();
+                tracing::warn!(plugin = %plugin, "emitted event dropped: the router's queue is full");
+            }
         }
     }
 
@@ -189,6 +315,7 @@ impl Dispatcher {
     /// Asks the plugins whether they accept the event, and delivers
     /// nothing: the validation of a repeated publication.
     pub fn check(&self, inbound: &Inbound) -> Result<(), RouteError> {
+        refuse_reserved(inbound)?;
         self.plugins
             .snapshot()
             .dispatch(&inbound.event)
@@ -201,6 +328,7 @@ impl Dispatcher {
     /// keep deliveries in order run this in order and may overlap the
     /// [`Dispatcher::record`] halves, so that log writes are committed together.
     pub async fn deliver(&self, inbound: &Inbound) -> Result<Delivered, RouteError> {
+        refuse_reserved(inbound)?;
         let plugins = self.plugins.snapshot();
         let started = Instant::now();
         // Plugin calls are synchronous (bounded by their deadline) and run
@@ -240,8 +368,11 @@ impl Dispatcher {
             // same ids (and log `_id`s).
             let plugin_name = plugin.split_once('@').map_or(&*plugin, |(name, _)| name);
             let delivery_id = delivery_id(&inbound.event.id, plugin_name, position);
-            let frame: OutboundFrame =
-                push_frame(&delivery.event, &delivery.data, &delivery_id).into();
+            let frame: OutboundFrame = if delivery.ephemeral {
+                ephemeral_push_frame(&delivery.event, &delivery.data, &delivery_id).into()
+            } else {
+                push_frame(&delivery.event, &delivery.data, &delivery_id).into()
+            };
             // A backend event may be processed again (its node died before
             // acking it; the delivery ids repeat): pushed here once. Client
             // events have fresh ids every time.
@@ -249,7 +380,11 @@ impl Dispatcher {
                 inbound.source != Source::Client && !self.recent.first_time(&delivery_id);
             // Numbered before it is pushed: the log order follows the order
             // deliveries enter the connections' queues, which `resume` relies on.
-            let seq = self.log.next_seq();
+            let seq = if delivery.ephemeral {
+                0
+            } else {
+                self.log.next_seq()
+            };
             let Reached {
                 users: mut reached,
                 queued,
@@ -261,14 +396,21 @@ impl Dispatcher {
             self.metrics.add_deliveries(queued);
             if let (Some(cluster), Some(room)) = (&self.cluster, &mut room) {
                 add_remote_connections(cluster, &delivery.to, &mut reached);
-                copies.extend(room.forward(
+                let forwarded = room.forward(
                     delivery_id.clone(),
                     frame,
                     remote_users(inbound, &delivery.to),
-                ));
+                );
+                // Nothing waits for an ephemeral push's copies.
+                if !delivery.ephemeral {
+                    copies.extend(forwarded);
+                }
             }
             for (_, connections) in &reached {
                 delivered_to_users = delivered_to_users.saturating_add(*connections);
+            }
+            if delivery.ephemeral {
+                continue;
             }
             let template = NotificationRecord {
                 id: String::new(),
@@ -294,6 +436,7 @@ impl Dispatcher {
                 Some(field) => with_count(&reply.data, &field, delivered_to_users),
             },
         };
+        self.emit(inbound, decision.emit);
         let recipients = distinct_users(&records);
         Ok(Delivered {
             records,
@@ -376,8 +519,8 @@ fn remote_users(inbound: &Inbound, recipients: &[Recipient]) -> Vec<String> {
         let user = match recipient {
             Recipient::User(user) => user.as_str(),
             Recipient::SenderOthers => match &inbound.event.origin {
-                Origin::Client(client) => client.user_id.as_str(),
-                Origin::Broker | Origin::Api(_) => continue,
+                Origin::Client(client) | Origin::Lifecycle(client) => client.user_id.as_str(),
+                Origin::Broker | Origin::Api(_) | Origin::Plugin(_) => continue,
             },
             Recipient::Connection(_) => continue,
         };
@@ -391,11 +534,13 @@ fn remote_users(inbound: &Inbound, recipients: &[Recipient]) -> Vec<String> {
 /// The sending client, for `sender-others` and to skip its connection.
 fn sender(inbound: &Inbound) -> Option<Sender<'_>> {
     match &inbound.event.origin {
-        Origin::Client(client) => Some(Sender {
+        // A lifecycle event's connection is treated as its sender: never
+        // pushed to (it asked nothing); `sender-others` names the others.
+        Origin::Client(client) | Origin::Lifecycle(client) => Some(Sender {
             user: &client.user_id,
             connection: &client.connection_id,
         }),
-        Origin::Broker | Origin::Api(_) => None,
+        Origin::Broker | Origin::Api(_) | Origin::Plugin(_) => None,
     }
 }
 

@@ -22,6 +22,8 @@ pub struct Metrics {
     frames_out: AtomicU64,
     frames_rate_limited: AtomicU64,
     deliveries: AtomicU64,
+    emitted: AtomicU64,
+    emitted_dropped: AtomicU64,
     cluster_sent: AtomicU64,
     cluster_received: AtomicU64,
     cluster_dropped: AtomicU64,
@@ -88,6 +90,16 @@ impl Metrics {
     /// A client frame was refused by the rate limiter.
     pub fn frame_rate_limited(&self) {
         add(&self.frames_rate_limited, 1);
+    }
+
+    /// A plugin emitted an event.
+    pub fn emitted(&self) {
+        add(&self.emitted, 1);
+    }
+
+    /// An emitted event was dropped (too deep a chain, or the queue full).
+    pub fn emitted_dropped(&self) {
+        add(&self.emitted_dropped, 1);
     }
 
     /// Pushes queued to connections.
@@ -215,6 +227,18 @@ impl Metrics {
             "counter",
             "Pushes queued to connections.",
             read(&self.deliveries),
+        );
+        metric(
+            "sockets_plugin_emitted_total",
+            "counter",
+            "Events emitted by plugins.",
+            read(&self.emitted),
+        );
+        metric(
+            "sockets_plugin_emitted_dropped_total",
+            "counter",
+            "Events emitted by plugins and dropped: too deep a chain, or the router's queue full.",
+            read(&self.emitted_dropped),
         );
         metric(
             "sockets_resumes_total",

@@ -162,6 +162,29 @@ pub fn push_frame(event: &str, data: &RawValue, id: &str) -> String {
     to_string_sized(&Push { event, data, id }, size)
 }
 
+/// `{"event":"<name>","data":<data>,"id":"<delivery id>","ephemeral":true}`:
+/// a push that is not logged. The mark tells a client not to take its `id`
+/// as a `resume` cursor (the log does not know it).
+pub fn ephemeral_push_frame(event: &str, data: &RawValue, id: &str) -> String {
+    #[derive(Serialize)]
+    struct Push<'a> {
+        event: &'a str,
+        data: &'a RawValue,
+        id: &'a str,
+        ephemeral: bool,
+    }
+    let size = event.len() + data.get().len() + id.len() + 45;
+    to_string_sized(
+        &Push {
+            event,
+            data,
+            id,
+            ephemeral: true,
+        },
+        size,
+    )
+}
+
 /// `{"event":"<name>","data":<data>}` — `connected` and `error` events.
 pub fn event_frame(event: &str, data: &impl Serialize) -> String {
     #[derive(Serialize)]

@@ -28,8 +28,9 @@ use crate::plugin::{PluginLimits, PluginRegistry, PluginRuntime};
 use crate::store::directory::FileDirectory;
 use crate::store::directory::{User, UserDirectory};
 use crate::store::mongo::{
-    Maintenance, Mongo, MongoConnections, MongoDirectory, MongoKeys, MongoLog,
+    Maintenance, Mongo, MongoConnections, MongoDirectory, MongoKeys, MongoLog, MongoPluginState,
 };
+use crate::store::plugin_state::{MemoryPluginState, PluginState};
 use crate::store::{
     ConnectionStore, EmbeddedKeys, EmbeddedLog, MemoryConnections, NotificationLog,
     PUBLISHED_KEY_RETENTION, Presence, PublishedKeys,
@@ -193,7 +194,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
             local: Arc::clone(&connections),
             remote: Arc::clone(remote),
         }),
-        None => store.presence,
+        None => Arc::clone(&store.presence),
+    };
+    // Lifecycle events count what this node knows for sure: its own
+    // registry, and in a cluster the other nodes' announcements (a
+    // database's count lags behind a connection that just closed).
+    let lifecycle_presence: Arc<dyn Presence> = match &cluster_settings {
+        Some(_) => Arc::clone(&presence),
+        None => Arc::clone(&connections) as Arc<dyn Presence>,
     };
     let cache_dir = config.data_dir.join("plugin-cache");
     let runtime = Arc::new(
@@ -201,7 +209,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
             PluginLimits::default(),
             Arc::new(PluginServices {
                 directory: Arc::clone(&store.directory),
-                presence,
+                presence: Arc::clone(&presence),
+                state: Arc::clone(&store.plugin_state),
                 max_user_id_bytes: config.limits.max_user_id_bytes,
             }),
             Some(&cache_dir),
@@ -273,7 +282,22 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         Arc::clone(&metrics),
         cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
         recent,
+        lifecycle_presence,
     ));
+    let emitted = dispatcher
+        .take_emitted()
+        .expect("a new dispatcher's queue is there");
+    match &config.amqp {
+        Some(settings) => tokio::spawn(crate::intake::amqp::publish_emitted(
+            settings.clone(),
+            emitted,
+            stopped.clone(),
+        )),
+        None => tokio::spawn(crate::intake::emit::route_locally(
+            Arc::clone(&dispatcher),
+            emitted,
+        )),
+    };
     let idempotency = Arc::new(Idempotency::new(store.keys, PUBLISHED_KEY_RETENTION));
     let broker = config.amqp.clone().map(|settings| {
         let status = Arc::new(Health::connecting());
@@ -417,6 +441,8 @@ struct Store {
     /// The users a directory can list (a users file's; MongoDB's are not).
     listed_users: Vec<User>,
     presence: Arc<dyn Presence>,
+    /// Where plugins keep state.
+    plugin_state: Arc<dyn PluginState>,
     /// The database's health, or whether the embedded log can be written.
     health: Arc<Health>,
     maintenance: Option<tokio::task::JoinHandle<()>>,
@@ -451,6 +477,7 @@ impl Store {
             listed_users: directory.users(),
             directory: Arc::new(directory),
             presence: Arc::clone(connections) as Arc<dyn Presence>,
+            plugin_state: Arc::new(MemoryPluginState::default()),
             maintenance: None,
         })
     }
@@ -485,6 +512,7 @@ impl Store {
             directory: Arc::new(MongoDirectory::new(&mongo)),
             listed_users: Vec::new(),
             presence: Arc::clone(&connections) as Arc<dyn Presence>,
+            plugin_state: Arc::new(MongoPluginState::new(&mongo)),
             connections,
             health: mongo.health(),
             maintenance: Some(tokio::spawn(maintenance.run(shutdown))),

@@ -6,7 +6,9 @@ use std::ops::Deref;
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize};
 
-use crate::{Client, Delivery, ErrorCode, Event, Failure, Origin, Outcome, Recipient, Reply};
+use crate::{
+    Client, Delivery, EmittedEvent, ErrorCode, Event, Failure, Origin, Outcome, Recipient, Reply,
+};
 
 impl Failure {
     /// A failure with the given code and message.
@@ -62,7 +64,24 @@ impl Event {
     pub fn client(&self) -> Option<&Client> {
         match &self.origin {
             Origin::Client(client) => Some(client),
-            Origin::Broker | Origin::Api(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The connection a lifecycle event (`sockets.connectionOpened`, …) is
+    /// about, with the user's live connections cluster-wide after the
+    /// change; `None` for any other event.
+    pub fn lifecycle(&self) -> Option<(&Client, u32)> {
+        #[derive(Deserialize)]
+        struct Change {
+            connections: u32,
+        }
+        match &self.origin {
+            Origin::Lifecycle(client) => {
+                let change: Change = serde_json::from_str(&self.data).ok()?;
+                Some((client, change.connections))
+            }
+            _ => None,
         }
     }
 
@@ -81,7 +100,11 @@ impl Event {
                 "`{}` is only accepted from backend services",
                 self.name
             ))),
-            Origin::Broker | Origin::Api(_) => Ok(()),
+            Origin::Broker | Origin::Api(_) | Origin::Plugin(_) => Ok(()),
+            Origin::Lifecycle(_) => Err(Failure::forbidden(format!(
+                "`{}` is not a lifecycle event",
+                self.name
+            ))),
         }
     }
 }
@@ -105,7 +128,15 @@ impl Delivery {
             to: Vec::new(),
             event: event.to_owned(),
             data,
+            ephemeral: false,
         })
+    }
+
+    /// Makes the push ephemeral: sent to the connections live now, never
+    /// logged or replayed, not waited for (typing indicators, cursors).
+    pub fn ephemeral(mut self) -> Self {
+        self.ephemeral = true;
+        self
     }
 
     /// Adds every live connection of `user_id`.
@@ -134,7 +165,21 @@ impl Outcome {
         Self {
             deliveries: Vec::new(),
             reply: None,
+            emit: Vec::new(),
         }
+    }
+
+    /// Emits a backend event (`name`, `data` serialized as JSON) once the
+    /// deliveries are made: published to the events exchange with RabbitMQ,
+    /// routed by the host itself without it.
+    pub fn emit(mut self, name: &str, data: &impl Serialize) -> Result<Self, Failure> {
+        let data = serde_json::to_string(data)
+            .map_err(|err| Failure::internal(format!("cannot serialize emitted event: {err}")))?;
+        self.emit.push(EmittedEvent {
+            name: name.to_owned(),
+            data,
+        });
+        Ok(self)
     }
 
     /// Adds a delivery.

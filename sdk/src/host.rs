@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::bindings::sockets::plugin::host as imports;
-use crate::{Failure, Level, User};
+use crate::{Failure, Level, StateError, User};
 
 /// The host's services available to a plugin while it handles an event.
 ///
@@ -18,6 +18,21 @@ pub trait Host {
     fn connection_count(&self, user_id: &str) -> u32;
     /// This plugin's configuration as JSON text (`{}` when none is set).
     fn config(&self) -> String;
+    /// The value of `key` in this plugin's state, if set and not expired.
+    fn state_get(&self, key: &str) -> Result<Option<String>, StateError>;
+    /// Sets `key`, expiring after `ttl_ms` milliseconds when given.
+    fn state_set(&self, key: &str, value: &str, ttl_ms: Option<u64>) -> Result<(), StateError>;
+    /// Removes `key`.
+    fn state_delete(&self, key: &str) -> Result<(), StateError>;
+    /// Compare-and-set: when `key` holds `expected` (`None`: absent), sets
+    /// it to `value` (`None`: removes it) and returns true.
+    fn state_swap(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, StateError>;
 }
 
 impl dyn Host + '_ {
@@ -52,5 +67,34 @@ impl Host for ComponentHost {
         // new instances), so one import call per instance is enough.
         static CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         CONFIG.get_or_init(imports::config).clone()
+    }
+
+    fn state_get(&self, key: &str) -> Result<Option<String>, StateError> {
+        imports::state_get(key)
+    }
+
+    fn state_set(&self, key: &str, value: &str, ttl_ms: Option<u64>) -> Result<(), StateError> {
+        imports::state_set(key, value, ttl_ms)
+    }
+
+    fn state_delete(&self, key: &str) -> Result<(), StateError> {
+        imports::state_delete(key)
+    }
+
+    fn state_swap(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, StateError> {
+        imports::state_swap(key, expected, value, ttl_ms)
+    }
+}
+
+impl From<StateError> for Failure {
+    /// A state failure is the plugin's `internal` failure.
+    fn from(err: StateError) -> Self {
+        Failure::internal(format!("plugin state: {err:?}"))
     }
 }

@@ -38,6 +38,7 @@
 
 mod helpers;
 mod host;
+pub mod roles;
 pub mod testing;
 
 pub use helpers::{MAX_USER_ID_BYTES, NonEmptyString, UserId};
@@ -60,8 +61,22 @@ pub mod bindings {
 
 pub use bindings::sockets::plugin::host::Level;
 pub use bindings::sockets::plugin::types::{
-    Client, Delivery, ErrorCode, Event, Failure, Info, Origin, Outcome, Recipient, Reply, User,
+    Client, Delivery, EmittedEvent, ErrorCode, Event, Failure, Info, Origin, Outcome, Recipient,
+    Reply, StateError, User,
 };
+
+/// The lifecycle events the host raises for plugins that subscribe to them
+/// (their origin is [`Origin::Lifecycle`]; see [`Event::lifecycle`]).
+pub mod lifecycle {
+    /// A connection opened.
+    pub const CONNECTION_OPENED: &str = "sockets.connectionOpened";
+    /// A connection closed.
+    pub const CONNECTION_CLOSED: &str = "sockets.connectionClosed";
+    /// A user's first live connection in the cluster opened.
+    pub const USER_ONLINE: &str = "sockets.userOnline";
+    /// A user's last live connection in the cluster closed.
+    pub const USER_OFFLINE: &str = "sockets.userOffline";
+}
 
 /// A routing plugin: the event names it handles and what it does with one.
 pub trait Plugin {

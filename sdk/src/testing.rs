@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::{Client, Event, Host, Level, Origin, User};
+use crate::{Client, Event, Host, Level, Origin, StateError, User};
 
 /// The timestamp given to test events.
 pub const TEST_RECEIVED_AT: &str = "2026-01-01T00:00:00Z";
@@ -26,6 +26,8 @@ pub struct TestHost {
     connections: HashMap<String, u32>,
     config: Option<String>,
     logs: RefCell<Vec<(Level, String)>>,
+    /// Plugin state; TTLs are recorded, not enforced (tests control time).
+    state: RefCell<HashMap<String, (String, Option<u64>)>>,
 }
 
 impl TestHost {
@@ -59,6 +61,20 @@ impl TestHost {
         self
     }
 
+    /// The plugin's state now: key → value.
+    pub fn state(&self) -> HashMap<String, String> {
+        self.state
+            .borrow()
+            .iter()
+            .map(|(key, (value, _))| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    /// The TTL a key was last set with.
+    pub fn state_ttl(&self, key: &str) -> Option<u64> {
+        self.state.borrow().get(key).and_then(|(_, ttl)| *ttl)
+    }
+
     /// The lines the plugin logged so far.
     pub fn logs(&self) -> Vec<(Level, String)> {
         self.logs.borrow().clone()
@@ -81,6 +97,54 @@ impl Host for TestHost {
     fn config(&self) -> String {
         self.config.clone().unwrap_or_else(|| "{}".to_owned())
     }
+
+    fn state_get(&self, key: &str) -> Result<Option<String>, StateError> {
+        Ok(self.state.borrow().get(key).map(|(value, _)| value.clone()))
+    }
+
+    fn state_set(&self, key: &str, value: &str, ttl_ms: Option<u64>) -> Result<(), StateError> {
+        self.state
+            .borrow_mut()
+            .insert(key.to_owned(), (value.to_owned(), ttl_ms));
+        Ok(())
+    }
+
+    fn state_delete(&self, key: &str) -> Result<(), StateError> {
+        self.state.borrow_mut().remove(key);
+        Ok(())
+    }
+
+    fn state_swap(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, StateError> {
+        let mut state = self.state.borrow_mut();
+        if state.get(key).map(|(value, _)| value.as_str()) != expected {
+            return Ok(false);
+        }
+        match value {
+            Some(value) => state.insert(key.to_owned(), (value.to_owned(), ttl_ms)),
+            None => state.remove(key),
+        };
+        Ok(true)
+    }
+}
+
+/// A lifecycle event about connection `conn-<user_id>`; `connections` is
+/// the user's live connections after the change.
+pub fn lifecycle_event(name: &str, user_id: &str, role: &str, connections: u32) -> Event {
+    event(
+        name,
+        Origin::Lifecycle(Client {
+            user_id: user_id.to_owned(),
+            role: role.to_owned(),
+            connection_id: format!("conn-{user_id}"),
+        }),
+        &format!(r#"{{"connections":{connections}}}"#),
+    )
 }
 
 /// An event sent by a client connection `conn-<user_id>`, with id `evt-1`.

@@ -12,13 +12,17 @@ use sockets_host::plugin::{
     ClientOrigin, Event, HostServices, Origin, PluginLimits, PluginRuntime,
 };
 use sockets_host::store::directory::User;
+use sockets_host::store::plugin_state::{MemoryPluginState, PluginState};
 use sockets_sdk::Plugin as _;
 use sockets_tests::plugin_wasm;
 
 /// About 200 bytes, as in the DESIGN.md measurements.
 const DATA: &str = r#"{"to":"c_1","text":"Hello! Could we move tomorrow's session to 15:00? I would like to go over the mock interview feedback and the CV changes we discussed last week."}"#;
 
-struct Directory;
+#[derive(Default)]
+struct Directory {
+    state: MemoryPluginState,
+}
 
 impl HostServices for Directory {
     fn get_user(&self, id: &str) -> Option<User> {
@@ -31,6 +35,10 @@ impl HostServices for Directory {
 
     fn connection_count(&self, _user_id: &str) -> u32 {
         1
+    }
+
+    fn plugin_state(&self) -> &dyn PluginState {
+        &self.state
     }
 }
 
@@ -65,7 +73,12 @@ fn plugin_call(c: &mut Criterion) {
         b.iter(|| chat::Chat::handle(black_box(&native_event), &native_host).unwrap())
     });
 
-    let runtime = PluginRuntime::new(PluginLimits::default(), Arc::new(Directory), None).unwrap();
+    let runtime = PluginRuntime::new(
+        PluginLimits::default(),
+        Arc::new(Directory::default()),
+        None,
+    )
+    .unwrap();
     let warm = runtime.load("chat", &wasm, "{}").unwrap();
     group.bench_function("component_warm", |b| {
         b.iter(|| warm.handle(black_box(&event)).unwrap())
@@ -87,7 +100,7 @@ fn plugin_call(c: &mut Criterion) {
         max_idle_instances: 0,
         ..PluginLimits::default()
     };
-    let runtime = PluginRuntime::new(no_pool, Arc::new(Directory), None).unwrap();
+    let runtime = PluginRuntime::new(no_pool, Arc::new(Directory::default()), None).unwrap();
     let fresh = runtime.load("chat", &wasm, "{}").unwrap();
     group.bench_function("component_fresh_instance", |b| {
         b.iter(|| fresh.handle(black_box(&event)).unwrap())

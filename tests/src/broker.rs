@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 
@@ -164,9 +167,39 @@ impl Publisher {
             .unwrap()
     }
 
-    /// Waits up to 10 s for the next dead letter in `queue`; returns its
-    /// routing key, body and reason header.
-    pub async fn dead_letter(&self, queue: &str) -> (String, Vec<u8>, String) {
+    /// Declares a queue of this connection's own, bound to `exchange` for
+    /// `routing_key`, as another service consuming events would; returns
+    /// its name.
+    pub async fn listen(&self, exchange: &str, routing_key: &str) -> String {
+        let queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let name = queue.name().to_string();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Waits up to 10 s for the next message in `queue`.
+    pub async fn next_message(&self, queue: &str) -> lapin::message::Delivery {
         for _ in 0..200 {
             let message = self
                 .channel
@@ -174,27 +207,33 @@ impl Publisher {
                 .await
                 .unwrap();
             if let Some(message) = message {
-                let delivery = message.delivery;
-                let reason = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|headers| {
-                        headers
-                            .inner()
-                            .get(sockets_host::intake::amqp::REASON_HEADER)
-                            .cloned()
-                    })
-                    .map(|value| match value {
-                        AMQPValue::LongString(text) => text.to_string(),
-                        other => format!("{other:?}"),
-                    })
-                    .unwrap_or_default();
-                return (delivery.routing_key.to_string(), delivery.data, reason);
+                return message.delivery;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no dead letter in {queue} within 10 s");
+        panic!("no message in {queue} within 10 s");
+    }
+
+    /// Waits up to 10 s for the next dead letter in `queue`; returns its
+    /// routing key, body and reason header.
+    pub async fn dead_letter(&self, queue: &str) -> (String, Vec<u8>, String) {
+        let delivery = self.next_message(queue).await;
+        let reason = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| {
+                headers
+                    .inner()
+                    .get(sockets_host::intake::amqp::REASON_HEADER)
+                    .cloned()
+            })
+            .map(|value| match value {
+                AMQPValue::LongString(text) => text.to_string(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        (delivery.routing_key.to_string(), delivery.data, reason)
     }
 }
 

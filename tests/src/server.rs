@@ -64,10 +64,10 @@ impl ServerConfig {
         self
     }
 
-    /// Adds the presence plugin (`whoIs` answers with a user's connection
+    /// Adds the `whois` test plugin (`whoIs` answers with a user's connection
     /// count) to the plugins folder.
-    pub fn with_presence(mut self) -> Self {
-        self.plugins.push("presence");
+    pub fn with_whois(mut self) -> Self {
+        self.plugins.push("whois");
         self
     }
 }

@@ -297,3 +297,71 @@ async fn an_intake_queue_declared_by_an_older_host_is_kept_and_consumed() {
     assert_eq!(push["event"], "paymentProcessed", "{push}");
     assert!(server.stop().await);
 }
+
+/// With RabbitMQ, an emitted event goes to the events exchange: another
+/// service bound to it receives it (with the emitting plugin as app id),
+/// and the host's own intake routes it to the plugins subscribed — with
+/// the depth limit carried across the broker, so a loop still ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn emitted_events_are_published_to_the_events_exchange() {
+    let names = Names::unique();
+    let dir = sockets_tests::server::scratch_dir("emit-broker");
+    let file = dir.join("sockets.toml");
+    std::fs::write(&file, "[plugins.chat]\nofflineNotify = true\n").unwrap();
+    let mut config = names.server_config();
+    config.plugins.push("emitter");
+    config.args = vec!["--config".into(), file.display().to_string()];
+    let server = consuming(config).await;
+    let publisher = Publisher::connect().await;
+    let notifications = publisher
+        .listen(&names.exchange, "NOTIFICATION_REQUESTED")
+        .await;
+    let mut observer = Client::connect_as(&server, "observer", "user").await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "ping"}, "ack": 1}))
+        .await;
+    let sent = student.recv().await;
+    assert_eq!(sent["ok"], true, "{sent}");
+    let message = publisher.next_message(&notifications).await;
+    let body: Value = serde_json::from_slice(&message.data).unwrap();
+    assert_eq!(body["userId"], "c_1");
+    assert_eq!(body["ids"]["messageId"], sent["data"]["messageId"]);
+    assert_eq!(
+        message.properties.app_id().as_ref().map(|id| id.as_str()),
+        Some("plugin:chat")
+    );
+    assert!(
+        message.properties.message_id().is_some(),
+        "deduplicated by id"
+    );
+
+    let requested = loop {
+        let frame = observer.recv().await;
+        if frame["event"] == "notificationRequested" {
+            break frame;
+        }
+    };
+    assert_eq!(requested["data"]["origin"], "broker", "{requested}");
+    assert_eq!(requested["data"]["data"], body);
+
+    // A loop through the broker stops at the depth limit too.
+    publisher
+        .publish(
+            &names.exchange,
+            "PING_LOOP",
+            br#"{"n":1}"#,
+            BasicProperties::default(),
+        )
+        .await;
+    let depth = usize::from(sockets_host::dispatch::MAX_EMIT_DEPTH);
+    let mut loops = 0;
+    while let Some(frame) = observer.try_recv(Duration::from_secs(3)).await {
+        if frame["event"] == "loop" {
+            loops += 1;
+        }
+    }
+    assert_eq!(loops, depth + 1, "the original and {depth} emitted levels");
+    server.stop().await;
+}

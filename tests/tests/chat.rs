@@ -184,7 +184,7 @@ async fn the_log_survives_a_restart() {
 /// count covers each once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_named_by_id_and_through_its_user_gets_one_push() {
-    let server = Server::in_process_with(ServerConfig::default().with_presence()).await;
+    let server = Server::in_process_with(ServerConfig::default().with_whois()).await;
     let (mut phone, connected) = Client::connect(&server, &token("c_1", "consultant")).await;
     let phone_id = connected["data"]["connectionId"]
         .as_str()

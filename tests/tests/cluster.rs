@@ -167,8 +167,7 @@ async fn delivered_counts_the_recipients_connections_on_every_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn plugins_count_the_users_connections_on_every_node() {
     let names = Names::unique();
-    let counted =
-        connections_counted_across_two_nodes(|| names.server_config().with_presence()).await;
+    let counted = connections_counted_across_two_nodes(|| names.server_config().with_whois()).await;
     assert_eq!(counted, 3, "connection-count is cluster-wide");
 }
 

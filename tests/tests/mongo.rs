@@ -225,8 +225,7 @@ async fn the_users_collection_is_the_directory() {
         ])
         .await
         .unwrap();
-    let server =
-        Server::start_with(db.server_config(ServerConfig::default().with_presence())).await;
+    let server = Server::start_with(db.server_config(ServerConfig::default().with_whois())).await;
     let mut student = Client::connect_as(&server, "mongo_student", "student").await;
     let mut consultant = Client::connect_as(&server, "mongo_consultant", "consultant").await;
 
@@ -261,7 +260,7 @@ async fn presence_counts_connections_on_every_node() {
     // In a cluster the count comes from the nodes' announcements, which a
     // join waits for, not from the written-behind records: it is 3 at once.
     let counted = connections_counted_across_two_nodes(|| {
-        db.server_config(names.server_config().with_presence())
+        db.server_config(names.server_config().with_whois())
     })
     .await;
     assert_eq!(counted, 3, "connection-count is cluster-wide");
@@ -826,4 +825,116 @@ async fn records_of_two_nodes_with_one_number_are_all_replayed_in_id_order() {
         replayed(since, 2).await,
         (vec!["a".into(), "b".into()], true)
     );
+}
+
+/// The next push of `event`, skipping other frames.
+async fn next_push(client: &mut Client, event: &str) -> serde_json::Value {
+    loop {
+        let frame = client.recv().await;
+        if frame["event"] == event {
+            return frame;
+        }
+    }
+}
+
+/// Panics if a push of `event` comes within 800 ms.
+async fn no_push(client: &mut Client, event: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Some(frame) = client
+        .try_recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        assert_ne!(frame["event"], event, "unexpected {frame}");
+    }
+}
+
+/// What `node`'s `whoIs` says of `user`'s connections.
+async fn connections_seen(asker: &mut Client, user: &str) -> u64 {
+    asker
+        .send(&json!({"event": "whoIs", "data": {"user": user}, "ack": 77}))
+        .await;
+    loop {
+        let frame = asker.recv().await;
+        if frame["ack"] == 77 {
+            return frame["data"]["connections"].as_u64().expect("a count");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_state_is_shared_by_the_nodes_of_one_database() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let a = Server::start_with(db.server_config(ServerConfig::default())).await;
+    let b = Server::start_with(db.server_config(ServerConfig::default())).await;
+    let mut consultant = Client::connect_as(&b, "c_1", "consultant").await;
+    consultant
+        .send(&json!({"event": "setStatus", "data": {"status": "away", "text": "lunch"}, "ack": 1}))
+        .await;
+    assert_eq!(consultant.recv().await["ok"], true);
+
+    // The status set through node B is what node A's plugin reads.
+    let mut student = Client::connect_as(&a, "s_1", "student").await;
+    student
+        .send(&json!({"event": "watchStatus", "data": {"users": ["c_1"]}, "ack": 2}))
+        .await;
+    let reply = student.recv().await;
+    assert_eq!(reply["data"]["statuses"][0]["status"], "away", "{reply}");
+    assert_eq!(reply["data"]["statuses"][0]["text"], "lunch");
+    let stored = db
+        .find("pluginState", doc! {"_id": "presence/status/c_1"})
+        .await;
+    assert_eq!(stored.len(), 1, "kept in MongoDB: {stored:?}");
+    assert!(stored[0].get_datetime("expiresAt").is_ok(), "with its TTL");
+}
+
+/// Online and offline across two nodes: a user's first connection
+/// anywhere raises `sockets.userOnline` once, its last one
+/// `sockets.userOffline` once, whichever node they are on (README,
+/// "Lifecycle events": exactly once when the changes are further apart
+/// than the nodes' announcements).
+#[tokio::test(flavor = "multi_thread")]
+async fn online_and_offline_are_raised_once_across_two_nodes() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let names = Names::unique();
+    let config = || db.server_config(names.server_config().with_whois());
+    let a = consuming(config()).await;
+    let b = consuming(config()).await;
+    let mut watcher = Client::connect_as(&a, "s_1", "student").await;
+    watcher
+        .send(&json!({"event": "watchStatus", "data": {"users": ["c_1"]}, "ack": 1}))
+        .await;
+    assert_eq!(watcher.recv().await["ok"], true);
+
+    // First connection, on B: the watcher on A hears it through the cluster.
+    let on_b = Client::connect_as(&b, "c_1", "consultant").await;
+    let online = next_push(&mut watcher, "statusChanged").await;
+    assert_eq!(online["data"]["online"], true, "{online}");
+
+    // A second one, on A, once A counts B's: not a user coming online.
+    eventually(WAIT, "node A counts c_1's connection on B", || async {
+        let mut asker = Client::connect_as(&a, "s_2", "student").await;
+        (connections_seen(&mut asker, "c_1").await == 1).then_some(())
+    })
+    .await;
+    let on_a = Client::connect_as(&a, "c_1", "consultant").await;
+    no_push(&mut watcher, "statusChanged").await;
+
+    // B's goes: one left on A, still online.
+    on_b.close().await;
+    no_push(&mut watcher, "statusChanged").await;
+    eventually(
+        WAIT,
+        "node A no longer counts c_1's connection on B",
+        || async {
+            let mut asker = Client::connect_as(&a, "s_2", "student").await;
+            (connections_seen(&mut asker, "c_1").await == 1).then_some(())
+        },
+    )
+    .await;
+    on_a.close().await;
+    let offline = next_push(&mut watcher, "statusChanged").await;
+    assert_eq!(offline["data"]["online"], false, "{offline}");
+    no_push(&mut watcher, "statusChanged").await;
 }

@@ -38,7 +38,8 @@ async fn health_readiness_and_metrics() {
         "sockets_deliveries_total 1",
         "sockets_plugin_calls_total{plugin=\"chat@0.1.0\"} 1",
         "sockets_plugin_off_workers{plugin=\"chat@0.1.0\"} 0",
-        "sockets_plugin_dispatch_seconds_count 1",
+        // The message, and the two users coming online (for `presence`).
+        "sockets_plugin_dispatch_seconds_count 3",
     ] {
         assert!(
             text.lines().any(|l| l == line),

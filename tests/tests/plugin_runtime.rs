@@ -12,11 +12,13 @@ use sockets_host::plugin::{
     Outcome, PluginLimits, PluginRegistry, PluginRuntime, Recipient, RefusalCode,
 };
 use sockets_host::store::directory::User;
+use sockets_host::store::plugin_state::{MemoryPluginState, PluginState};
 use sockets_tests::plugin_wasm;
 
 /// A directory of two students and a consultant; `c_1` has two connections.
 struct Services {
     users: HashMap<String, User>,
+    state: MemoryPluginState,
 }
 
 impl Services {
@@ -39,6 +41,7 @@ impl Services {
             ]
             .into_iter()
             .collect(),
+            state: MemoryPluginState::default(),
         }
     }
 }
@@ -50,6 +53,10 @@ impl HostServices for Services {
 
     fn connection_count(&self, user_id: &str) -> u32 {
         if user_id == "c_1" { 2 } else { 0 }
+    }
+
+    fn plugin_state(&self) -> &dyn PluginState {
+        &self.state
     }
 }
 

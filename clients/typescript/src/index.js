@@ -62,6 +62,8 @@
  * @property {string} event The event's name.
  * @property {T} data The event's data.
  * @property {string} id The delivery id: the same for every copy of one delivery.
+ * @property {boolean} [ephemeral] Set on an ephemeral push (typing, presence):
+ *   never logged or replayed, and never the cursor a `resume` starts after.
  */
 
 /**
@@ -466,7 +468,7 @@ export class SocketsClient {
    * @private
    */
   _received(socket, text, token) {
-    /** @type {{ event?: string, data?: unknown, id?: string, ack?: number, ok?: boolean, error?: { code: string, message: string } }} */
+    /** @type {{ event?: string, data?: unknown, id?: string, ephemeral?: boolean, ack?: number, ok?: boolean, error?: { code: string, message: string } }} */
     let frame;
     try {
       frame = JSON.parse(text);
@@ -489,6 +491,13 @@ export class SocketsClient {
     if (typeof frame.id === "string" && typeof frame.event === "string") {
       /** @type {Push} */
       const push = { event: frame.event, data: frame.data, id: frame.id };
+      if (frame.ephemeral === true) {
+        // Live only: handed over at once, even while a resume holds the
+        // others, and never a resume cursor (the log does not know it).
+        push.ephemeral = true;
+        this._deliver(push);
+        return;
+      }
       if (this._held) {
         this._held.push(push);
         this._replayCursor = push.id;
@@ -620,8 +629,10 @@ export class SocketsClient {
     this._seen.add(push.id);
     this._seenOrder.push(push.id);
     if (this._seenOrder.length > REMEMBERED_IDS) this._seen.delete(/** @type {string} */ (this._seenOrder.shift()));
-    this._recent.push(push.id);
-    if (this._recent.length > RESUME_CANDIDATES) this._recent.shift();
+    if (!push.ephemeral) {
+      this._recent.push(push.id);
+      if (this._recent.length > RESUME_CANDIDATES) this._recent.shift();
+    }
     this._dispatch(push);
   }
 

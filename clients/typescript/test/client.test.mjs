@@ -178,6 +178,47 @@ test("a client that had no push yet gets what was sent while it was away", async
   }
 });
 
+test("an ephemeral push is no resume cursor: what was sent while away still arrives", async () => {
+  const host = await startHost();
+  const proxy = await proxyTo(host.port);
+  const { sockets, payments } = client(`ws://127.0.0.1:${proxy.port}/ws`);
+  const typing = [];
+  const failed = [];
+  sockets.on("typing", (data, push) => typing.push(push));
+  sockets.on("resumeFailed", (data) => failed.push(data));
+  const consultant = new SocketsClient({
+    url: `ws://127.0.0.1:${host.port}/ws`,
+    token: () => token("c_1", "consultant"),
+    WebSocket,
+  });
+  try {
+    sockets.start();
+    consultant.start();
+    await until("both connected", () => sockets.state.state === "connected" && consultant.state.state === "connected");
+    // The only push before the drop is ephemeral.
+    assert.deepEqual(await consultant.emit("typing", { to: "s_1" }), { delivered: 1 });
+    await until("typing shown", () => typing.length === 1);
+    assert.equal(typing[0].ephemeral, true);
+    assert.deepEqual(typing[0].data, { from: "c_1" });
+
+    proxy.refusing = true;
+    proxy.cut();
+    await until("disconnected", () => sockets.state.state !== "connected");
+    await publish(host.port, "p_away");
+    proxy.refusing = false;
+    await until("connected again", () => sockets.state.state === "connected");
+    await until("the payment sent while away", () => payments.length >= 1);
+    assert.deepEqual(payments.map((push) => push.paymentId), ["p_away"]);
+    assert.deepEqual(failed, []);
+    assert.equal(typing.length, 1, "an ephemeral push is never replayed");
+  } finally {
+    sockets.stop();
+    consultant.stop();
+    proxy.close();
+    await host.stop();
+  }
+});
+
 test("stop then start at once leaves one connection, and stop ends every timer", async () => {
   const host = await startHost();
   const { sockets, payments } = client(`ws://127.0.0.1:${host.port}/ws`);

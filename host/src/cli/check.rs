@@ -12,10 +12,12 @@ use crate::plugin::{
     ClientOrigin, DispatchError, Event, HostServices, Origin, Outcome, PluginLimits, PluginRuntime,
 };
 use crate::store::directory::{FileDirectory, User, demo_users_file};
+use crate::store::plugin_state::{MemoryPluginState, PluginState};
 
-/// A directory from a users file and nobody online.
+/// A directory from a users file, nobody online, state for this run only.
 struct OfflineServices {
     directory: FileDirectory,
+    state: MemoryPluginState,
 }
 
 impl HostServices for OfflineServices {
@@ -25,6 +27,10 @@ impl HostServices for OfflineServices {
 
     fn connection_count(&self, _user_id: &str) -> u32 {
         0
+    }
+
+    fn plugin_state(&self) -> &dyn PluginState {
+        &self.state
     }
 }
 
@@ -54,7 +60,10 @@ pub fn run(args: &CheckArgs, out: &mut impl Write) -> anyhow::Result<bool> {
     let directory = FileDirectory::load(users_file)?;
     let runtime = PluginRuntime::new(
         PluginLimits::default(),
-        Arc::new(OfflineServices { directory }),
+        Arc::new(OfflineServices {
+            directory,
+            state: MemoryPluginState::default(),
+        }),
         None,
     )?;
     let wasm = std::fs::read(&args.file)

@@ -292,7 +292,7 @@ mod tests {
             "sockets_sdk",
             "loadgen",
             "chat_v2",
-            "presence",
+            "whois",
             "fn",
         ] {
             assert_eq!(

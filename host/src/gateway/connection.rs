@@ -164,6 +164,7 @@ impl Connection {
         }
         state.metrics.connection_opened();
         tracing::info!(connection = %handle.id, user = %session.claims.sub, role = %session.claims.role, "connected");
+        state.dispatcher.connection_opened(&self.origin()).await;
     }
 
     /// Stops the writer (with `close`, if the server closes), unregisters
@@ -187,6 +188,7 @@ impl Connection {
             tracing::warn!(connection = %handle.id, "connection record not removed: {err}");
         }
         state.metrics.connection_closed();
+        state.dispatcher.connection_closed(&self.origin()).await;
         let closed = handle.close_requested().await;
         tracing::info!(connection = %handle.id, user = %self.session.claims.sub, code = closed.code, reason = closed.reason, "disconnected");
     }
@@ -564,6 +566,15 @@ impl Connection {
         }
     }
 
+    /// This connection as the origin of the events it sends or causes.
+    fn origin(&self) -> ClientOrigin {
+        ClientOrigin {
+            user_id: self.session.claims.sub.clone(),
+            role: self.session.claims.role.clone(),
+            connection_id: self.handle.id.to_string(),
+        }
+    }
+
     /// Delivers a plugin-routed event now; its reply waits for the log.
     async fn route(&self, frame: ClientFrame) -> Reply {
         let claims = &self.session.claims;
@@ -571,16 +582,13 @@ impl Connection {
             event: Event {
                 id: new_id(),
                 name: frame.event,
-                origin: Origin::Client(ClientOrigin {
-                    user_id: claims.sub.clone(),
-                    role: claims.role.clone(),
-                    connection_id: self.handle.id.to_string(),
-                }),
+                origin: Origin::Client(self.origin()),
                 data: Box::<str>::from(frame.data).into_string(),
                 received_at: rfc3339(SystemTime::now()),
             },
             source: Source::Client,
             from: claims.sub.clone(),
+            depth: 0,
         };
         let ack = frame.ack;
         let delivered = match self.state.dispatcher.deliver(&inbound).await {

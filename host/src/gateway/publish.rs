@@ -53,6 +53,7 @@ pub(super) async fn accept(
         },
         source: Source::Api,
         from,
+        depth: 0,
     };
     let rejected = |err: RouteError| {
         tracing::info!(event = %publication.event, "published event rejected: {err}");

@@ -16,7 +16,7 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, Idempotency};
@@ -254,6 +254,15 @@ impl AmqpIntake {
             .message_id()
             .as_ref()
             .map(|id| id.as_str().to_owned());
+        let depth = properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(DEPTH_HEADER))
+            .and_then(|value| match value {
+                AMQPValue::ShortShortUInt(depth) => Some(*depth),
+                other => other.as_long_long_int().and_then(|n| u8::try_from(n).ok()),
+            })
+            .unwrap_or(0);
         let from = properties
             .app_id()
             .as_ref()
@@ -307,6 +316,7 @@ impl AmqpIntake {
                         },
                         source: Source::Broker,
                         from: from.clone(),
+                        depth,
                     };
                     let next = &next;
                     async move {
@@ -386,6 +396,90 @@ impl AmqpIntake {
             .await?
             .await?;
         delivery.ack(BasicAckOptions::default()).await.map(drop)
+    }
+}
+
+/// The AMQP header carrying how many emitted events led to this one, so
+/// that the depth limit holds across the broker.
+pub const DEPTH_HEADER: &str = "x-sockets-depth";
+
+/// Publishes emitted events to the events exchange, in order, each
+/// confirmed by the broker before the next; reconnects with backoff and
+/// keeps the event it was publishing. Stops on shutdown: what is still
+/// queued then is lost (emitted events are held in memory only).
+pub async fn publish_emitted(
+    settings: AmqpSettings,
+    mut queue: tokio::sync::mpsc::Receiver<crate::dispatch::Inbound>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = RECONNECT;
+    let mut pending: Option<crate::dispatch::Inbound> = None;
+    loop {
+        let session = async {
+            let connection = Connection::connect(
+                &settings.url,
+                ConnectionProperties::default()
+                    .with_connection_name("sockets-host emitted events".into()),
+            )
+            .await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            backoff.reset();
+            loop {
+                let inbound = match pending.take() {
+                    Some(inbound) => inbound,
+                    None => match queue.recv().await {
+                        Some(inbound) => inbound,
+                        None => return Ok::<_, lapin::Error>(()),
+                    },
+                };
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    DEPTH_HEADER.into(),
+                    AMQPValue::ShortShortUInt(inbound.depth),
+                );
+                let properties = BasicProperties::default()
+                    .with_message_id(ShortString::from(inbound.event.id.as_str()))
+                    .with_app_id(ShortString::from(inbound.from.as_str()))
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers);
+                let published = async {
+                    channel
+                        .basic_publish(
+                            settings.exchange.as_str().into(),
+                            inbound.event.name.as_str().into(),
+                            BasicPublishOptions::default(),
+                            inbound.event.data.as_bytes(),
+                            properties,
+                        )
+                        .await?
+                        .await
+                }
+                .await;
+                if let Err(err) = published {
+                    pending = Some(inbound);
+                    return Err(err);
+                }
+            }
+        };
+        let wait = tokio::select! {
+            ended = session => match ended {
+                Ok(()) => return,
+                Err(err) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!("emitted events not published, retrying in {wait:?}: {err}");
+                    wait
+                }
+            },
+            _ = shutdown.wait_for(|stopped| *stopped) => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stopped| *stopped) => return,
+        }
     }
 }
 

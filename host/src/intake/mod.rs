@@ -3,6 +3,7 @@
 //! gateway.
 
 pub mod amqp;
+pub mod emit;
 mod idempotency;
 
 pub use crate::store::Accepted;

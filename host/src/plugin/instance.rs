@@ -7,8 +7,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::sockets::plugin::{host, types as wit};
+use super::bindings::{v1, v2};
 use crate::store::directory::User;
+use crate::store::plugin_state::{PluginState, StateError};
 
 /// What plugins may ask of the rest of the host, answered synchronously
 /// (plugin calls are synchronous and bounded by their deadline).
@@ -17,6 +18,8 @@ pub trait HostServices: Send + Sync + 'static {
     fn get_user(&self, id: &str) -> Option<User>;
     /// The number of live connections of a user, cluster-wide.
     fn connection_count(&self, user_id: &str) -> u32;
+    /// Where plugins keep state.
+    fn plugin_state(&self) -> &dyn PluginState;
 }
 
 /// Per-plugin-version facts every instance of it shares.
@@ -207,10 +210,8 @@ impl WasiView for State {
     }
 }
 
-impl wit::Host for State {}
-
-impl host::Host for State {
-    fn log(&mut self, level: host::Level, message: String) {
+impl State {
+    fn write_log(&self, level: tracing::Level, message: &str) {
         let plugin = self.context.name.as_str();
         let Some(dropped) = self.context.log_budget.take() else {
             return;
@@ -218,21 +219,133 @@ impl host::Host for State {
         if dropped > 0 {
             tracing::warn!(target: "plugin", plugin, dropped, "log lines dropped: over the plugin's log rate");
         }
-        let message = sanitize_log_line(&message);
+        let message = sanitize_log_line(message);
         match level {
-            host::Level::Debug => tracing::debug!(target: "plugin", plugin, "{message}"),
-            host::Level::Info => tracing::info!(target: "plugin", plugin, "{message}"),
-            host::Level::Warn => tracing::warn!(target: "plugin", plugin, "{message}"),
-            host::Level::Error => tracing::error!(target: "plugin", plugin, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(target: "plugin", plugin, "{message}"),
+            tracing::Level::INFO => tracing::info!(target: "plugin", plugin, "{message}"),
+            tracing::Level::WARN => tracing::warn!(target: "plugin", plugin, "{message}"),
+            _ => tracing::error!(target: "plugin", plugin, "{message}"),
         }
     }
 
-    fn get_user(&mut self, id: String) -> Option<wit::User> {
-        self.context.services.get_user(&id).map(|user| wit::User {
-            id: user.id,
-            role: user.role,
-            name: user.name,
-        })
+    fn state(&self) -> (&dyn PluginState, &str) {
+        (
+            self.context.services.plugin_state(),
+            self.context.name.as_str(),
+        )
+    }
+}
+
+/// A TTL in milliseconds as a duration.
+fn ttl(ms: Option<u64>) -> Option<std::time::Duration> {
+    ms.map(std::time::Duration::from_millis)
+}
+
+fn state_error(err: StateError) -> v2::sockets::plugin::types::StateError {
+    use v2::sockets::plugin::types::StateError as Wit;
+    match err {
+        StateError::TooLarge(why) => Wit::TooLarge(why),
+        StateError::Full => Wit::Full,
+        StateError::Unavailable(why) => Wit::Unavailable(why),
+    }
+}
+
+impl v2::sockets::plugin::types::Host for State {}
+
+impl v2::sockets::plugin::host::Host for State {
+    fn log(&mut self, level: v2::sockets::plugin::host::Level, message: String) {
+        use v2::sockets::plugin::host::Level;
+        let level = match level {
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        self.write_log(level, &message);
+    }
+
+    fn get_user(&mut self, id: String) -> Option<v2::sockets::plugin::types::User> {
+        self.context
+            .services
+            .get_user(&id)
+            .map(|user| v2::sockets::plugin::types::User {
+                id: user.id,
+                role: user.role,
+                name: user.name,
+            })
+    }
+
+    fn connection_count(&mut self, user_id: String) -> u32 {
+        self.context.services.connection_count(&user_id)
+    }
+
+    fn config(&mut self) -> String {
+        self.context.config.clone()
+    }
+
+    fn state_get(
+        &mut self,
+        key: String,
+    ) -> Result<Option<String>, v2::sockets::plugin::types::StateError> {
+        let (state, plugin) = self.state();
+        state.get(plugin, &key).map_err(state_error)
+    }
+
+    fn state_set(
+        &mut self,
+        key: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), v2::sockets::plugin::types::StateError> {
+        let (state, plugin) = self.state();
+        state
+            .set(plugin, &key, value, ttl(ttl_ms))
+            .map_err(state_error)
+    }
+
+    fn state_delete(&mut self, key: String) -> Result<(), v2::sockets::plugin::types::StateError> {
+        let (state, plugin) = self.state();
+        state.delete(plugin, &key).map_err(state_error)
+    }
+
+    fn state_swap(
+        &mut self,
+        key: String,
+        expected: Option<String>,
+        value: Option<String>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, v2::sockets::plugin::types::StateError> {
+        let (state, plugin) = self.state();
+        state
+            .swap(plugin, &key, expected.as_deref(), value, ttl(ttl_ms))
+            .map_err(state_error)
+    }
+}
+
+impl v1::sockets::plugin::types::Host for State {}
+
+/// The 0.1 imports: the same services, without state.
+impl v1::sockets::plugin::host::Host for State {
+    fn log(&mut self, level: v1::sockets::plugin::host::Level, message: String) {
+        use v1::sockets::plugin::host::Level;
+        let level = match level {
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        self.write_log(level, &message);
+    }
+
+    fn get_user(&mut self, id: String) -> Option<v1::sockets::plugin::types::User> {
+        self.context
+            .services
+            .get_user(&id)
+            .map(|user| v1::sockets::plugin::types::User {
+                id: user.id,
+                role: user.role,
+                name: user.name,
+            })
     }
 
     fn connection_count(&mut self, user_id: String) -> u32 {

@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store, Trap};
 
-use super::bindings::sockets::plugin::types as wit;
-use super::bindings::{Plugin as PluginBindings, PluginPre};
+use super::bindings::{v1, v2};
 use super::error::{CallError, LoadError};
 use super::instance::{PluginContext, State, new_store};
 use super::outcome;
 use super::placement::Placement;
 use super::runtime::{PluginLimits, deadline_ticks};
 use super::stats::PluginStats;
-use super::types::{Event, Origin, Outcome, PluginInfo, RefusalCode};
+use super::types::{Event, Origin, Outcome, PluginInfo, RefusalCode, lifecycle};
 
 /// What wasmtime says when a call's results exceed the store's hostcall
 /// fuel (its error type is private).
@@ -22,6 +21,18 @@ const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exh
 
 /// Client events the host handles itself; a plugin may not take them over.
 const RESERVED_EVENTS: [&str; 3] = ["setConnection", "refreshToken", "resume"];
+
+/// A plugin's component, ready to instantiate, by contract version.
+enum PluginPre {
+    V2(v2::PluginPre<State>),
+    V1(v1::PluginPre<State>),
+}
+
+/// An instance's exports, by contract version.
+enum PluginBindings {
+    V2(v2::Plugin),
+    V1(v1::Plugin),
+}
 
 /// A warm instance: instantiated once, reused for many calls.
 struct WarmInstance {
@@ -38,7 +49,7 @@ pub struct LoadedPlugin {
     label: Arc<str>,
     subscriptions: Vec<String>,
     engine: Engine,
-    pre: PluginPre<State>,
+    pre: PluginPre,
     limits: PluginLimits,
     /// Instantiation costs tens of microseconds, a warm call one or two:
     /// instances are kept between calls (at most `max_idle_instances`).
@@ -69,29 +80,40 @@ impl LoadedPlugin {
         limits: PluginLimits,
     ) -> Result<Self, LoadError> {
         let wrong_world = |err: wasmtime::Error| LoadError::WrongWorld(format!("{err:#}"));
-        let pre = PluginPre::new(linker.instantiate_pre(component).map_err(wrong_world)?)
-            .map_err(wrong_world)?;
+        let instance_pre = linker.instantiate_pre(component).map_err(wrong_world)?;
+        // The newest contract first; a 0.1 plugin's exports do not type-check
+        // against 0.2's and fall through to it.
+        let pre = match v2::PluginPre::new(instance_pre.clone()) {
+            Ok(pre) => PluginPre::V2(pre),
+            Err(v2_err) => match v1::PluginPre::new(instance_pre) {
+                Ok(pre) => PluginPre::V1(pre),
+                Err(_) => return Err(wrong_world(v2_err)),
+            },
+        };
 
         let start_failure = |err: CallError| LoadError::Start(err.to_string());
         let mut warm = instantiate(engine, &pre, &context, &limits).map_err(start_failure)?;
-        let info = guarded(&mut warm, &limits, |bindings, store| {
-            bindings.call_info(store)
+        let (name, version) = guarded(&mut warm, &limits, |bindings, store| match bindings {
+            PluginBindings::V2(plugin) => plugin
+                .call_info(&mut *store)
+                .map(|info| (info.name, info.version)),
+            PluginBindings::V1(plugin) => plugin
+                .call_info(&mut *store)
+                .map(|info| (info.name, info.version)),
         })
         .map_err(start_failure)?;
-        let subscriptions = guarded(&mut warm, &limits, |bindings, store| {
-            bindings.call_subscriptions(store)
+        let subscriptions = guarded(&mut warm, &limits, |bindings, store| match bindings {
+            PluginBindings::V2(plugin) => plugin.call_subscriptions(store),
+            PluginBindings::V1(plugin) => plugin.call_subscriptions(store),
         })
         .map_err(start_failure)?;
-        let subscriptions = check_subscriptions(subscriptions)?;
-        check_info_field("name", &info.name)?;
-        check_info_field("version", &info.version)?;
+        let subscriptions = check_subscriptions(subscriptions, matches!(pre, PluginPre::V2(_)))?;
+        check_info_field("name", &name)?;
+        check_info_field("version", &version)?;
 
-        let label = format!("{}@{}", context.name, info.version).into();
+        let label = format!("{}@{}", context.name, version).into();
         Ok(Self {
-            info: PluginInfo {
-                name: info.name,
-                version: info.version,
-            },
+            info: PluginInfo { name, version },
             hash,
             label,
             subscriptions,
@@ -128,6 +150,14 @@ impl LoadedPlugin {
     /// The event names this plugin handles.
     pub fn subscriptions(&self) -> &[String] {
         &self.subscriptions
+    }
+
+    /// The contract version the plugin was built for: `0.1` or `0.2`.
+    pub fn contract(&self) -> &'static str {
+        match self.pre {
+            PluginPre::V2(_) => "0.2",
+            PluginPre::V1(_) => "0.1",
+        }
     }
 
     /// The plugin's JSON configuration.
@@ -172,19 +202,18 @@ impl LoadedPlugin {
             Some(warm) => warm,
             None => instantiate(&self.engine, &self.pre, &self.context, &self.limits)?,
         };
-        let input = to_wit(event);
         // A trapped instance is dropped here, never reused: its memory may be
         // in any state.
-        let decision = guarded(&mut warm, &self.limits, |bindings, store| {
-            bindings.call_handle(store, input)
+        let decision = guarded(&mut warm, &self.limits, |bindings, store| match bindings {
+            PluginBindings::V2(plugin) => plugin
+                .call_handle(store, to_wit_v2(event))
+                .map(|decision| decision.map_err(refused_v2)),
+            PluginBindings::V1(plugin) => plugin
+                .call_handle(store, to_wit_v1(event))
+                .map(|decision| decision.map(from_v1).map_err(refused_v1)),
         })?;
         self.put_back(warm);
-
-        let raw = decision.map_err(|failure| CallError::Refused {
-            code: refusal_code(failure.code),
-            message: failure.message.chars().take(1024).collect(),
-        })?;
-        outcome::validate(raw, matches!(event.origin, Origin::Client(_)), &self.limits)
+        outcome::validate(decision?, event.origin.client().is_some(), &self.limits)
     }
 
     fn put_back(&self, mut warm: WarmInstance) {
@@ -202,7 +231,7 @@ impl LoadedPlugin {
 /// Creates a fresh instance under the deadline (start functions run here).
 fn instantiate(
     engine: &Engine,
-    pre: &PluginPre<State>,
+    pre: &PluginPre,
     context: &Arc<PluginContext>,
     limits: &PluginLimits,
 ) -> Result<WarmInstance, CallError> {
@@ -213,7 +242,11 @@ fn instantiate(
         limits.copy_bytes(),
     );
     store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
-    match pre.instantiate(&mut store) {
+    let instantiated = match pre {
+        PluginPre::V2(pre) => pre.instantiate(&mut store).map(PluginBindings::V2),
+        PluginPre::V1(pre) => pre.instantiate(&mut store).map(PluginBindings::V1),
+    };
+    match instantiated {
         Ok(bindings) => Ok(WarmInstance {
             store,
             bindings,
@@ -280,7 +313,9 @@ fn check_info_field(what: &str, value: &str) -> Result<(), LoadError> {
     }
 }
 
-fn check_subscriptions(names: Vec<String>) -> Result<Vec<String>, LoadError> {
+/// Checks the declared subscriptions. Names under `sockets.` are the host's:
+/// a 0.2 plugin may subscribe to its lifecycle events, nothing else there.
+fn check_subscriptions(names: Vec<String>, contract_v2: bool) -> Result<Vec<String>, LoadError> {
     let mut names = names;
     names.sort();
     names.dedup();
@@ -306,26 +341,83 @@ fn check_subscriptions(names: Vec<String>) -> Result<Vec<String>, LoadError> {
             "`{reserved}` is handled by the host"
         )));
     }
+    if let Some(reserved) = names.iter().find(|name| {
+        lifecycle::is_reserved(name) && !(contract_v2 && lifecycle::ALL.contains(&name.as_str()))
+    }) {
+        return Err(LoadError::Subscriptions(if contract_v2 {
+            format!("`{reserved}` is not an event the host raises")
+        } else {
+            format!("`{reserved}`: lifecycle events need the sockets:plugin@0.2.0 contract")
+        }));
+    }
     Ok(names)
 }
 
-fn refusal_code(code: wit::ErrorCode) -> RefusalCode {
-    match code {
-        wit::ErrorCode::BadRequest => RefusalCode::BadRequest,
-        wit::ErrorCode::Forbidden => RefusalCode::Forbidden,
-        wit::ErrorCode::NotFound => RefusalCode::NotFound,
-        wit::ErrorCode::Internal => RefusalCode::Internal,
+fn refused(code: RefusalCode, message: &str) -> CallError {
+    CallError::Refused {
+        code,
+        message: message.chars().take(1024).collect(),
     }
 }
 
-fn to_wit(event: &Event) -> wit::Event<'_> {
-    let origin = match &event.origin {
-        Origin::Client(client) => wit::Origin::Client(wit::Client {
+fn refused_v2(failure: v2::sockets::plugin::types::Failure) -> CallError {
+    use v2::sockets::plugin::types::ErrorCode;
+    let code = match failure.code {
+        ErrorCode::BadRequest => RefusalCode::BadRequest,
+        ErrorCode::Forbidden => RefusalCode::Forbidden,
+        ErrorCode::NotFound => RefusalCode::NotFound,
+        ErrorCode::Internal => RefusalCode::Internal,
+    };
+    refused(code, &failure.message)
+}
+
+fn refused_v1(failure: v1::sockets::plugin::types::Failure) -> CallError {
+    use v1::sockets::plugin::types::ErrorCode;
+    let code = match failure.code {
+        ErrorCode::BadRequest => RefusalCode::BadRequest,
+        ErrorCode::Forbidden => RefusalCode::Forbidden,
+        ErrorCode::NotFound => RefusalCode::NotFound,
+        ErrorCode::Internal => RefusalCode::Internal,
+    };
+    refused(code, &failure.message)
+}
+
+fn to_wit_v2(event: &Event) -> v2::sockets::plugin::types::Event<'_> {
+    use v2::sockets::plugin::types as wit;
+    fn client(client: &super::types::ClientOrigin) -> wit::Client<'_> {
+        wit::Client {
             user_id: &client.user_id,
             role: &client.role,
             connection_id: &client.connection_id,
-        }),
+        }
+    }
+    let origin = match &event.origin {
+        Origin::Client(sender) => wit::Origin::Client(client(sender)),
+        Origin::Lifecycle(about) => wit::Origin::Lifecycle(client(about)),
         Origin::Broker => wit::Origin::Broker,
+        Origin::Api(service) => wit::Origin::Api(service),
+        Origin::Plugin(name) => wit::Origin::Plugin(name),
+    };
+    wit::Event {
+        id: &event.id,
+        name: &event.name,
+        origin,
+        data: &event.data,
+        received_at: &event.received_at,
+    }
+}
+
+/// The event as a 0.1 plugin sees it: an event a plugin emitted is a
+/// backend event (0.1 has no lifecycle events to be handed).
+fn to_wit_v1(event: &Event) -> v1::sockets::plugin::types::Event<'_> {
+    use v1::sockets::plugin::types as wit;
+    let origin = match &event.origin {
+        Origin::Client(sender) | Origin::Lifecycle(sender) => wit::Origin::Client(wit::Client {
+            user_id: &sender.user_id,
+            role: &sender.role,
+            connection_id: &sender.connection_id,
+        }),
+        Origin::Broker | Origin::Plugin(_) => wit::Origin::Broker,
         Origin::Api(service) => wit::Origin::Api(service),
     };
     wit::Event {
@@ -334,6 +426,34 @@ fn to_wit(event: &Event) -> wit::Event<'_> {
         origin,
         data: &event.data,
         received_at: &event.received_at,
+    }
+}
+
+/// A 0.1 outcome in 0.2 terms: durable deliveries, nothing emitted.
+fn from_v1(outcome: v1::sockets::plugin::types::Outcome) -> v2::sockets::plugin::types::Outcome {
+    use v1::sockets::plugin::types as old;
+    use v2::sockets::plugin::types as new;
+    let recipient = |recipient: old::Recipient| match recipient {
+        old::Recipient::User(id) => new::Recipient::User(id),
+        old::Recipient::Connection(id) => new::Recipient::Connection(id),
+        old::Recipient::SenderOthers => new::Recipient::SenderOthers,
+    };
+    new::Outcome {
+        deliveries: outcome
+            .deliveries
+            .into_iter()
+            .map(|delivery| new::Delivery {
+                to: delivery.to.into_iter().map(recipient).collect(),
+                event: delivery.event,
+                data: delivery.data,
+                ephemeral: false,
+            })
+            .collect(),
+        reply: outcome.reply.map(|reply| new::Reply {
+            data: reply.data,
+            delivered_field: reply.delivered_field,
+        }),
+        emit: Vec::new(),
     }
 }
 
@@ -347,7 +467,7 @@ mod tests {
 
     #[test]
     fn subscriptions_are_sorted_and_deduplicated() {
-        let checked = check_subscriptions(names(&["b", "a", "b"])).unwrap();
+        let checked = check_subscriptions(names(&["b", "a", "b"]), true).unwrap();
         assert_eq!(checked, names(&["a", "b"]));
     }
 
@@ -359,14 +479,25 @@ mod tests {
             &["setConnection"],
             &["refreshToken", "ok"],
             &["resume"],
+            &["sockets.somethingElse"],
         ] {
             assert!(
                 matches!(
-                    check_subscriptions(names(bad)),
+                    check_subscriptions(names(bad), true),
                     Err(LoadError::Subscriptions(_))
                 ),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_02_plugin_may_subscribe_to_lifecycle_events() {
+        let online = names(&[lifecycle::USER_ONLINE, "x"]);
+        assert!(check_subscriptions(online.clone(), true).is_ok());
+        assert!(matches!(
+            check_subscriptions(online, false),
+            Err(LoadError::Subscriptions(why)) if why.contains("0.2.0")
+        ));
     }
 }

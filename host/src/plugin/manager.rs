@@ -94,6 +94,8 @@ pub struct VersionReport {
     pub declared_name: String,
     /// Hex SHA-256 of the `.wasm`.
     pub sha256: String,
+    /// The plugin contract it was built for: `0.1` or `0.2`.
+    pub contract: &'static str,
     /// Event names it handles.
     pub subscriptions: Vec<String>,
     /// When it was loaded.
@@ -114,6 +116,7 @@ impl Version {
             version: plugin.info().version.clone(),
             declared_name: plugin.info().name.clone(),
             sha256: plugin.content_hash().to_owned(),
+            contract: plugin.contract(),
             subscriptions: plugin.subscriptions().to_vec(),
             loaded_at: rfc3339(self.loaded_at),
             config: plugin.config().to_owned(),

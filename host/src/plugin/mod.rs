@@ -25,5 +25,6 @@ pub use registry::{Decision, DispatchError, PluginDelivery, PluginRegistry, Plug
 pub use runtime::{PluginLimits, PluginRuntime, content_hash};
 pub use stats::{PluginStats, StatsSnapshot};
 pub use types::{
-    ClientOrigin, Delivery, Event, Origin, Outcome, PluginInfo, Recipient, RefusalCode, Reply,
+    ClientOrigin, Delivery, Emitted, Event, Origin, Outcome, PluginInfo, Recipient, RefusalCode,
+    Reply, lifecycle,
 };

@@ -3,14 +3,17 @@
 
 use serde_json::value::RawValue;
 
-use super::bindings::sockets::plugin::types as wit;
+use super::bindings::v2::sockets::plugin::types as wit;
 use super::error::CallError;
 use super::runtime::PluginLimits;
-use super::types::{Delivery, Outcome, Recipient, Reply};
+use super::types::{Delivery, Emitted, Outcome, Recipient, Reply, lifecycle};
 use crate::protocol::is_valid_event_name;
 
+/// Most events one outcome may emit.
+pub const MAX_EMITTED: usize = 16;
+
 /// Validates and converts an outcome. `from_client` tells whether the event
-/// had a sending connection (`sender-others` needs one).
+/// concerns a connection (`sender-others` needs one).
 pub(crate) fn validate(
     outcome: wit::Outcome,
     from_client: bool,
@@ -58,6 +61,30 @@ pub(crate) fn validate(
             to,
             event: delivery.event,
             data,
+            ephemeral: delivery.ephemeral,
+        });
+    }
+
+    if outcome.emit.len() > MAX_EMITTED {
+        return Err(invalid(format!(
+            "{} emitted events, at most {MAX_EMITTED} allowed",
+            outcome.emit.len()
+        )));
+    }
+    let mut emit = Vec::with_capacity(outcome.emit.len());
+    for (index, event) in outcome.emit.into_iter().enumerate() {
+        if !is_valid_event_name(&event.name) || lifecycle::is_reserved(&event.name) {
+            return Err(invalid(format!(
+                "emitted event {index}: name {:?} is not 1-64 chars of [A-Za-z0-9_.:-] outside `sockets.`",
+                truncate(&event.name)
+            )));
+        }
+        total_bytes += event.data.len();
+        let data = json_payload(event.data, limits)
+            .map_err(|why| invalid(format!("emitted event {index}: {why}")))?;
+        emit.push(Emitted {
+            name: event.name,
+            data,
         });
     }
 
@@ -85,7 +112,11 @@ pub(crate) fn validate(
             limits.max_outcome_bytes
         )));
     }
-    Ok(Outcome { deliveries, reply })
+    Ok(Outcome {
+        deliveries,
+        reply,
+        emit,
+    })
 }
 
 fn recipient_of(recipient: wit::Recipient, from_client: bool) -> Result<Recipient, String> {
@@ -127,6 +158,7 @@ mod tests {
             to,
             event: event.to_owned(),
             data: data.to_owned(),
+            ephemeral: false,
         }
     }
 
@@ -138,6 +170,7 @@ mod tests {
         wit::Outcome {
             deliveries,
             reply: None,
+            emit: Vec::new(),
         }
     }
 
@@ -209,6 +242,29 @@ mod tests {
             .map(|i| user(&i.to_string()))
             .collect();
         assert!(rejection(outcome(vec![delivery("x", "1", recipients)])).contains("recipients"));
+    }
+
+    #[test]
+    fn emitted_events_are_checked_like_deliveries() {
+        let emitted = |name: &str, data: &str| wit::EmittedEvent {
+            name: name.to_owned(),
+            data: data.to_owned(),
+        };
+        let mut raw = outcome(vec![]);
+        raw.emit = vec![emitted("NOTIFICATION_REQUESTED", r#"{"userId":"s_1"}"#)];
+        assert_eq!(check(raw).unwrap().emit[0].name, "NOTIFICATION_REQUESTED");
+        for (name, data, why) in [
+            ("sockets.userOnline", "{}", "name"),
+            ("has space", "{}", "name"),
+            ("X", "{not json", "not JSON"),
+        ] {
+            let mut raw = outcome(vec![]);
+            raw.emit = vec![emitted(name, data)];
+            assert!(rejection(raw).contains(why), "{name}");
+        }
+        let mut raw = outcome(vec![]);
+        raw.emit = (0..=MAX_EMITTED).map(|_| emitted("X", "1")).collect();
+        assert!(rejection(raw).contains("emitted events"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use super::error::CallError;
 use super::loaded::LoadedPlugin;
-use super::types::{Delivery, Event, Reply};
+use super::types::{Delivery, Emitted, Event, Reply};
 
 /// An immutable set of loaded plugins and the routes derived from it.
 #[derive(Debug, Default)]
@@ -35,6 +35,8 @@ pub struct Decision {
     pub deliveries: Vec<PluginDelivery>,
     /// The first reply given, in plugin-name order.
     pub reply: Option<Reply>,
+    /// Events the plugins emit, with the emitting plugin's `name@version`.
+    pub emit: Vec<(Arc<str>, Emitted)>,
 }
 
 /// Why an event could not be decided.
@@ -101,6 +103,7 @@ impl PluginSet {
         let mut decision = Decision {
             deliveries: Vec::new(),
             reply: None,
+            emit: Vec::new(),
         };
         for plugin in handlers {
             let outcome = plugin
@@ -123,6 +126,12 @@ impl PluginSet {
             if decision.reply.is_none() {
                 decision.reply = outcome.reply;
             }
+            decision.emit.extend(
+                outcome
+                    .emit
+                    .into_iter()
+                    .map(|event| (Arc::clone(plugin.label()), event)),
+            );
         }
         Ok(decision)
     }

@@ -161,7 +161,13 @@ impl PluginRuntime {
         // nothing: no preopened directories, environment, arguments or sockets.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         forbid_clock_waits(&mut linker)?;
-        super::bindings::Plugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
+        // Both contract versions: their interfaces are versioned names, so
+        // a plugin links against the one it was built for.
+        super::bindings::v2::Plugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
+            &mut linker,
+            |state| state,
+        )?;
+        super::bindings::v1::Plugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(
             &mut linker,
             |state| state,
         )?;

@@ -4,6 +4,32 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+/// The events the host raises about connections and users, for plugins of
+/// the 0.2 contract that subscribe to them. Names under `sockets.` are the
+/// host's: no client, backend or plugin may send one.
+pub mod lifecycle {
+    /// A connection opened (after it became reachable).
+    pub const CONNECTION_OPENED: &str = "sockets.connectionOpened";
+    /// A connection closed (after it stopped being reachable).
+    pub const CONNECTION_CLOSED: &str = "sockets.connectionClosed";
+    /// A user's first live connection in the cluster opened.
+    pub const USER_ONLINE: &str = "sockets.userOnline";
+    /// A user's last live connection in the cluster closed.
+    pub const USER_OFFLINE: &str = "sockets.userOffline";
+    /// All of them.
+    pub const ALL: [&str; 4] = [
+        CONNECTION_OPENED,
+        CONNECTION_CLOSED,
+        USER_ONLINE,
+        USER_OFFLINE,
+    ];
+
+    /// Whether `name` is in the host's reserved namespace.
+    pub fn is_reserved(name: &str) -> bool {
+        name.starts_with("sockets.")
+    }
+}
+
 /// One event to route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -28,6 +54,21 @@ pub enum Origin {
     Broker,
     /// A backend service through the HTTP API; the service token's `sub`.
     Api(String),
+    /// Raised by the host about a connection (a lifecycle event).
+    Lifecycle(ClientOrigin),
+    /// Emitted by the named plugin and routed by this host (no broker).
+    Plugin(String),
+}
+
+impl Origin {
+    /// The connection an event concerns: its sender, or the connection a
+    /// lifecycle event is about.
+    pub fn client(&self) -> Option<&ClientOrigin> {
+        match self {
+            Self::Client(client) | Self::Lifecycle(client) => Some(client),
+            _ => None,
+        }
+    }
 }
 
 /// The connection that sent a client event.
@@ -62,6 +103,18 @@ pub struct Delivery {
     pub event: String,
     /// The pushed frame's data.
     pub data: Box<RawValue>,
+    /// Pushed to live connections only: not logged, not replayed, not
+    /// waited for.
+    pub ephemeral: bool,
+}
+
+/// A backend event an outcome emits; `data` is checked to be JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Emitted {
+    /// The event name (routing key).
+    pub name: String,
+    /// The payload.
+    pub data: Box<RawValue>,
 }
 
 /// The answer for the sending client.
@@ -83,6 +136,8 @@ pub struct Outcome {
     pub deliveries: Vec<Delivery>,
     /// The reply, if the plugin gave one.
     pub reply: Option<Reply>,
+    /// Backend events to emit.
+    pub emit: Vec<Emitted>,
 }
 
 /// Why a plugin refused an event; maps onto PROTOCOL error codes.

@@ -9,6 +9,7 @@ mod embedded_keys;
 mod embedded_log;
 mod memory_connections;
 pub mod mongo;
+pub mod plugin_state;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};

@@ -13,6 +13,7 @@ mod documents;
 mod keys;
 mod log;
 mod maintenance;
+mod plugin_state;
 mod users;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub use connections::MongoConnections;
 pub use keys::MongoKeys;
 pub use log::MongoLog;
 pub use maintenance::Maintenance;
+pub use plugin_state::MongoPluginState;
 pub use users::MongoDirectory;
 
 use super::StoreError;

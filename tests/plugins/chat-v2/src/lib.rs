@@ -3,9 +3,10 @@
 
 use sockets_sdk::{Event, Failure, Host, Outcome, Plugin};
 
-// The bundled chat plugin's source, without its export: a dependency on the
-// chat crate would bring its component exports along and clash with ours.
-#[path = "../../../../plugins/chat/src/lib.rs"]
+// The bundled chat plugin's logic (its export is in its lib.rs): a
+// dependency on the chat crate would bring its component exports along
+// and clash with ours.
+#[path = "../../../../plugins/chat/src/chat.rs"]
 mod chat;
 
 /// Chat, second edition.

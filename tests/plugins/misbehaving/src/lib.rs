@@ -29,6 +29,7 @@ impl Plugin for Misbehaving {
             to: vec![sockets_sdk::Recipient::User("u_1".into())],
             event: "echo".into(),
             data: data.into(),
+            ephemeral: false,
         };
         match event.name.as_str() {
             "ok" => Ok(Outcome::new().deliver(echo(&event.data))),

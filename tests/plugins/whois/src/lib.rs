@@ -6,8 +6,8 @@
 use serde::Deserialize;
 use sockets_sdk::{Delivery, Event, Failure, Host, NonEmptyString, Outcome, Plugin};
 
-/// The presence plugin.
-pub struct Presence;
+/// The whois test plugin.
+pub struct Whois;
 
 #[derive(Deserialize)]
 struct WhoIs {
@@ -20,7 +20,7 @@ struct Nudge {
     user: NonEmptyString,
 }
 
-impl Plugin for Presence {
+impl Plugin for Whois {
     const SUBSCRIPTIONS: &'static [&'static str] = &["whoIs", "nudge"];
 
     fn handle(event: &Event, host: &dyn Host) -> Result<Outcome, Failure> {
@@ -44,4 +44,4 @@ impl Plugin for Presence {
     }
 }
 
-sockets_sdk::export_plugin!(Presence);
+sockets_sdk::export_plugin!(Whois);
