@@ -184,8 +184,6 @@ pub struct Dispatcher {
     cluster: Option<Arc<Cluster>>,
     /// Delivery ids pushed on this node, shared with the cluster link.
     recent: Arc<RecentDeliveries>,
-    /// Connections per user, for lifecycle events' counts.
-    presence: Arc<dyn Presence>,
     /// Events emitted by plugins, for the task that takes them (`take_emitted`).
     emitted: tokio::sync::mpsc::Sender<Inbound>,
     emitted_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Inbound>>>,
@@ -200,7 +198,6 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
         recent: Arc<RecentDeliveries>,
-        presence: Arc<dyn Presence>,
     ) -> Self {
         let (emitted, queue) = tokio::sync::mpsc::channel(EMITTED_QUEUE);
         Self {
@@ -210,20 +207,17 @@ impl Dispatcher {
             metrics,
             cluster,
             recent,
-            presence,
             emitted,
             emitted_queue: std::sync::Mutex::new(Some(queue)),
         }
     }
 
-    /// Raises a lifecycle event about a connection, if a plugin subscribes
-    /// to it: `connections` is the user's live connections after the change.
-    /// Its deliveries are made and logged like any event's; a failure is
-    /// logged, never the connection's concern.
+    /// Hands a lifecycle event about a connection to the plugins
+    /// (`crate::lifecycle` decides when): `connections` is the user's live
+    /// connections after the change. Its deliveries are made and logged
+    /// like any event's; a failure is logged, never the connection's
+    /// concern.
     pub async fn raise(&self, name: &'static str, about: &ClientOrigin, connections: usize) {
-        if self.plugins.snapshot().handlers(name).is_empty() {
-            return;
-        }
         let inbound = Inbound {
             event: Event {
                 id: format!("{}.{name}", about.connection_id),
@@ -238,29 +232,6 @@ impl Dispatcher {
         };
         if let Err(err) = self.route(&inbound).await {
             tracing::warn!(event = name, user = %about.user_id, "lifecycle event not handled: {err}");
-        }
-    }
-
-    /// Raises what a connection's opening means: `sockets.connectionOpened`
-    /// and, for the user's first connection, `sockets.userOnline`.
-    pub async fn connection_opened(&self, about: &ClientOrigin) {
-        let connections = self.presence.count_of_user(&about.user_id);
-        self.raise(lifecycle::CONNECTION_OPENED, about, connections)
-            .await;
-        if connections == 1 {
-            self.raise(lifecycle::USER_ONLINE, about, connections).await;
-        }
-    }
-
-    /// Raises what a connection's closing means: `sockets.connectionClosed`
-    /// and, for the user's last connection, `sockets.userOffline`.
-    pub async fn connection_closed(&self, about: &ClientOrigin) {
-        let connections = self.presence.count_of_user(&about.user_id);
-        self.raise(lifecycle::CONNECTION_CLOSED, about, connections)
-            .await;
-        if connections == 0 {
-            self.raise(lifecycle::USER_OFFLINE, about, connections)
-                .await;
         }
     }
 

@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod gateway;
 pub mod health;
 pub mod intake;
+pub mod lifecycle;
 pub mod metrics;
 pub mod plugin;
 pub mod protocol;

@@ -196,13 +196,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         }),
         None => Arc::clone(&store.presence),
     };
-    // Lifecycle events count what this node knows for sure: its own
-    // registry, and in a cluster the other nodes' announcements (a
-    // database's count lags behind a connection that just closed).
-    let lifecycle_presence: Arc<dyn Presence> = match &cluster_settings {
-        Some(_) => Arc::clone(&presence),
-        None => Arc::clone(&connections) as Arc<dyn Presence>,
-    };
+
     let cache_dir = config.data_dir.join("plugin-cache");
     let runtime = Arc::new(
         PluginRuntime::new(
@@ -282,8 +276,15 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         Arc::clone(&metrics),
         cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
         recent,
-        lifecycle_presence,
     ));
+    // Lifecycle events count this node's connections as it registers them
+    // and, in a cluster, the other nodes' as they announced them (a
+    // database's count lags behind a connection that just closed).
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        Arc::clone(&plugins),
+        cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
+    ));
+    tokio::spawn(Arc::clone(&lifecycle).run(Arc::clone(&dispatcher)));
     let emitted = dispatcher
         .take_emitted()
         .expect("a new dispatcher's queue is there");
@@ -319,6 +320,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Serv
         connection_store: store.connections,
         store_health: store.health,
         dispatcher,
+        lifecycle,
         log: Arc::clone(&store.log),
         plugins,
         manager,

@@ -93,18 +93,18 @@ impl Event {
     }
 
     /// Succeeds for events from backend services (broker or HTTP API);
-    /// client frames are `forbidden`, so clients cannot forge backend events.
+    /// anything else is `forbidden`: clients cannot forge backend events,
+    /// nor can other plugins by emitting them (a plugin that takes events
+    /// plugins emit matches [`Origin::Plugin`] itself).
     pub fn require_backend(&self) -> Result<(), Failure> {
         match self.origin {
-            Origin::Client(_) => Err(Failure::forbidden(format!(
-                "`{}` is only accepted from backend services",
-                self.name
-            ))),
-            Origin::Broker | Origin::Api(_) | Origin::Plugin(_) => Ok(()),
-            Origin::Lifecycle(_) => Err(Failure::forbidden(format!(
-                "`{}` is not a lifecycle event",
-                self.name
-            ))),
+            Origin::Broker | Origin::Api(_) => Ok(()),
+            Origin::Client(_) | Origin::Lifecycle(_) | Origin::Plugin(_) => {
+                Err(Failure::forbidden(format!(
+                    "`{}` is only accepted from backend services",
+                    self.name
+                )))
+            }
         }
     }
 }

@@ -343,7 +343,7 @@ async fn emitted_events_are_published_to_the_events_exchange() {
             break frame;
         }
     };
-    assert_eq!(requested["data"]["origin"], "broker", "{requested}");
+    assert_eq!(requested["data"]["origin"], "plugin:chat", "{requested}");
     assert_eq!(requested["data"]["data"], body);
 
     // A loop through the broker stops at the depth limit too.

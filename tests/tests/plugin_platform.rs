@@ -43,7 +43,8 @@ async fn next_push(client: &mut Client, event: &str) -> Value {
     }
 }
 
-/// Panics if a push of `event` comes within [`QUIET`].
+/// Panics if a push of `event` comes within the quiet period, or if the
+/// connection is gone after it (a closed connection also brings nothing).
 async fn no_push(client: &mut Client, event: &str) {
     let deadline = tokio::time::Instant::now() + QUIET;
     while let Some(frame) = client
@@ -51,6 +52,17 @@ async fn no_push(client: &mut Client, event: &str) {
         .await
     {
         assert_ne!(frame["event"], event, "unexpected {frame}");
+    }
+    client
+        .send(&json!({"event": "setConnection", "data": {}, "ack": 991}))
+        .await;
+    loop {
+        let frame = client.recv().await;
+        assert_ne!(frame["event"], event, "unexpected {frame}");
+        if frame["ack"] == 991 {
+            assert_eq!(frame["ok"], true, "the connection still answers: {frame}");
+            return;
+        }
     }
 }
 
@@ -192,6 +204,27 @@ async fn watchers_hear_status_changes_and_a_user_coming_and_going() {
     )
     .await;
     assert_eq!(forged["error"]["code"], "unknown_event", "{forged}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_opening_or_closing_at_once_are_one_coming_online_and_one_going_offline() {
+    let server = Server::in_process().await;
+    let mut student = Client::connect_as(&server, "s_1", "student").await;
+    ask(&mut student, "watchStatus", json!({"users": ["c_1"]})).await;
+    for _ in 0..3 {
+        let (first, second) = tokio::join!(
+            Client::connect_as(&server, "c_1", "consultant"),
+            Client::connect_as(&server, "c_1", "consultant"),
+        );
+        let online = next_push(&mut student, "statusChanged").await;
+        assert_eq!(online["data"]["online"], true, "{online}");
+        no_push(&mut student, "statusChanged").await;
+        tokio::join!(first.close(), second.close());
+        let offline = next_push(&mut student, "statusChanged").await;
+        assert_eq!(offline["data"]["online"], false, "{offline}");
+        no_push(&mut student, "statusChanged").await;
+    }
     server.stop().await;
 }
 

@@ -307,30 +307,34 @@ impl ConnectionRegistry {
         Self::default()
     }
 
-    /// Adds a connection.
-    pub fn register(&self, handle: Arc<ConnectionHandle>) {
+    /// Adds a connection; returns its user's connections on this node with
+    /// it, counted under the same lock (two connections opening at once
+    /// count 1 and 2, never 2 and 2).
+    pub fn register(&self, handle: Arc<ConnectionHandle>) -> usize {
         let mut maps = self.maps.write().unwrap_or_else(PoisonError::into_inner);
-        maps.by_user
-            .entry(Arc::clone(&handle.user_id))
-            .or_default()
-            .push(Arc::clone(&handle));
+        let of_user = maps.by_user.entry(Arc::clone(&handle.user_id)).or_default();
+        of_user.push(Arc::clone(&handle));
+        let count = of_user.len();
         maps.by_id.insert(Arc::clone(&handle.id), handle);
         self.count.fetch_add(1, Ordering::Relaxed);
+        count
     }
 
-    /// Removes a connection.
-    pub fn unregister(&self, handle: &ConnectionHandle) {
+    /// Removes a connection; returns its user's connections left on this
+    /// node, counted under the same lock, or `None` if it was not here.
+    pub fn unregister(&self, handle: &ConnectionHandle) -> Option<usize> {
         let mut maps = self.maps.write().unwrap_or_else(PoisonError::into_inner);
-        if maps.by_id.remove(&handle.id).is_none() {
-            return;
-        }
+        maps.by_id.remove(&handle.id)?;
+        let mut left = 0;
         if let Some(list) = maps.by_user.get_mut(&handle.user_id) {
             list.retain(|other| other.id != handle.id);
+            left = list.len();
             if list.is_empty() {
                 maps.by_user.remove(&handle.user_id);
             }
         }
         self.count.fetch_sub(1, Ordering::Relaxed);
+        Some(left)
     }
 
     /// The connections of a user.
@@ -409,11 +413,11 @@ mod tests {
         let connections = ConnectionRegistry::new();
         let a = handle("a", "u1", 4);
         let b = handle("b", "u1", 4);
-        connections.register(Arc::clone(&a));
-        connections.register(Arc::clone(&b));
+        assert_eq!(connections.register(Arc::clone(&a)), 1);
+        assert_eq!(connections.register(Arc::clone(&b)), 2);
         assert_eq!(connections.count_of_user("u1"), 2);
-        connections.unregister(&a);
-        connections.unregister(&a);
+        assert_eq!(connections.unregister(&a), Some(1));
+        assert_eq!(connections.unregister(&a), None, "already gone");
         assert_eq!(connections.len(), 1);
         assert_eq!(connections.of_user("u1")[0].id.as_ref(), "b");
         assert!(connections.get("a").is_none());

@@ -156,7 +156,7 @@ impl Connection {
             tracing::warn!(connection = %handle.id, "connection record not stored: {err}");
         }
 
-        state.connections.register(Arc::clone(handle));
+        let local = state.connections.register(Arc::clone(handle));
         if let Some(cluster) = &state.cluster {
             // The writer starts after this: the client sees `connected` only
             // once deliveries from other nodes reach this one.
@@ -164,7 +164,7 @@ impl Connection {
         }
         state.metrics.connection_opened();
         tracing::info!(connection = %handle.id, user = %session.claims.sub, role = %session.claims.role, "connected");
-        state.dispatcher.connection_opened(&self.origin()).await;
+        state.lifecycle.opened(&self.origin(), local).await;
     }
 
     /// Stops the writer (with `close`, if the server closes), unregisters
@@ -178,9 +178,12 @@ impl Connection {
             reason: "",
         });
         handle.request_close(close.code, close.reason);
-        state.connections.unregister(handle);
+        let local = state.connections.unregister(handle);
         if let Some(cluster) = &state.cluster {
             cluster.leave(&handle.user_id).await;
+        }
+        if let Some(local) = local {
+            state.lifecycle.closed(&self.origin(), local).await;
         }
         let _ = writer.await;
 
@@ -188,7 +191,6 @@ impl Connection {
             tracing::warn!(connection = %handle.id, "connection record not removed: {err}");
         }
         state.metrics.connection_closed();
-        state.dispatcher.connection_closed(&self.origin()).await;
         let closed = handle.close_requested().await;
         tracing::info!(connection = %handle.id, user = %self.session.claims.sub, code = closed.code, reason = closed.reason, "disconnected");
     }

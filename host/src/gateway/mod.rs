@@ -51,6 +51,8 @@ pub struct AppState {
     pub store_health: Arc<Health>,
     /// Event routing.
     pub dispatcher: Arc<Dispatcher>,
+    /// Where connections report opening and closing (lifecycle events).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// The notification log (`resume` reads it).
     pub log: Arc<dyn NotificationLog>,
     /// The loaded plugins.

@@ -267,6 +267,12 @@ impl AmqpIntake {
             .app_id()
             .as_ref()
             .map_or_else(|| "broker".to_owned(), |app| app.as_str().to_owned());
+        // An event a plugin emitted (`publish_emitted`) stays a plugin's:
+        // plugins that trust only backends (`require_backend`) refuse it.
+        let origin = match from.strip_prefix("plugin:") {
+            Some(plugin) => Origin::Plugin(plugin.to_owned()),
+            None => Origin::Broker,
+        };
 
         // PROTOCOL §5 (v1.1): refused before it is parsed or shown to a
         // plugin, with the reason a dead-letter consumer can match on.
@@ -310,7 +316,7 @@ impl AmqpIntake {
                         event: Event {
                             id: event_id.clone(),
                             name: name.clone(),
-                            origin: Origin::Broker,
+                            origin: origin.clone(),
                             data: data.clone(),
                             received_at: rfc3339(SystemTime::now()),
                         },

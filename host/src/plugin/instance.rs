@@ -115,6 +115,9 @@ pub(crate) struct State {
     table: ResourceTable,
     pub limiter: MemoryLimiter,
     context: Arc<PluginContext>,
+    /// When the current call must end: host calls that wait (MongoDB
+    /// state) give up then.
+    pub deadline: std::time::Instant,
 }
 
 impl State {
@@ -130,6 +133,7 @@ impl State {
                 denied: false,
             },
             context,
+            deadline: std::time::Instant::now(),
         }
     }
 }
@@ -228,10 +232,11 @@ impl State {
         }
     }
 
-    fn state(&self) -> (&dyn PluginState, &str) {
+    fn state(&self) -> (&dyn PluginState, &str, std::time::Instant) {
         (
             self.context.services.plugin_state(),
             self.context.name.as_str(),
+            self.deadline,
         )
     }
 }
@@ -287,8 +292,8 @@ impl v2::sockets::plugin::host::Host for State {
         &mut self,
         key: String,
     ) -> Result<Option<String>, v2::sockets::plugin::types::StateError> {
-        let (state, plugin) = self.state();
-        state.get(plugin, &key).map_err(state_error)
+        let (state, plugin, deadline) = self.state();
+        state.get(plugin, &key, deadline).map_err(state_error)
     }
 
     fn state_set(
@@ -297,15 +302,15 @@ impl v2::sockets::plugin::host::Host for State {
         value: String,
         ttl_ms: Option<u64>,
     ) -> Result<(), v2::sockets::plugin::types::StateError> {
-        let (state, plugin) = self.state();
+        let (state, plugin, deadline) = self.state();
         state
-            .set(plugin, &key, value, ttl(ttl_ms))
+            .set(plugin, &key, value, ttl(ttl_ms), deadline)
             .map_err(state_error)
     }
 
     fn state_delete(&mut self, key: String) -> Result<(), v2::sockets::plugin::types::StateError> {
-        let (state, plugin) = self.state();
-        state.delete(plugin, &key).map_err(state_error)
+        let (state, plugin, deadline) = self.state();
+        state.delete(plugin, &key, deadline).map_err(state_error)
     }
 
     fn state_swap(
@@ -315,9 +320,16 @@ impl v2::sockets::plugin::host::Host for State {
         value: Option<String>,
         ttl_ms: Option<u64>,
     ) -> Result<bool, v2::sockets::plugin::types::StateError> {
-        let (state, plugin) = self.state();
+        let (state, plugin, deadline) = self.state();
         state
-            .swap(plugin, &key, expected.as_deref(), value, ttl(ttl_ms))
+            .swap(
+                plugin,
+                &key,
+                expected.as_deref(),
+                value,
+                ttl(ttl_ms),
+                deadline,
+            )
             .map_err(state_error)
     }
 }

@@ -242,6 +242,7 @@ fn instantiate(
         limits.copy_bytes(),
     );
     store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+    store.data_mut().deadline = std::time::Instant::now() + limits.call_timeout;
     let instantiated = match pre {
         PluginPre::V2(pre) => pre.instantiate(&mut store).map(PluginBindings::V2),
         PluginPre::V1(pre) => pre.instantiate(&mut store).map(PluginBindings::V1),
@@ -264,6 +265,7 @@ fn guarded<R>(
     call: impl FnOnce(&PluginBindings, &mut Store<State>) -> wasmtime::Result<R>,
 ) -> Result<R, CallError> {
     warm.store.data_mut().limiter.denied = false;
+    warm.store.data_mut().deadline = std::time::Instant::now() + limits.call_timeout;
     warm.store
         .set_epoch_deadline(deadline_ticks(limits.call_timeout));
     call(&warm.bindings, &mut warm.store)

@@ -7,12 +7,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// When the plugin call making a state operation must end: a store that
+/// waits on I/O gives up then (the call would trap as soon as it resumes).
+pub type Deadline = Instant;
+
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
 /// Largest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 64 << 10;
 /// Most live keys in one plugin's namespace.
-pub const MAX_KEYS_PER_PLUGIN: usize = 100_000;
+pub const MAX_KEYS_PER_PLUGIN: usize = 1_000_000;
 
 /// Why a state operation failed (WIT `state-error`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,18 +24,23 @@ pub enum StateError {
     /// A key or value over the caps, or an empty key.
     #[error("{0}")]
     TooLarge(String),
-    /// The namespace holds [`MAX_KEYS_PER_PLUGIN`] keys.
-    #[error("the plugin's state holds {MAX_KEYS_PER_PLUGIN} keys")]
+    /// The namespace holds as many live keys as it may.
+    #[error("the plugin's state holds as many keys as it may")]
     Full,
     /// The store did not answer in time.
     #[error("plugin state unavailable: {0}")]
     Unavailable(String),
 }
 
-/// A store of plugin state.
+/// A store of plugin state. Every operation ends by `deadline`.
 pub trait PluginState: Send + Sync {
     /// The live value of `key` in `plugin`'s namespace.
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<String>, StateError>;
+    fn get(
+        &self,
+        plugin: &str,
+        key: &str,
+        deadline: Deadline,
+    ) -> Result<Option<String>, StateError>;
     /// Sets a value, expiring after `ttl` when given.
     fn set(
         &self,
@@ -39,9 +48,10 @@ pub trait PluginState: Send + Sync {
         key: &str,
         value: String,
         ttl: Option<Duration>,
+        deadline: Deadline,
     ) -> Result<(), StateError>;
     /// Removes a key.
-    fn delete(&self, plugin: &str, key: &str) -> Result<(), StateError>;
+    fn delete(&self, plugin: &str, key: &str, deadline: Deadline) -> Result<(), StateError>;
     /// Compare-and-set; `None` stands for absent on both sides.
     fn swap(
         &self,
@@ -50,6 +60,7 @@ pub trait PluginState: Send + Sync {
         expected: Option<&str>,
         value: Option<String>,
         ttl: Option<Duration>,
+        deadline: Deadline,
     ) -> Result<bool, StateError>;
 }
 
@@ -84,12 +95,26 @@ impl Entry {
 /// The embedded default's plugin state: this node's memory. It outlives
 /// instances and hot swaps, not a restart, and is not shared between nodes
 /// (a cluster shares state through MongoDB).
-#[derive(Default)]
 pub struct MemoryPluginState {
     namespaces: Mutex<HashMap<String, HashMap<String, Entry>>>,
+    max_keys: usize,
+}
+
+impl Default for MemoryPluginState {
+    fn default() -> Self {
+        Self::with_max_keys(MAX_KEYS_PER_PLUGIN)
+    }
 }
 
 impl MemoryPluginState {
+    /// At most `max_keys` live keys per plugin.
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Self {
+            namespaces: Mutex::default(),
+            max_keys,
+        }
+    }
+
     fn with_namespace<R>(
         &self,
         plugin: &str,
@@ -112,20 +137,22 @@ fn room_for(
     namespace: &mut HashMap<String, Entry>,
     key: &str,
     now: Instant,
+    max_keys: usize,
 ) -> Result<(), StateError> {
-    if namespace.contains_key(key) || namespace.len() < MAX_KEYS_PER_PLUGIN {
+    if namespace.contains_key(key) || namespace.len() < max_keys {
         return Ok(());
     }
     namespace.retain(|_, entry| entry.live(now));
-    if namespace.len() < MAX_KEYS_PER_PLUGIN {
+    if namespace.len() < max_keys {
         Ok(())
     } else {
         Err(StateError::Full)
     }
 }
 
+/// Memory answers at once: the deadline never binds.
 impl PluginState for MemoryPluginState {
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<String>, StateError> {
+    fn get(&self, plugin: &str, key: &str, _: Deadline) -> Result<Option<String>, StateError> {
         check_sizes(key, None)?;
         Ok(self.with_namespace(plugin, |namespace, now| {
             namespace
@@ -141,17 +168,19 @@ impl PluginState for MemoryPluginState {
         key: &str,
         value: String,
         ttl: Option<Duration>,
+        _: Deadline,
     ) -> Result<(), StateError> {
         check_sizes(key, Some(&value))?;
+        let max_keys = self.max_keys;
         self.with_namespace(plugin, |namespace, now| {
-            room_for(namespace, key, now)?;
+            room_for(namespace, key, now, max_keys)?;
             let expires = ttl.and_then(|ttl| now.checked_add(ttl));
             namespace.insert(key.to_owned(), Entry { value, expires });
             Ok(())
         })
     }
 
-    fn delete(&self, plugin: &str, key: &str) -> Result<(), StateError> {
+    fn delete(&self, plugin: &str, key: &str, _: Deadline) -> Result<(), StateError> {
         check_sizes(key, None)?;
         self.with_namespace(plugin, |namespace, _| namespace.remove(key));
         Ok(())
@@ -164,8 +193,10 @@ impl PluginState for MemoryPluginState {
         expected: Option<&str>,
         value: Option<String>,
         ttl: Option<Duration>,
+        _: Deadline,
     ) -> Result<bool, StateError> {
         check_sizes(key, value.as_deref())?;
+        let max_keys = self.max_keys;
         self.with_namespace(plugin, |namespace, now| {
             let current = namespace
                 .get(key)
@@ -176,7 +207,7 @@ impl PluginState for MemoryPluginState {
             }
             match value {
                 Some(value) => {
-                    room_for(namespace, key, now)?;
+                    room_for(namespace, key, now, max_keys)?;
                     let expires = ttl.and_then(|ttl| now.checked_add(ttl));
                     namespace.insert(key.to_owned(), Entry { value, expires });
                 }
@@ -193,74 +224,97 @@ impl PluginState for MemoryPluginState {
 mod tests {
     use super::*;
 
+    fn far() -> Deadline {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[test]
     fn values_are_kept_per_plugin_and_expire() {
         let state = MemoryPluginState::default();
-        state.set("a", "k", "1".into(), None).unwrap();
+        state.set("a", "k", "1".into(), None, far()).unwrap();
         state
-            .set("b", "k", "2".into(), Some(Duration::from_millis(30)))
+            .set("b", "k", "2".into(), Some(Duration::from_millis(30)), far())
             .unwrap();
-        assert_eq!(state.get("a", "k").unwrap().as_deref(), Some("1"));
-        assert_eq!(state.get("b", "k").unwrap().as_deref(), Some("2"));
+        assert_eq!(state.get("a", "k", far()).unwrap().as_deref(), Some("1"));
+        assert_eq!(state.get("b", "k", far()).unwrap().as_deref(), Some("2"));
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(state.get("b", "k").unwrap(), None);
-        state.delete("a", "k").unwrap();
-        assert_eq!(state.get("a", "k").unwrap(), None);
+        assert_eq!(state.get("b", "k", far()).unwrap(), None);
+        state.delete("a", "k", far()).unwrap();
+        assert_eq!(state.get("a", "k", far()).unwrap(), None);
     }
 
     #[test]
     fn swap_compares_before_it_sets() {
         let state = MemoryPluginState::default();
-        assert!(state.swap("p", "k", None, Some("1".into()), None).unwrap());
-        assert!(!state.swap("p", "k", None, Some("2".into()), None).unwrap());
+        assert!(
+            state
+                .swap("p", "k", None, Some("1".into()), None, far())
+                .unwrap()
+        );
         assert!(
             !state
-                .swap("p", "k", Some("0"), Some("2".into()), None)
+                .swap("p", "k", None, Some("2".into()), None, far())
+                .unwrap()
+        );
+        assert!(
+            !state
+                .swap("p", "k", Some("0"), Some("2".into()), None, far())
                 .unwrap()
         );
         assert!(
             state
-                .swap("p", "k", Some("1"), Some("2".into()), None)
+                .swap("p", "k", Some("1"), Some("2".into()), None, far())
                 .unwrap()
         );
-        assert!(state.swap("p", "k", Some("2"), None, None).unwrap());
-        assert_eq!(state.get("p", "k").unwrap(), None);
+        assert!(state.swap("p", "k", Some("2"), None, None, far()).unwrap());
+        assert_eq!(state.get("p", "k", far()).unwrap(), None);
     }
 
     #[test]
     fn caps_hold() {
-        let state = MemoryPluginState::default();
-        assert!(matches!(state.get("p", ""), Err(StateError::TooLarge(_))));
+        let state = MemoryPluginState::with_max_keys(100);
+        assert!(matches!(
+            state.get("p", "", far()),
+            Err(StateError::TooLarge(_))
+        ));
         let long_key = "k".repeat(MAX_KEY_BYTES + 1);
         assert!(matches!(
-            state.get("p", &long_key),
+            state.get("p", &long_key, far()),
             Err(StateError::TooLarge(_))
         ));
         let big = "v".repeat(MAX_VALUE_BYTES + 1);
         assert!(matches!(
-            state.set("p", "k", big, None),
+            state.set("p", "k", big, None, far()),
             Err(StateError::TooLarge(_))
         ));
-        for i in 0..MAX_KEYS_PER_PLUGIN {
-            state.set("p", &i.to_string(), String::new(), None).unwrap();
+        for i in 0..100 {
+            state
+                .set("p", &i.to_string(), String::new(), None, far())
+                .unwrap();
         }
         assert_eq!(
-            state.set("p", "one more", String::new(), None),
+            state.set("p", "one more", String::new(), None, far()),
             Err(StateError::Full)
         );
         // Overwriting a key takes no room; another plugin has its own.
-        state.set("p", "0", "x".into(), None).unwrap();
-        state.set("q", "one more", String::new(), None).unwrap();
+        state.set("p", "0", "x".into(), None, far()).unwrap();
+        state
+            .set("q", "one more", String::new(), None, far())
+            .unwrap();
     }
 
     #[test]
     fn expired_keys_make_room() {
-        let state = MemoryPluginState::default();
-        for i in 0..MAX_KEYS_PER_PLUGIN {
+        let state = MemoryPluginState::with_max_keys(100);
+        for i in 0..100 {
             let ttl = (i == 7).then_some(Duration::from_millis(1));
-            state.set("p", &i.to_string(), String::new(), ttl).unwrap();
+            state
+                .set("p", &i.to_string(), String::new(), ttl, far())
+                .unwrap();
         }
         std::thread::sleep(Duration::from_millis(5));
-        state.set("p", "one more", String::new(), None).unwrap();
+        state
+            .set("p", "one more", String::new(), None, far())
+            .unwrap();
     }
 }

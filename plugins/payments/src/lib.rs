@@ -134,4 +134,15 @@ mod tests {
         let failure = Payments::handle(&event, &TestHost::new()).unwrap_err();
         assert_eq!(failure.code, ErrorCode::Forbidden);
     }
+
+    #[test]
+    fn other_plugins_cannot_forge_payments_by_emitting_them() {
+        let mut event = broker_event(
+            "PAYMENT_PROCESSED",
+            r#"{"paymentId":"p","studentId":"s_1"}"#,
+        );
+        event.origin = sockets_sdk::Origin::Plugin("chat".into());
+        let failure = Payments::handle(&event, &TestHost::new()).unwrap_err();
+        assert_eq!(failure.code, ErrorCode::Forbidden);
+    }
 }

@@ -3,8 +3,9 @@
 //!
 //! - `setStatus {"status": "available"|"busy"|"away", "text"?: "…"}` →
 //!   reply `{"status", "text"}`; the user's watchers get `statusChanged`.
-//! - `watchStatus {"users": ["c_1", …]}` (at most [`MAX_WATCHED`]) replaces
-//!   the sender's watch list; the reply lists each user's
+//! - `watchStatus {"users": ["c_1", …]}` (at most [`MAX_WATCHED`], each a
+//!   user the sender may message under the `allow` role rules, as for chat)
+//!   replaces the sender's watch list; the reply lists each user's
 //!   `{"userId", "status", "text", "online"}`.
 //! - `statusChanged {"userId", "status", "text", "online"}` is pushed to a
 //!   user's watchers when it sets a status or comes online or goes offline
@@ -13,20 +14,27 @@
 //!
 //! Everything is kept in the plugin's state (the host's, shared by every
 //! node with MongoDB): `status/<user>` for 7 days, `watching/<user>` and
-//! `watchers/<user>` as JSON lists, changed by compare-and-set. A user's
-//! watch list is dropped when it goes offline.
+//! `watchers/<user>` as JSON lists for 7 days after the last `watchStatus`
+//! that named them, changed by compare-and-set. A user's watch list is
+//! dropped when it goes offline (and, should its node die first, expires).
+//! Clients send `watchStatus` again after reconnecting.
 
 use serde::{Deserialize, Serialize};
-use sockets_sdk::{Delivery, Event, Failure, Host, Outcome, Plugin, UserId, lifecycle};
+use sockets_sdk::{Delivery, Event, Failure, Host, Outcome, Plugin, UserId, lifecycle, roles};
 
-/// Most users one `watchStatus` may watch.
-pub const MAX_WATCHED: usize = 100;
-/// Most watchers of one user.
-pub const MAX_WATCHERS: usize = 1000;
+/// Most users one `watchStatus` may watch: each costs a few state calls,
+/// which with MongoDB are round trips within the call's 50 ms.
+pub const MAX_WATCHED: usize = 25;
+/// Most watchers of one user (their ids fit one state value).
+pub const MAX_WATCHERS: usize = 200;
 /// Longest status text, in characters.
 const MAX_TEXT_CHARS: usize = 140;
 /// How long a status is kept, in milliseconds (7 days).
 const STATUS_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// How long a watch list outlives the last `watchStatus` naming it, in
+/// milliseconds (7 days): the bound on what a watcher whose node died
+/// leaves behind.
+const WATCH_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Attempts of one compare-and-set update before giving up.
 const SWAP_ATTEMPTS: usize = 16;
 
@@ -59,6 +67,11 @@ struct WatchStatus {
     users: Vec<UserId>,
 }
 
+#[derive(Deserialize, Default)]
+struct Config {
+    allow: Option<Vec<roles::Rule>>,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct StatusView<'a> {
@@ -88,7 +101,7 @@ impl Plugin for Presence {
         let sender = event.require_client()?;
         match event.name.as_str() {
             "setStatus" => set_status(event, host, &sender.user_id),
-            "watchStatus" => watch_status(event, host, &sender.user_id),
+            "watchStatus" => watch_status(event, host, &sender.user_id, &sender.role),
             other => Err(Failure::bad_request(format!("`{other}` is not handled"))),
         }
     }
@@ -116,8 +129,14 @@ fn set_status(event: &Event, host: &dyn Host, user: &str) -> Result<Outcome, Fai
     outcome.reply(&serde_json::json!({"status": status.status, "text": status.text}))
 }
 
-fn watch_status(event: &Event, host: &dyn Host, watcher: &str) -> Result<Outcome, Failure> {
+fn watch_status(
+    event: &Event,
+    host: &dyn Host,
+    watcher: &str,
+    role: &str,
+) -> Result<Outcome, Failure> {
     let request: WatchStatus = event.data_as()?;
+    let config: Config = host.config_as()?;
     if request.users.len() > MAX_WATCHED {
         return Err(Failure::bad_request(format!(
             "at most {MAX_WATCHED} users may be watched"
@@ -127,21 +146,34 @@ fn watch_status(event: &Event, host: &dyn Host, watcher: &str) -> Result<Outcome
     for user in request.users {
         let user = user.to_string();
         if user != watcher && !wanted.contains(&user) {
-            if host.get_user(&user).is_none() {
-                return Err(Failure::not_found(format!("user `{user}` does not exist")));
-            }
+            let found = host
+                .get_user(&user)
+                .ok_or_else(|| Failure::not_found(format!("user `{user}` does not exist")))?;
+            roles::check(config.allow.as_deref(), role, &found.role, "watch")?;
             wanted.push(user);
         }
     }
 
+    // The union first: a call cut short leaves a watch list that names
+    // every watcher list it may have joined, which going offline cleans.
     let before = read_list(host, &key("watching", watcher))?;
+    update_list(host, &key("watching", watcher), |list| {
+        for user in &wanted {
+            if !list.contains(user) {
+                list.push(user.clone());
+            }
+        }
+        Ok(())
+    })?;
     for user in before.iter().filter(|user| !wanted.contains(user)) {
         update_list(host, &key("watchers", user), |watchers| {
             watchers.retain(|w| w != watcher);
             Ok(())
         })?;
     }
-    for user in wanted.iter().filter(|user| !before.contains(user)) {
+    // Every watched user's list, not only new ones: rewriting renews its
+    // TTL.
+    for user in &wanted {
         update_list(host, &key("watchers", user), |watchers| {
             if !watchers.iter().any(|w| w == watcher) {
                 if watchers.len() >= MAX_WATCHERS {
@@ -251,10 +283,11 @@ fn update_list(
         } else {
             Some(to_json(&list)?)
         };
-        if next == current {
+        if next.is_none() && current.is_none() {
             return Ok(());
         }
-        if host.state_swap(key, current.as_deref(), next.as_deref(), None)? {
+        // Written even when unchanged: that renews the TTL.
+        if host.state_swap(key, current.as_deref(), next.as_deref(), Some(WATCH_TTL_MS))? {
             return Ok(());
         }
     }
@@ -276,6 +309,7 @@ mod tests {
             .with_user("s_1", "student")
             .with_user("s_2", "student")
             .with_user("c_1", "consultant")
+            .with_user("c_2", "consultant")
     }
 
     fn send(host: &TestHost, from: &str, name: &str, data: Value) -> Result<Outcome, Failure> {
@@ -356,18 +390,29 @@ mod tests {
     #[test]
     fn a_new_watch_list_replaces_the_old_one() {
         let host = directory();
-        send(
-            &host,
-            "s_1",
-            "watchStatus",
-            json!({"users": ["c_1", "s_2"]}),
-        )
-        .unwrap();
-        send(&host, "s_1", "watchStatus", json!({"users": ["s_2"]})).unwrap();
+        let watch = |users: Value| send(&host, "s_1", "watchStatus", json!({ "users": users }));
+        watch(json!(["c_1", "c_2"])).unwrap();
+        watch(json!(["c_2"])).unwrap();
         let state = host.state();
         assert_eq!(state.get("watchers/c_1"), None);
-        assert_eq!(state["watchers/s_2"], r#"["s_1"]"#);
-        assert_eq!(state["watching/s_1"], r#"["s_2"]"#);
+        assert_eq!(state["watchers/c_2"], r#"["s_1"]"#);
+        assert_eq!(state["watching/s_1"], r#"["c_2"]"#);
+        // Renewed on every watchStatus, so a stable list does not expire.
+        assert_eq!(host.state_ttl("watchers/c_2"), Some(WATCH_TTL_MS));
+    }
+
+    #[test]
+    fn only_users_one_may_message_may_be_watched() {
+        let host = directory();
+        let refused = send(&host, "s_1", "watchStatus", json!({"users": ["s_2"]})).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden);
+        assert!(
+            host.state().is_empty(),
+            "nothing written: {:?}",
+            host.state()
+        );
+        let open = directory().with_config(r#"{"allow":[{"from":"*","to":"*"}]}"#);
+        assert!(send(&open, "s_1", "watchStatus", json!({"users": ["s_2"]})).is_ok());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use mongodb::{Collection, IndexModel};
 use tokio::sync::watch;
 
 use super::{
-    INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, PUBLISHED_ANSWERS, PUBLISHED_KEYS,
-    USER_CONNECTIONS,
+    INSTANCES, Mongo, MongoConnections, NOTIFICATION_LOGS, PLUGIN_STATE, PUBLISHED_ANSWERS,
+    PUBLISHED_KEYS, USER_CONNECTIONS,
 };
 use crate::store::PUBLISHED_KEY_RETENTION;
 
@@ -64,7 +64,7 @@ impl Maintenance {
                 tracing::warn!("cannot sweep dead nodes' records: {err}");
             }
             if let Err(err) = self.mongo.observe(self.sweep_keys(database_now).await) {
-                tracing::warn!("cannot sweep expired published keys: {err}");
+                tracing::warn!("cannot sweep expired published keys and plugin state: {err}");
             }
             if let Err(err) = self.mongo.observe(self.sweep_log(database_now).await) {
                 tracing::warn!("cannot delete notification log records past the retention: {err}");
@@ -108,6 +108,19 @@ impl Maintenance {
             .await?;
         connections
             .create_index(IndexModel::builder().keys(doc! {"instanceId": 1}).build())
+            .await?;
+        // A plugin's live keys are counted when it adds one; expired ones
+        // are swept (`sweep_keys`).
+        let state = self.mongo.db.collection::<Document>(PLUGIN_STATE);
+        state
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"plugin": 1, "expiresAt": 1})
+                    .build(),
+            )
+            .await?;
+        state
+            .create_index(IndexModel::builder().keys(doc! {"expiresAt": 1}).build())
             .await?;
         // Published keys are swept by their time (`sweep_keys`).
         for (collection, time) in [
@@ -203,6 +216,12 @@ impl Maintenance {
             .db
             .collection::<Document>(PUBLISHED_KEYS)
             .delete_many(doc! {"claimedAt": {"$lt": before(claims_age)}})
+            .await?;
+        // Expired plugin state: ignored by reads already, deleted here.
+        self.mongo
+            .db
+            .collection::<Document>(PLUGIN_STATE)
+            .delete_many(doc! {"expiresAt": {"$lte": now}})
             .await?;
         Ok(())
     }

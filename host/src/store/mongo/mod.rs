@@ -43,6 +43,8 @@ const PUBLISHED_KEYS: &str = "publishedKeys";
 /// The first publication's answer of each key published within the
 /// retention.
 const PUBLISHED_ANSWERS: &str = "publishedAnswers";
+/// Plugins' state (`state-*` host calls).
+const PLUGIN_STATE: &str = "pluginState";
 
 /// How long an operation waits for a usable server before failing: short,
 /// so that a database outage degrades the service instead of stalling it.

@@ -1,21 +1,19 @@
 //! Plugin state in MongoDB (`pluginState`), shared by every node: one
-//! document per key, `_id` = `<plugin>/<key>`. Plugins call it mid-call, so
-//! every operation blocks its thread for at most [`STATE_TIMEOUT`].
+//! document per key, `_id` = `<plugin>/<key>` (plugin names have no `/`).
+//! Plugins call it mid-call: an operation takes one or two round trips and
+//! gives up at the call's deadline.
 
 use std::time::{Duration, SystemTime};
 
 use mongodb::Collection;
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
+use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::Mongo;
-use crate::store::plugin_state::{MAX_KEYS_PER_PLUGIN, PluginState, StateError, check_sizes};
-
-const PLUGIN_STATE: &str = "pluginState";
-
-/// How long one state operation may take: within the default plugin call
-/// deadline (50 ms), which keeps running while the host answers.
-const STATE_TIMEOUT: Duration = Duration::from_millis(40);
+use super::{Mongo, PLUGIN_STATE};
+use crate::store::plugin_state::{
+    Deadline, MAX_KEYS_PER_PLUGIN, PluginState, StateError, check_sizes,
+};
 
 /// Plugin state in the shared database.
 pub struct MongoPluginState {
@@ -30,33 +28,45 @@ impl MongoPluginState {
         }
     }
 
-    /// Runs `operation` to its end or [`STATE_TIMEOUT`], from the plugin's
-    /// synchronous call.
+    /// Runs `operation` from the plugin's synchronous call, until it ends or
+    /// `deadline` passes. Needs a multi-threaded runtime (the server's):
+    /// the call blocks its worker meanwhile.
     fn block_on<T>(
         &self,
+        deadline: Deadline,
         operation: impl std::future::IntoFuture<Output = mongodb::error::Result<T>>,
     ) -> Result<T, StateError> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| StateError::Unavailable("no runtime to reach MongoDB from".into()))?;
+        let runtime = Handle::try_current()
+            .ok()
+            .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
+            .ok_or_else(|| StateError::Unavailable("no runtime to reach MongoDB from".into()))?;
+        if deadline <= std::time::Instant::now() {
+            return Err(StateError::Unavailable(
+                "the call's deadline has passed".into(),
+            ));
+        }
         tokio::task::block_in_place(|| {
             runtime.block_on(async {
-                tokio::time::timeout(STATE_TIMEOUT, operation)
+                tokio::time::timeout_at(deadline.into(), operation)
                     .await
-                    .map_err(|_| StateError::Unavailable("MongoDB did not answer in time".into()))?
+                    .map_err(|_| {
+                        StateError::Unavailable("MongoDB did not answer within the call".into())
+                    })?
                     .map_err(|err| StateError::Unavailable(err.to_string()))
             })
         })
     }
 
-    /// Makes sure a new key fits the plugin's namespace.
-    fn check_room(&self, plugin: &str) -> Result<(), StateError> {
+    /// After a key was created: refuses it (and removes it again) when the
+    /// plugin's namespace is over its cap.
+    fn check_room(&self, plugin: &str, key_id: &str, deadline: Deadline) -> Result<(), StateError> {
         let live = doc! {"plugin": plugin, "$or": live_filter()};
-        let count = self.block_on(self.collection.count_documents(live))?;
-        if usize::try_from(count).unwrap_or(usize::MAX) >= MAX_KEYS_PER_PLUGIN {
-            Err(StateError::Full)
-        } else {
-            Ok(())
+        let count = self.block_on(deadline, self.collection.count_documents(live))?;
+        if usize::try_from(count).unwrap_or(usize::MAX) > MAX_KEYS_PER_PLUGIN {
+            let _ = self.block_on(deadline, self.collection.delete_one(doc! {"_id": key_id}));
+            return Err(StateError::Full);
         }
+        Ok(())
     }
 }
 
@@ -84,9 +94,15 @@ fn is_duplicate(err: &mongodb::error::Error) -> bool {
 }
 
 impl PluginState for MongoPluginState {
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<String>, StateError> {
+    fn get(
+        &self,
+        plugin: &str,
+        key: &str,
+        deadline: Deadline,
+    ) -> Result<Option<String>, StateError> {
         check_sizes(key, None)?;
         let found = self.block_on(
+            deadline,
             self.collection
                 .find_one(doc! {"_id": id(plugin, key), "$or": live_filter()}),
         )?;
@@ -99,31 +115,34 @@ impl PluginState for MongoPluginState {
         key: &str,
         value: String,
         ttl: Option<Duration>,
+        deadline: Deadline,
     ) -> Result<(), StateError> {
         check_sizes(key, Some(&value))?;
-        let fields = doc! {"value": &value, "expiresAt": expiry(ttl)};
-        let updated = self.block_on(
-            self.collection
-                .update_one(doc! {"_id": id(plugin, key)}, doc! {"$set": fields.clone()}),
-        )?;
-        if updated.matched_count == 1 {
-            return Ok(());
-        }
-        self.check_room(plugin)?;
-        self.block_on(
+        let key_id = id(plugin, key);
+        let written = self.block_on(
+            deadline,
             self.collection
                 .update_one(
-                    doc! {"_id": id(plugin, key)},
-                    doc! {"$set": fields, "$setOnInsert": {"plugin": plugin, "key": key}},
+                    doc! {"_id": &key_id},
+                    doc! {
+                        "$set": {"value": &value, "expiresAt": expiry(ttl)},
+                        "$setOnInsert": {"plugin": plugin, "key": key},
+                    },
                 )
                 .upsert(true),
         )?;
+        if written.upserted_id.is_some() {
+            self.check_room(plugin, &key_id, deadline)?;
+        }
         Ok(())
     }
 
-    fn delete(&self, plugin: &str, key: &str) -> Result<(), StateError> {
+    fn delete(&self, plugin: &str, key: &str, deadline: Deadline) -> Result<(), StateError> {
         check_sizes(key, None)?;
-        self.block_on(self.collection.delete_one(doc! {"_id": id(plugin, key)}))?;
+        self.block_on(
+            deadline,
+            self.collection.delete_one(doc! {"_id": id(plugin, key)}),
+        )?;
         Ok(())
     }
 
@@ -134,57 +153,62 @@ impl PluginState for MongoPluginState {
         expected: Option<&str>,
         value: Option<String>,
         ttl: Option<Duration>,
+        deadline: Deadline,
     ) -> Result<bool, StateError> {
         check_sizes(key, value.as_deref())?;
         let key_id = id(plugin, key);
         match (expected, value) {
             (Some(expected), Some(value)) => {
-                let updated = self.block_on(self.collection.update_one(
-                    doc! {"_id": &key_id, "value": expected, "$or": live_filter()},
-                    doc! {"$set": {"value": value, "expiresAt": expiry(ttl)}},
-                ))?;
+                let updated = self.block_on(
+                    deadline,
+                    self.collection.update_one(
+                        doc! {"_id": &key_id, "value": expected, "$or": live_filter()},
+                        doc! {"$set": {"value": value, "expiresAt": expiry(ttl)}},
+                    ),
+                )?;
                 Ok(updated.matched_count == 1)
             }
             (Some(expected), None) => {
-                let deleted = self
-                    .block_on(self.collection.delete_one(
-                        doc! {"_id": &key_id, "value": expected, "$or": live_filter()},
-                    ))?;
+                let deleted = self.block_on(
+                    deadline,
+                    self.collection
+                        .delete_one(doc! {"_id": &key_id, "value": expected, "$or": live_filter()}),
+                )?;
                 Ok(deleted.deleted_count == 1)
             }
-            (None, value) => {
-                // Absent includes expired: an expired document is cleared
-                // first, then the insert decides (one writer wins).
-                self.block_on(
+            (None, None) => {
+                let found = self.block_on(
+                    deadline,
                     self.collection
-                        .delete_one(doc! {"_id": &key_id, "expiresAt": {"$lte": DateTime::now()}}),
+                        .find_one(doc! {"_id": &key_id, "$or": live_filter()}),
                 )?;
-                let Some(value) = value else {
-                    let found = self.block_on(self.collection.find_one(doc! {"_id": &key_id}))?;
-                    return Ok(found.is_none());
-                };
-                self.check_room(plugin)?;
-                let document = doc! {
-                    "_id": &key_id, "plugin": plugin, "key": key,
-                    "value": value, "expiresAt": expiry(ttl),
-                };
-                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                    StateError::Unavailable("no runtime to reach MongoDB from".into())
+                Ok(found.is_none())
+            }
+            (None, Some(value)) => {
+                // Absent or expired: the insert decides between writers; a
+                // duplicate may be an expired document, which is replaced.
+                let fields = doc! {"value": &value, "expiresAt": expiry(ttl)};
+                let mut document = doc! {"_id": &key_id, "plugin": plugin, "key": key};
+                document.extend(fields.clone());
+                let inserted = self.block_on(deadline, async {
+                    match self.collection.insert_one(document).await {
+                        Ok(_) => Ok(true),
+                        Err(err) if is_duplicate(&err) => Ok(false),
+                        Err(err) => Err(err),
+                    }
                 })?;
-                let inserted = tokio::task::block_in_place(|| {
-                    runtime.block_on(tokio::time::timeout(
-                        STATE_TIMEOUT,
-                        self.collection.insert_one(document),
-                    ))
-                });
-                match inserted {
-                    Err(_) => Err(StateError::Unavailable(
-                        "MongoDB did not answer in time".into(),
-                    )),
-                    Ok(Ok(_)) => Ok(true),
-                    Ok(Err(err)) if is_duplicate(&err) => Ok(false),
-                    Ok(Err(err)) => Err(StateError::Unavailable(err.to_string())),
+                if inserted {
+                    self.check_room(plugin, &key_id, deadline)?;
+                    return Ok(true);
                 }
+                let replaced = self.block_on(
+                    deadline,
+                    self.collection.update_one(
+                        doc! {"_id": &key_id, "expiresAt": {"$lte": DateTime::now()}},
+                        doc! {"$set": fields},
+                    ),
+                )?;
+                Ok(replaced.matched_count == 1)
             }
         }
     }
