@@ -3,9 +3,10 @@
 //! (its last). Raised off the connection's path, in the order they
 //! happened on this node, from counts taken when they happened.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::cluster::Cluster;
 use crate::dispatch::Dispatcher;
@@ -32,6 +33,9 @@ pub struct Lifecycle {
     cluster: Option<Arc<Cluster>>,
     queue: mpsc::Sender<LifecycleEvent>,
     pending: Mutex<Option<mpsc::Receiver<LifecycleEvent>>>,
+    /// Events queued and not yet handled, and who waits for none.
+    unhandled: AtomicUsize,
+    drained: Notify,
 }
 
 impl Lifecycle {
@@ -44,6 +48,8 @@ impl Lifecycle {
             cluster,
             queue,
             pending: Mutex::new(Some(pending)),
+            unhandled: AtomicUsize::new(0),
+            drained: Notify::new(),
         }
     }
 
@@ -90,8 +96,31 @@ impl Lifecycle {
             about: about.clone(),
             connections,
         };
+        self.unhandled.fetch_add(1, Ordering::SeqCst);
         // Closed only once the server has stopped raising them.
-        let _ = self.queue.send(event).await;
+        if self.queue.send(event).await.is_err() {
+            self.handled();
+        }
+    }
+
+    fn handled(&self) {
+        if self.unhandled.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits until every event queued so far has been handled: at shutdown,
+    /// after the connections closed, so that their users' `userOffline`
+    /// reaches the plugins (and their pushes other nodes) before the
+    /// cluster link and the log stop.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.unhandled.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Hands the queued events to the plugins, one at a time in order,
@@ -105,6 +134,7 @@ impl Lifecycle {
         let Some(mut pending) = pending else { return };
         // Not kept alive by this task: the queue ends when the server drops
         // its `Lifecycle`, and the dispatcher is only borrowed per event.
+        let lifecycle = Arc::downgrade(&self);
         drop(self);
         let dispatcher = Arc::downgrade(&dispatcher);
         while let Some(event) = pending.recv().await {
@@ -114,6 +144,9 @@ impl Lifecycle {
             dispatcher
                 .raise(event.name, &event.about, event.connections)
                 .await;
+            if let Some(lifecycle) = lifecycle.upgrade() {
+                lifecycle.handled();
+            }
         }
     }
 }

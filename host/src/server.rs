@@ -38,6 +38,8 @@ use crate::store::{
 
 /// How long shutdown waits for connections to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown then waits for the plugins to hear of the closes.
+const LIFECYCLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown then waits for queued notification log records (the
 /// MongoDB writer retries at most 5 s apart, so a database that is back gets
 /// at least one more try).
@@ -385,6 +387,7 @@ impl Server {
         } = self;
         let connections = Arc::clone(&state.connections);
         let connection_tasks = state.connection_tasks.clone();
+        let lifecycle = Arc::clone(&state.lifecycle);
         let limits = ConnectionLimits {
             max_connections: state.config.limits.max_connections,
             header_read_timeout: state.config.limits.header_read_timeout,
@@ -405,6 +408,8 @@ impl Server {
         // each has written its close frame.
         connection_tasks.close();
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection_tasks.wait()).await;
+        // Watchers on other nodes hear this node's users go offline.
+        let _ = tokio::time::timeout(LIFECYCLE_DRAIN_TIMEOUT, lifecycle.drained()).await;
         if let Some(link) = cluster_link {
             // Publishes the copies still waiting and waits for the broker.
             let _ = stop_link.send(true);

@@ -1050,3 +1050,27 @@ async fn plugin_state_in_mongodb_compares_and_sets_across_nodes_and_expires() {
         Err(StateError::Unavailable(_))
     ));
 }
+
+/// A node that stops gracefully closes its connections; watchers on other
+/// nodes hear its users go offline before it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stopping_tells_other_nodes_its_users_went_offline() {
+    let db = TestDb::unique().await;
+    db.seed_demo_users().await;
+    let names = Names::unique();
+    let config = || db.server_config(names.server_config());
+    let a = consuming(config()).await;
+    let b = consuming(config()).await;
+    let mut watcher = Client::connect_as(&a, "s_1", "student").await;
+    watcher
+        .send(&json!({"event": "watchStatus", "data": {"users": ["c_1"]}, "ack": 1}))
+        .await;
+    assert_eq!(watcher.recv().await["ok"], true);
+    let _on_b = Client::connect_as(&b, "c_1", "consultant").await;
+    let online = next_push(&mut watcher, "statusChanged").await;
+    assert_eq!(online["data"]["online"], true, "{online}");
+
+    assert!(b.stop().await, "node B stops cleanly");
+    let offline = next_push(&mut watcher, "statusChanged").await;
+    assert_eq!(offline["data"]["online"], false, "{offline}");
+}
