@@ -155,6 +155,40 @@ impl Client {
         }
     }
 
+    /// The next push of `event`, skipping other frames; panics on timeout
+    /// or close.
+    pub async fn next_push(&mut self, event: &str) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["event"] == event {
+                return frame;
+            }
+        }
+    }
+
+    /// Panics if a push of `event` comes within `quiet`, or if the
+    /// connection no longer answers after it (a closed connection brings
+    /// nothing either).
+    pub async fn no_push(&mut self, event: &str, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Some(frame) = self
+            .try_recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            assert_ne!(frame["event"], event, "unexpected {frame}");
+        }
+        self.send(&serde_json::json!({"event": "setConnection", "data": {}, "ack": 991}))
+            .await;
+        loop {
+            let frame = self.recv().await;
+            assert_ne!(frame["event"], event, "unexpected {frame}");
+            if frame["ack"] == 991 {
+                assert_eq!(frame["ok"], true, "the connection still answers: {frame}");
+                return;
+            }
+        }
+    }
+
     async fn next_text(&mut self) -> Option<String> {
         while let Some(message) = self.ws.next().await {
             match message.ok()? {

@@ -337,12 +337,7 @@ async fn emitted_events_are_published_to_the_events_exchange() {
         "deduplicated by id"
     );
 
-    let requested = loop {
-        let frame = observer.recv().await;
-        if frame["event"] == "notificationRequested" {
-            break frame;
-        }
-    };
+    let requested = observer.next_push("notificationRequested").await;
     assert_eq!(requested["data"]["origin"], "plugin:chat", "{requested}");
     assert_eq!(requested["data"]["data"], body);
 

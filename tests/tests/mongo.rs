@@ -829,39 +829,6 @@ async fn records_of_two_nodes_with_one_number_are_all_replayed_in_id_order() {
     );
 }
 
-/// The next push of `event`, skipping other frames.
-async fn next_push(client: &mut Client, event: &str) -> serde_json::Value {
-    loop {
-        let frame = client.recv().await;
-        if frame["event"] == event {
-            return frame;
-        }
-    }
-}
-
-/// Panics if a push of `event` comes within the quiet period, or if the
-/// connection is gone after it (a closed connection also brings nothing).
-async fn no_push(client: &mut Client, event: &str) {
-    let deadline = tokio::time::Instant::now() + QUIET;
-    while let Some(frame) = client
-        .try_recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await
-    {
-        assert_ne!(frame["event"], event, "unexpected {frame}");
-    }
-    client
-        .send(&json!({"event": "setConnection", "data": {}, "ack": 991}))
-        .await;
-    loop {
-        let frame = client.recv().await;
-        assert_ne!(frame["event"], event, "unexpected {frame}");
-        if frame["ack"] == 991 {
-            assert_eq!(frame["ok"], true, "the connection still answers: {frame}");
-            return;
-        }
-    }
-}
-
 /// What `node`'s `whoIs` says of `user`'s connections.
 async fn connections_seen(asker: &mut Client, user: &str) -> u64 {
     asker
@@ -923,7 +890,7 @@ async fn online_and_offline_are_raised_once_across_two_nodes() {
 
     // First connection, on B: the watcher on A hears it through the cluster.
     let on_b = Client::connect_as(&b, "c_1", "consultant").await;
-    let online = next_push(&mut watcher, "statusChanged").await;
+    let online = watcher.next_push("statusChanged").await;
     assert_eq!(online["data"]["online"], true, "{online}");
 
     // A second one, on A, once A counts B's: not a user coming online.
@@ -933,11 +900,11 @@ async fn online_and_offline_are_raised_once_across_two_nodes() {
     })
     .await;
     let on_a = Client::connect_as(&a, "c_1", "consultant").await;
-    no_push(&mut watcher, "statusChanged").await;
+    watcher.no_push("statusChanged", QUIET).await;
 
     // B's goes: one left on A, still online.
     on_b.close().await;
-    no_push(&mut watcher, "statusChanged").await;
+    watcher.no_push("statusChanged", QUIET).await;
     eventually(
         WAIT,
         "node A no longer counts c_1's connection on B",
@@ -948,9 +915,9 @@ async fn online_and_offline_are_raised_once_across_two_nodes() {
     )
     .await;
     on_a.close().await;
-    let offline = next_push(&mut watcher, "statusChanged").await;
+    let offline = watcher.next_push("statusChanged").await;
     assert_eq!(offline["data"]["online"], false, "{offline}");
-    no_push(&mut watcher, "statusChanged").await;
+    watcher.no_push("statusChanged", QUIET).await;
 }
 
 /// The MongoDB plugin state against FerretDB, as plugins call it (blocking,
@@ -1067,10 +1034,10 @@ async fn a_node_stopping_tells_other_nodes_its_users_went_offline() {
         .await;
     assert_eq!(watcher.recv().await["ok"], true);
     let _on_b = Client::connect_as(&b, "c_1", "consultant").await;
-    let online = next_push(&mut watcher, "statusChanged").await;
+    let online = watcher.next_push("statusChanged").await;
     assert_eq!(online["data"]["online"], true, "{online}");
 
     assert!(b.stop().await, "node B stops cleanly");
-    let offline = next_push(&mut watcher, "statusChanged").await;
+    let offline = watcher.next_push("statusChanged").await;
     assert_eq!(offline["data"]["online"], false, "{offline}");
 }

@@ -33,39 +33,6 @@ async fn ask(client: &mut Client, event: &str, data: Value) -> Value {
     }
 }
 
-/// The next frame that is a push of `event`, skipping others.
-async fn next_push(client: &mut Client, event: &str) -> Value {
-    loop {
-        let frame = client.recv().await;
-        if frame["event"] == event {
-            return frame;
-        }
-    }
-}
-
-/// Panics if a push of `event` comes within the quiet period, or if the
-/// connection is gone after it (a closed connection also brings nothing).
-async fn no_push(client: &mut Client, event: &str) {
-    let deadline = tokio::time::Instant::now() + QUIET;
-    while let Some(frame) = client
-        .try_recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await
-    {
-        assert_ne!(frame["event"], event, "unexpected {frame}");
-    }
-    client
-        .send(&json!({"event": "setConnection", "data": {}, "ack": 991}))
-        .await;
-    loop {
-        let frame = client.recv().await;
-        assert_ne!(frame["event"], event, "unexpected {frame}");
-        if frame["ack"] == 991 {
-            assert_eq!(frame["ok"], true, "the connection still answers: {frame}");
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_built_against_contract_0_1_still_loads_and_behaves() {
     let server = Server::in_process_with(with_plugin("legacy")).await;
@@ -76,16 +43,13 @@ async fn a_plugin_built_against_contract_0_1_still_loads_and_behaves() {
     let reply = ask(&mut student, "legacyPing", json!({"to": "c_1"})).await;
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["data"], json!({"pong": true, "delivered": 1}));
-    let pong = next_push(&mut consultant, "legacyPong").await;
+    let pong = consultant.next_push("legacyPong").await;
     assert_eq!(
         pong["data"],
         json!({"from": "s_1", "online": 1, "config": {}})
     );
     assert!(pong["id"].is_string() && pong.get("ephemeral").is_none());
-    assert_eq!(
-        next_push(&mut student_tab, "legacyPong").await["id"],
-        pong["id"]
-    );
+    assert_eq!(student_tab.next_push("legacyPong").await["id"], pong["id"]);
 
     let refused = ask(&mut student, "legacyPing", json!({"to": "nobody"})).await;
     assert_eq!(refused["error"]["code"], "not_found", "{refused}");
@@ -123,7 +87,7 @@ async fn typing_is_pushed_at_once_and_never_logged_or_replayed() {
 
     let reply = ask(&mut student, "typing", json!({"to": "c_1"})).await;
     assert_eq!(reply["data"], json!({"delivered": 1}), "{reply}");
-    let typing = next_push(&mut consultant, "typing").await;
+    let typing = consultant.next_push("typing").await;
     assert_eq!(typing["data"], json!({"from": "s_1"}));
     assert_eq!(typing["ephemeral"], true);
     let typing_id = typing["id"].as_str().unwrap().to_owned();
@@ -135,7 +99,7 @@ async fn typing_is_pushed_at_once_and_never_logged_or_replayed() {
     )
     .await;
     assert_eq!(sent["ok"], true);
-    let message = next_push(&mut consultant, "message").await;
+    let message = consultant.next_push("message").await;
 
     // A second connection resumes: the message comes back, the typing
     // indicator does not, and its id is no cursor in the log.
@@ -165,13 +129,13 @@ async fn watchers_hear_status_changes_and_a_user_coming_and_going() {
     );
 
     let consultant = Client::connect_as(&server, "c_1", "consultant").await;
-    let online = next_push(&mut student, "statusChanged").await;
+    let online = student.next_push("statusChanged").await;
     assert_eq!(online["data"]["online"], true, "{online}");
     assert_eq!(online["ephemeral"], true);
 
     // A second connection is not a user coming online.
     let mut second_tab = Client::connect_as(&server, "c_1", "consultant").await;
-    no_push(&mut student, "statusChanged").await;
+    student.no_push("statusChanged", QUIET).await;
 
     let set = ask(
         &mut second_tab,
@@ -180,7 +144,7 @@ async fn watchers_hear_status_changes_and_a_user_coming_and_going() {
     )
     .await;
     assert_eq!(set["ok"], true, "{set}");
-    let busy = next_push(&mut student, "statusChanged").await;
+    let busy = student.next_push("statusChanged").await;
     assert_eq!(
         busy["data"],
         json!({"userId": "c_1", "status": "busy", "text": "in a session", "online": true})
@@ -188,9 +152,9 @@ async fn watchers_hear_status_changes_and_a_user_coming_and_going() {
 
     // Closing one of two connections is not going offline; the last is.
     consultant.close().await;
-    no_push(&mut student, "statusChanged").await;
+    student.no_push("statusChanged", QUIET).await;
     second_tab.close().await;
-    let offline = next_push(&mut student, "statusChanged").await;
+    let offline = student.next_push("statusChanged").await;
     assert_eq!(
         offline["data"],
         json!({"userId": "c_1", "status": "busy", "text": "in a session", "online": false})
@@ -217,13 +181,13 @@ async fn connections_opening_or_closing_at_once_are_one_coming_online_and_one_go
             Client::connect_as(&server, "c_1", "consultant"),
             Client::connect_as(&server, "c_1", "consultant"),
         );
-        let online = next_push(&mut student, "statusChanged").await;
+        let online = student.next_push("statusChanged").await;
         assert_eq!(online["data"]["online"], true, "{online}");
-        no_push(&mut student, "statusChanged").await;
+        student.no_push("statusChanged", QUIET).await;
         tokio::join!(first.close(), second.close());
-        let offline = next_push(&mut student, "statusChanged").await;
+        let offline = student.next_push("statusChanged").await;
         assert_eq!(offline["data"]["online"], false, "{offline}");
-        no_push(&mut student, "statusChanged").await;
+        student.no_push("statusChanged", QUIET).await;
     }
     server.stop().await;
 }
@@ -248,7 +212,7 @@ async fn emitted_events_reach_their_subscribers_and_loops_are_cut() {
     )
     .await;
     let message_id = sent["data"]["messageId"].clone();
-    let requested = next_push(&mut observer, "notificationRequested").await;
+    let requested = observer.next_push("notificationRequested").await;
     assert_eq!(requested["data"]["origin"], "plugin:chat");
     assert_eq!(
         requested["data"]["data"],
@@ -268,7 +232,7 @@ async fn emitted_events_reach_their_subscribers_and_loops_are_cut() {
         json!({"to": "c_1", "text": "hi"}),
     )
     .await;
-    no_push(&mut observer, "notificationRequested").await;
+    observer.no_push("notificationRequested", QUIET).await;
 
     // A plugin that emits what it handles: the chain stops at the limit.
     let dropped_before = counter(&server, "sockets_plugin_emitted_dropped_total").await;
@@ -281,7 +245,7 @@ async fn emitted_events_reach_their_subscribers_and_loops_are_cut() {
     assert_eq!(accepted.status, 202, "{}", accepted.body);
     let depth = usize::from(sockets_host::dispatch::MAX_EMIT_DEPTH);
     for level in 0..=depth {
-        let ping = next_push(&mut observer, "loop").await;
+        let ping = observer.next_push("loop").await;
         let expected_origin = if level == 0 {
             "api:billing"
         } else {
@@ -289,7 +253,7 @@ async fn emitted_events_reach_their_subscribers_and_loops_are_cut() {
         };
         assert_eq!(ping["data"]["origin"], expected_origin, "{ping}");
     }
-    no_push(&mut observer, "loop").await;
+    observer.no_push("loop", QUIET).await;
     assert_eq!(
         counter(&server, "sockets_plugin_emitted_dropped_total").await,
         dropped_before + 1
