@@ -15,7 +15,7 @@ use mongodb::Collection;
 use mongodb::bson::{Bson, Document, doc};
 use tokio::sync::mpsc;
 
-use super::{Mongo, USER_CONNECTIONS, documents};
+use super::{Mongo, USER_CONNECTIONS, documents, wait_in_plugin_call};
 use crate::store::{ConnectionRecord, ConnectionStore, MemoryConnections, Presence, StoreError};
 
 /// Writes waiting beyond this are dropped and left to reconciliation.
@@ -216,21 +216,12 @@ impl Presence for MongoConnections {
     /// Counts the user's records on every node. Called mid-plugin-call, so
     /// bounded by `COUNT_TIMEOUT` (20 ms); falls back to this node's count.
     fn count_of_user(&self, user_id: &str) -> usize {
-        let count = tokio::runtime::Handle::try_current()
-            .ok()
-            .and_then(|runtime| {
-                tokio::task::block_in_place(|| {
-                    runtime.block_on(async {
-                        tokio::time::timeout(
-                            COUNT_TIMEOUT,
-                            self.collection.count_documents(doc! {"userId": user_id}),
-                        )
-                        .await
-                        .ok()?
-                        .ok()
-                    })
-                })
-            });
+        let count = wait_in_plugin_call(
+            std::time::Instant::now() + COUNT_TIMEOUT,
+            self.collection.count_documents(doc! {"userId": user_id}),
+        )
+        .ok()
+        .and_then(Result::ok);
         // Writes behind may not have reached the database yet: this node's
         // own connections are known for sure.
         let local = self.mirror.count_of_user(user_id);

@@ -50,6 +50,31 @@ const PLUGIN_STATE: &str = "pluginState";
 /// so that a database outage degrades the service instead of stalling it.
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Runs a MongoDB operation from a plugin's synchronous host call, which
+/// blocks its runtime worker meanwhile, until it ends or `deadline` passes.
+/// `Err` says why it did not run to its end: no multi-threaded runtime to
+/// run it on (`block_in_place` would panic on another), or the deadline.
+fn wait_in_plugin_call<T>(
+    deadline: std::time::Instant,
+    operation: impl std::future::IntoFuture<Output = mongodb::error::Result<T>>,
+) -> Result<mongodb::error::Result<T>, &'static str> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let runtime = Handle::try_current()
+        .ok()
+        .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
+        .ok_or("no runtime to reach MongoDB from")?;
+    if deadline <= std::time::Instant::now() {
+        return Err("the call's deadline has passed");
+    }
+    tokio::task::block_in_place(|| {
+        runtime.block_on(async {
+            tokio::time::timeout_at(deadline.into(), operation)
+                .await
+                .map_err(|_| "MongoDB did not answer in time")
+        })
+    })
+}
+
 /// A handle on the database, shared by the collections' implementations.
 #[derive(Clone)]
 pub struct Mongo {

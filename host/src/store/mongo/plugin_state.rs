@@ -8,9 +8,8 @@ use std::time::{Duration, SystemTime};
 use mongodb::Collection;
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::{Mongo, PLUGIN_STATE};
+use super::{Mongo, PLUGIN_STATE, wait_in_plugin_call};
 use crate::store::plugin_state::{
     Deadline, MAX_KEYS_PER_PLUGIN, PluginState, StateError, check_sizes,
 };
@@ -28,33 +27,16 @@ impl MongoPluginState {
         }
     }
 
-    /// Runs `operation` from the plugin's synchronous call, until it ends or
-    /// `deadline` passes. Needs a multi-threaded runtime (the server's):
-    /// the call blocks its worker meanwhile.
+    /// Runs `operation` from the plugin's call, until it ends or `deadline`
+    /// passes.
     fn block_on<T>(
         &self,
         deadline: Deadline,
         operation: impl std::future::IntoFuture<Output = mongodb::error::Result<T>>,
     ) -> Result<T, StateError> {
-        let runtime = Handle::try_current()
-            .ok()
-            .filter(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
-            .ok_or_else(|| StateError::Unavailable("no runtime to reach MongoDB from".into()))?;
-        if deadline <= std::time::Instant::now() {
-            return Err(StateError::Unavailable(
-                "the call's deadline has passed".into(),
-            ));
-        }
-        tokio::task::block_in_place(|| {
-            runtime.block_on(async {
-                tokio::time::timeout_at(deadline.into(), operation)
-                    .await
-                    .map_err(|_| {
-                        StateError::Unavailable("MongoDB did not answer within the call".into())
-                    })?
-                    .map_err(|err| StateError::Unavailable(err.to_string()))
-            })
-        })
+        wait_in_plugin_call(deadline, operation)
+            .map_err(|why| StateError::Unavailable(why.into()))?
+            .map_err(|err| StateError::Unavailable(err.to_string()))
     }
 
     /// After a key was created: refuses it (and removes it again) when the

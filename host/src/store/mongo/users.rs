@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mongodb::Collection;
 use mongodb::bson::{Document, doc};
 
-use super::{Mongo, USERS};
+use super::{Mongo, USERS, wait_in_plugin_call};
 use crate::store::directory::{User, UserDirectory};
 
 /// How long a found user is trusted.
@@ -55,19 +55,13 @@ impl MongoDirectory {
     }
 
     fn lookup(&self, id: &str) -> Option<Option<User>> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        tokio::task::block_in_place(|| {
-            runtime.block_on(async {
-                let found = tokio::time::timeout(
-                    LOOKUP_TIMEOUT,
-                    self.collection.find_one(doc! {"_id": id}),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                Some(found.and_then(|document| user(&document)))
-            })
-        })
+        let found = wait_in_plugin_call(
+            Instant::now() + LOOKUP_TIMEOUT,
+            self.collection.find_one(doc! {"_id": id}),
+        )
+        .ok()?
+        .ok()?;
+        Some(found.and_then(|document| user(&document)))
     }
 }
 
