@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
 use std::io::{self, BufRead, BufReader};
 use std::time::SystemTime;
 
@@ -71,8 +71,31 @@ pub(super) struct UserIndex {
     /// The `seq` of each record indexed, by [`record_key`]: finds a replay's
     /// anchor without a walk, and a record appended again (a retried write
     /// of a delivery) keeps its first place.
-    known: HashMap<u64, i64>,
+    known: HashMap<u64, i64, BuildHasherDefault<Prehashed>>,
     last_seq: i64,
+}
+
+/// The hasher of `known`, whose keys are SipHash values already: hashing
+/// them again cost a SipHash on every insert and, as the map grows by a key
+/// per record, on every rehash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still spreads.
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
 }
 
 fn hash_of(text: &str) -> u64 {
