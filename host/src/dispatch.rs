@@ -27,6 +27,10 @@ use crate::store::{NotificationLog, NotificationRecord, Presence, Source, StoreE
 /// How long a client or HTTP publisher waits for its log records.
 pub const LOG_WAIT: Duration = Duration::from_secs(5);
 
+/// What a publisher waiting longer than [`LOG_WAIT`] hears (`unavailable`).
+pub const LOG_NOT_CONFIRMED: &str =
+    "the notification log is not confirmed yet; the records stay queued";
+
 /// An event entering the dispatcher, with what the log needs about its sender.
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -446,14 +450,26 @@ impl Dispatcher {
         } else {
             tokio::time::timeout(LOG_WAIT, durable)
                 .await
-                .map_err(|_| {
-                    StoreError::Unavailable(
-                        "the notification log is not confirmed yet; the records stay queued"
-                            .to_owned(),
-                    )
-                })??;
+                .map_err(|_| StoreError::Unavailable(LOG_NOT_CONFIRMED.to_owned()))??;
         }
         Ok(delivered.routed)
+    }
+
+    /// [`Dispatcher::record`] for a client's event, whose sender waits for
+    /// its log records only (not for copies, nor longer than [`LOG_WAIT`]:
+    /// the caller keeps that time): `then` gets the outcome from wherever
+    /// the log write finishes, quick and not blocking, and no task waits.
+    pub fn record_then(
+        &self,
+        delivered: Delivered,
+        then: impl FnOnce(Result<Routed, RouteError>) + Send + 'static,
+    ) {
+        debug_assert!(delivered.source == Source::Client);
+        let routed = delivered.routed;
+        Arc::clone(&self.log).append_then(
+            delivered.records,
+            Box::new(move |written| then(written.map(|()| routed).map_err(RouteError::from))),
+        );
     }
 }
 

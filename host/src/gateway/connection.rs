@@ -4,12 +4,11 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -17,11 +16,12 @@ use tokio::time::{sleep_until, timeout};
 
 use super::AppState;
 use super::rate::{RateLimiter, Verdict};
+use super::replies::{MAX_WAITING, Replies};
 use crate::auth::Claims;
 use crate::delivery::registry::{
     CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame,
 };
-use crate::dispatch::Inbound;
+use crate::dispatch::{Inbound, LOG_WAIT};
 use crate::plugin::{ClientOrigin, Event, Origin};
 use crate::protocol::{
     ClientFrame, ErrorBody, ErrorCode, FrameError, error_frame, event_frame, new_id, ok_reply,
@@ -83,6 +83,7 @@ pub fn run(
     let limiter = RateLimiter::new(limits.rate_limit, limits.abuse_window, Instant::now());
     let mut connection = Connection {
         state,
+        replies: Arc::new(Replies::new(Arc::clone(&handle))),
         handle,
         session,
         limiter,
@@ -304,6 +305,8 @@ enum Admission {
 struct Connection {
     state: AppState,
     handle: Arc<ConnectionHandle>,
+    /// Replies in frame order, some waiting for the log.
+    replies: Arc<Replies>,
     session: Session,
     limiter: RateLimiter,
 }
@@ -312,37 +315,31 @@ impl Connection {
     /// Handles frames until the connection must close; returns the close to
     /// send, or `None` when the client closed or vanished.
     async fn read_loop(&mut self, stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
-        let mut replies = FuturesOrdered::new();
-        let close = self.read_frames(stream, &mut replies).await;
+        let close = self.read_frames(stream).await;
         // Replies whose log writes are still running: sent if they finish
         // while the connection closes.
         let _ = timeout(CLOSE_GRACE, async {
-            while let Some(reply) = replies.next().await {
-                if let Some(reply) = reply {
-                    self.send(reply);
-                }
+            while self.replies.len() > 0 {
+                self.replies.some_left().await;
             }
         })
         .await;
         close
     }
 
-    /// Reads and handles frames; replies that wait for the log are queued
-    /// in `replies` (in frame order) while later frames are handled.
-    async fn read_frames(
-        &mut self,
-        mut stream: SplitStream<WebSocket>,
-        replies: &mut FuturesOrdered<PendingReply>,
-    ) -> Option<CloseRequest> {
+    /// Reads and handles frames; replies that wait for the log wait in
+    /// `self.replies` (in frame order) while later frames are handled.
+    async fn read_frames(&mut self, mut stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
         let idle_timeout = self.state.config.limits.idle_timeout;
         let mut shutdown = self.state.shutdown.clone();
         let mut last_frame = tokio::time::Instant::now();
         let mut touched = last_frame;
         let mut token_expiry = self.session.claims.expires_at();
         let mut token_deadline = self.token_deadline();
-        // One timer for both limits, moved only when it fires or the token
-        // changes: re-arming it for every frame cost a timer-wheel entry
-        // and removal per frame.
+        // One timer for both limits and for replies waiting too long for the
+        // log, moved only when it fires, the token changes or a reply starts
+        // waiting with the timer further off than LOG_WAIT: re-arming it for
+        // every frame cost a timer-wheel entry and removal per frame.
         let deadline = sleep_until(token_deadline.min(last_frame + idle_timeout));
         tokio::pin!(deadline);
         loop {
@@ -361,16 +358,13 @@ impl Connection {
                     if now >= idle_deadline {
                         return Some(CloseRequest { code: CLOSE_IDLE, reason: "idle timeout" });
                     }
-                    deadline.as_mut().reset(token_deadline.min(idle_deadline));
+                    let next = token_deadline.min(idle_deadline);
+                    let reply_due = self.replies.expire(now);
+                    deadline.as_mut().reset(reply_due.map_or(next, |due| next.min(due)));
                     continue;
                 }
-                Some(reply) = replies.next(), if !replies.is_empty() => {
-                    if let Some(reply) = reply {
-                        self.send(reply);
-                    }
-                    continue;
-                }
-                message = stream.next(), if replies.len() < MAX_PENDING_REPLIES => message,
+                () = self.replies.some_left(), if self.replies.len() >= MAX_WAITING => continue,
+                message = stream.next(), if self.replies.len() < MAX_WAITING => message,
             };
             let message = match message {
                 None => return None,
@@ -391,12 +385,19 @@ impl Connection {
                     self.state.metrics.frame_in();
                     match self.rate_check(Some(text.as_str())) {
                         Admission::Close(close) => return Some(close),
-                        Admission::Refused(reply) => self.answer(replies, Reply::Now(Some(reply))),
+                        Admission::Refused(reply) => self.replies.send(Some(reply)),
                         Admission::Admitted => {
                             // Boxed: the routing future is large, and an
                             // idle connection's task should not carry it.
-                            let reply = Box::pin(self.handle_text(text.as_str())).await;
-                            self.answer(replies, reply);
+                            match Box::pin(self.handle_text(text.as_str())).await {
+                                Reply::Now(reply) => self.replies.send(reply),
+                                Reply::Waiting => {
+                                    let due = tokio::time::Instant::now() + LOG_WAIT;
+                                    if deadline.deadline() > due {
+                                        deadline.as_mut().reset(due);
+                                    }
+                                }
+                            }
                             // A refreshed token moves the expiry.
                             if self.session.claims.expires_at() != token_expiry {
                                 token_expiry = self.session.claims.expires_at();
@@ -412,13 +413,13 @@ impl Connection {
                     self.state.metrics.frame_in();
                     match self.rate_check(None) {
                         Admission::Close(close) => return Some(close),
-                        Admission::Refused(reply) => self.answer(replies, Reply::Now(Some(reply))),
+                        Admission::Refused(reply) => self.replies.send(Some(reply)),
                         Admission::Admitted => {
                             let error = ErrorBody::new(
                                 ErrorCode::BadRequest,
                                 "binary frames are not part of the protocol",
                             );
-                            self.answer(replies, Reply::Now(Some(error_frame(None, &error))));
+                            self.replies.send(Some(error_frame(None, &error)));
                         }
                     }
                 }
@@ -455,23 +456,6 @@ impl Connection {
                 code: CLOSE_POLICY,
                 reason: "rate limit exceeded",
             }),
-        }
-    }
-
-    fn send(&self, frame: String) {
-        self.handle.push(frame.into());
-    }
-
-    /// Sends a reply, or queues it behind the replies still waiting for the
-    /// log: replies keep frame order.
-    fn answer(&self, replies: &mut FuturesOrdered<PendingReply>, reply: Reply) {
-        match reply {
-            Reply::Now(reply) if replies.is_empty() => {
-                if let Some(reply) = reply {
-                    self.send(reply);
-                }
-            }
-            reply => replies.push_back(reply.pending()),
         }
     }
 
@@ -577,7 +561,8 @@ impl Connection {
         }
     }
 
-    /// Delivers a plugin-routed event now; its reply waits for the log.
+    /// Delivers a plugin-routed event now; its reply waits for the log, in
+    /// its place among the connection's replies.
     async fn route(&self, frame: ClientFrame) -> Reply {
         let claims = &self.session.claims;
         let inbound = Inbound {
@@ -597,41 +582,25 @@ impl Connection {
             Ok(delivered) => delivered,
             Err(err) => return Reply::Now(reply_frame(ack, Err(err.to_error_body()))),
         };
-        let dispatcher = Arc::clone(&self.state.dispatcher);
-        Reply::Later(Box::pin(async move {
-            let routed = dispatcher.record(delivered).await;
-            reply_frame(
-                ack,
-                routed
-                    .map(|routed| routed.reply)
-                    .map_err(|err| err.to_error_body()),
-            )
-        }))
+        let place = self.replies.reserve(ack);
+        let replies = Arc::clone(&self.replies);
+        self.state.dispatcher.record_then(delivered, move |routed| {
+            let routed = routed
+                .map(|routed| routed.reply)
+                .map_err(|err| err.to_error_body());
+            replies.fill(place, reply_frame(ack, routed));
+        });
+        Reply::Waiting
     }
 }
-
-/// Replies waiting for the log, per connection, before the reader stops
-/// taking frames (backpressure on a client that outruns the log).
-const MAX_PENDING_REPLIES: usize = 64;
-
-/// A reply frame to send once its event's log records are written.
-type PendingReply = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
 /// What handling a frame produced.
 enum Reply {
     /// The reply (if any) is ready.
     Now(Option<String>),
-    /// The reply comes once the log records are written.
-    Later(PendingReply),
-}
-
-impl Reply {
-    fn pending(self) -> PendingReply {
-        match self {
-            Self::Now(reply) => Box::pin(std::future::ready(reply)),
-            Self::Later(pending) => pending,
-        }
-    }
+    /// The reply has its place in `Connection::replies` and is filled in
+    /// once the log records are written.
+    Waiting,
 }
 
 /// The frame answering a client frame: the reply when it asked for an

@@ -9,6 +9,7 @@ pub mod error;
 mod ops;
 mod publish;
 pub mod rate;
+mod replies;
 mod resume;
 mod serve;
 mod upgrade;

@@ -11,6 +11,7 @@ mod memory_connections;
 pub mod mongo;
 pub mod plugin_state;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -151,12 +152,23 @@ pub trait ConnectionStore: Send + Sync {
     async fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError>;
 }
 
+/// What [`NotificationLog::append_then`] calls with the write's result.
+pub type Appended = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
 /// The audit log of deliveries.
 #[async_trait]
-pub trait NotificationLog: Send + Sync {
+pub trait NotificationLog: Send + Sync + 'static {
     /// Writes records; when it returns `Ok` they are durable. Records
     /// without a `seq` get one.
     async fn append(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError>;
+    /// [`NotificationLog::append`] with no task waiting: `then` gets the
+    /// result from wherever the write finishes. The embedded log calls it
+    /// on its writer thread, which spares a task wake-up per append (a
+    /// chat message's ack); `then` must be quick and must not block. By
+    /// default a task awaits `append`. Must be called within a runtime.
+    fn append_then(self: Arc<Self>, records: Vec<NotificationRecord>, then: Appended) {
+        tokio::spawn(async move { then(self.append(records).await) });
+    }
     /// The next number of the log order, for a delivery pushed now.
     fn next_seq(&self) -> i64;
     /// Deliveries to a user, newest first.

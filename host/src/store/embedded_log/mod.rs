@@ -24,7 +24,8 @@ use tokio::sync::oneshot;
 use crate::health::Health;
 
 use super::{
-    LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage, StoreError,
+    Appended, LogClock, LogRetention, NotificationLog, NotificationRecord, ReplayFrom, ReplayPage,
+    StoreError,
 };
 use index::{Plan, Position, UserIndex};
 use sync_pace::SyncPace;
@@ -44,7 +45,34 @@ const SEGMENT_SUFFIX: &str = ".jsonl";
 
 struct Append {
     records: Vec<NotificationRecord>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    done: Done,
+}
+
+/// Whom the writer tells that an append is committed (or failed).
+enum Done {
+    /// A task awaiting [`EmbeddedLog::enqueue`].
+    Wake(oneshot::Sender<Result<(), StoreError>>),
+    /// An [`NotificationLog::append_then`] callback, called on the writer
+    /// thread.
+    Call(Appended),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), StoreError>) {
+        match self {
+            Self::Wake(waiting) => {
+                let _ = waiting.send(result);
+            }
+            Self::Call(then) => {
+                // A panicking callback must not stop the writer thread (and
+                // with it every later append).
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result))).is_err()
+                {
+                    tracing::error!("notification log: a commit callback panicked");
+                }
+            }
+        }
+    }
 }
 
 /// The embedded notification log.
@@ -135,14 +163,24 @@ impl EmbeddedLog {
     /// Queues records for the writer and waits for their commit.
     async fn enqueue(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
         let (done, committed) = oneshot::channel();
-        self.appends
-            .as_ref()
-            .ok_or_else(|| unavailable("the log is closing"))?
-            .send(Append { records, done })
-            .map_err(|_| unavailable("the log writer stopped"))?;
+        self.send(records, Done::Wake(done));
         committed
             .await
             .map_err(|_| unavailable("the log writer stopped"))?
+    }
+
+    /// Queues records for the writer, which tells `done`; told at once when
+    /// the writer is gone.
+    fn send(&self, records: Vec<NotificationRecord>, done: Done) {
+        let Some(appends) = self.appends.as_ref() else {
+            return done.finish(Err(unavailable("the log is closing")));
+        };
+        if let Err(refused) = appends.send(Append { records, done }) {
+            refused
+                .0
+                .done
+                .finish(Err(unavailable("the log writer stopped")));
+        }
     }
 
     /// Scans every committed record, off the async workers.
@@ -243,7 +281,7 @@ fn write_loop(
             }
         }
         for append in batch {
-            let _ = append.done.send(result.clone());
+            append.done.finish(result.clone());
         }
     }
 }
@@ -508,6 +546,14 @@ impl NotificationLog for EmbeddedLog {
         }
         self.clock.number(&mut records);
         self.enqueue(records).await
+    }
+
+    fn append_then(self: Arc<Self>, mut records: Vec<NotificationRecord>, then: Appended) {
+        if records.is_empty() {
+            return then(Ok(()));
+        }
+        self.clock.number(&mut records);
+        self.send(records, Done::Call(then));
     }
 
     fn next_seq(&self) -> i64 {
