@@ -13,7 +13,7 @@ use sockets_tests::broker::{Names, Publisher, connections_counted_across_two_nod
 use sockets_tests::client::{Client, http, publish, student_and_consultant};
 use sockets_tests::eventually;
 use sockets_tests::mongo::{FerretDb, TestDb};
-use sockets_tests::server::{Server, ServerConfig, token};
+use sockets_tests::server::{Server, ServerConfig, token, token_with};
 
 const WAIT: Duration = Duration::from_secs(15);
 /// How long a test waits to be sure a push does not come.
@@ -539,6 +539,54 @@ async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_late
         2,
         "each delivery logged once"
     );
+}
+
+/// A token refreshed while a reply waits for the log does not move that
+/// reply's time limit: `unavailable` comes after 5 s, not at the idle limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_refreshed_while_a_reply_waits_for_the_log_keeps_its_time_limit() {
+    let mut ferret = FerretDb::new();
+    ferret.start().await;
+    let db = TestDb::on(&ferret.url()).await;
+    db.seed_demo_users().await;
+    let server =
+        Server::start_with(db.server_config_at(&ferret.url(), ServerConfig::default())).await;
+    ready(&server).await;
+    let (mut student, mut consultant) = student_and_consultant(&server).await;
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "before"}, "ack": 1}))
+        .await;
+    assert_eq!(student.recv().await["ok"], true);
+    consultant.recv().await;
+
+    ferret.stop().await;
+    student
+        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "during"}, "ack": 2}))
+        .await;
+    consultant.recv().await;
+    // A later expiry than the connection's token: the refresh moves it.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 7200;
+    let fresh = token_with(json!({"sub": "s_1", "role": "student", "exp": exp}));
+    student
+        .send(&json!({"event": "refreshToken", "data": {"token": fresh}, "ack": 3}))
+        .await;
+    let waited = std::time::Instant::now();
+    let reply = student.recv().await;
+    assert_eq!(reply["ack"], 2, "{reply}");
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    assert!(
+        waited.elapsed() < Duration::from_secs(8),
+        "answered after {:?}",
+        waited.elapsed()
+    );
+    let refreshed = student.recv().await;
+    assert_eq!(refreshed["ack"], 3, "{refreshed}");
+    assert_eq!(refreshed["ok"], true, "replies keep frame order");
+    ferret.start().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -317,10 +317,13 @@ impl Connection {
     async fn read_loop(&mut self, stream: SplitStream<WebSocket>) -> Option<CloseRequest> {
         let close = self.read_frames(stream).await;
         // Replies whose log writes are still running: sent if they finish
-        // while the connection closes.
+        // (or reach their time limit) while the connection closes.
         let _ = timeout(CLOSE_GRACE, async {
-            while self.replies.len() > 0 {
-                self.replies.some_left().await;
+            while let Some(due) = self.replies.expire(tokio::time::Instant::now()) {
+                tokio::select! {
+                    () = self.replies.some_left() => {}
+                    () = sleep_until(due) => {}
+                }
             }
         })
         .await;
@@ -398,13 +401,16 @@ impl Connection {
                                     }
                                 }
                             }
-                            // A refreshed token moves the expiry.
+                            // A refreshed token moves the expiry, not the
+                            // time limit of replies waiting for the log.
                             if self.session.claims.expires_at() != token_expiry {
                                 token_expiry = self.session.claims.expires_at();
                                 token_deadline = self.token_deadline();
+                                let next = token_deadline.min(last_frame + idle_timeout);
+                                let reply_due = self.replies.expire(last_frame);
                                 deadline
                                     .as_mut()
-                                    .reset(token_deadline.min(last_frame + idle_timeout));
+                                    .reset(reply_due.map_or(next, |due| next.min(due)));
                             }
                         }
                     }
