@@ -54,7 +54,7 @@ enum Done {
     Wake(oneshot::Sender<Result<(), StoreError>>),
     /// An [`NotificationLog::append_then`] callback, called on the writer
     /// thread.
-    Call(Appended),
+    Call(Callback),
 }
 
 impl Done {
@@ -66,11 +66,34 @@ impl Done {
             Self::Call(then) => {
                 // A panicking callback must not stop the writer thread (and
                 // with it every later append).
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result))).is_err()
-                {
+                let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    then.call(result);
+                }));
+                if called.is_err() {
                     tracing::error!("notification log: a commit callback panicked");
                 }
             }
+        }
+    }
+}
+
+/// A callback called exactly once: with its append's result or, dropped
+/// unanswered (the writer thread died with it queued), with "the log
+/// writer stopped" — what a task awaiting a dropped `Wake` hears.
+struct Callback(Option<Appended>);
+
+impl Callback {
+    fn call(mut self, result: Result<(), StoreError>) {
+        if let Some(then) = self.0.take() {
+            then(result);
+        }
+    }
+}
+
+impl Drop for Callback {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then(Err(unavailable("the log writer stopped")));
         }
     }
 }
@@ -553,7 +576,7 @@ impl NotificationLog for EmbeddedLog {
             return then(Ok(()));
         }
         self.clock.number(&mut records);
-        self.send(records, Done::Call(then));
+        self.send(records, Done::Call(Callback(Some(then))));
     }
 
     fn next_seq(&self) -> i64 {
@@ -1049,6 +1072,23 @@ mod tests {
         );
         drop(log);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_callback_dropped_unanswered_hears_that_the_writer_stopped() {
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let callback = |heard: &Arc<std::sync::Mutex<Vec<String>>>| {
+            let heard = Arc::clone(heard);
+            Callback(Some(Box::new(move |result: Result<(), StoreError>| {
+                heard.lock().unwrap().push(format!("{result:?}"));
+            })))
+        };
+        callback(&heard).call(Ok(()));
+        drop(Done::Call(callback(&heard)));
+        let heard = heard.lock().unwrap();
+        assert_eq!(heard.len(), 2, "each called once: {heard:?}");
+        assert_eq!(heard[0], "Ok(())");
+        assert!(heard[1].contains("the log writer stopped"), "{heard:?}");
     }
 
     #[test]
