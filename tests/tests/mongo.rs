@@ -479,7 +479,17 @@ struct Outage {
     record_id: String,
 }
 
-async fn message_during_an_outage() -> Outage {
+/// A server on MongoDB, a student and a consultant who exchanged a message
+/// (so the directory entry is cached), and then the database stopped.
+struct DatabaseDown {
+    ferret: FerretDb,
+    db: TestDb,
+    server: Server,
+    student: Client,
+    consultant: Client,
+}
+
+async fn chat_then_database_down() -> DatabaseDown {
     let mut ferret = FerretDb::new();
     ferret.start().await;
     let db = TestDb::on(&ferret.url()).await;
@@ -488,14 +498,29 @@ async fn message_during_an_outage() -> Outage {
         Server::start_with(db.server_config_at(&ferret.url(), ServerConfig::default())).await;
     ready(&server).await;
     let (mut student, mut consultant) = student_and_consultant(&server).await;
-    // The directory entry is cached before the outage.
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "before"}, "ack": 1}))
         .await;
     assert_eq!(student.recv().await["ok"], true);
     consultant.recv().await;
-
     ferret.stop().await;
+    DatabaseDown {
+        ferret,
+        db,
+        server,
+        student,
+        consultant,
+    }
+}
+
+async fn message_during_an_outage() -> Outage {
+    let DatabaseDown {
+        ferret,
+        db,
+        server,
+        mut student,
+        mut consultant,
+    } = chat_then_database_down().await;
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "during"}, "ack": 2}))
         .await;
@@ -545,21 +570,13 @@ async fn a_client_event_during_an_outage_is_answered_unavailable_and_logged_late
 /// reply's time limit: `unavailable` comes after 5 s, not at the idle limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_refreshed_while_a_reply_waits_for_the_log_keeps_its_time_limit() {
-    let mut ferret = FerretDb::new();
-    ferret.start().await;
-    let db = TestDb::on(&ferret.url()).await;
-    db.seed_demo_users().await;
-    let server =
-        Server::start_with(db.server_config_at(&ferret.url(), ServerConfig::default())).await;
-    ready(&server).await;
-    let (mut student, mut consultant) = student_and_consultant(&server).await;
-    student
-        .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "before"}, "ack": 1}))
-        .await;
-    assert_eq!(student.recv().await["ok"], true);
-    consultant.recv().await;
-
-    ferret.stop().await;
+    let DatabaseDown {
+        mut ferret,
+        db: _db,
+        server: _server,
+        mut student,
+        mut consultant,
+    } = chat_then_database_down().await;
     student
         .send(&json!({"event": "sendMessage", "data": {"to": "c_1", "text": "during"}, "ack": 2}))
         .await;
