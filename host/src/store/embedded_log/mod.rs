@@ -45,47 +45,28 @@ const SEGMENT_SUFFIX: &str = ".jsonl";
 
 struct Append {
     records: Vec<NotificationRecord>,
-    done: Done,
+    done: Callback,
 }
 
-/// Whom the writer tells that an append is committed (or failed).
-enum Done {
-    /// A task awaiting [`EmbeddedLog::enqueue`].
-    Wake(oneshot::Sender<Result<(), StoreError>>),
-    /// An [`NotificationLog::append_then`] callback, called on the writer
-    /// thread.
-    Call(Callback),
-}
-
-impl Done {
-    fn finish(self, result: Result<(), StoreError>) {
-        match self {
-            Self::Wake(waiting) => {
-                let _ = waiting.send(result);
-            }
-            Self::Call(then) => {
-                // A panicking callback must not stop the writer thread (and
-                // with it every later append).
-                let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    then.call(result);
-                }));
-                if called.is_err() {
-                    tracing::error!("notification log: a commit callback panicked");
-                }
-            }
-        }
-    }
-}
-
-/// A callback called exactly once: with its append's result or, dropped
-/// unanswered (the writer thread died with it queued), with "the log
-/// writer stopped" — what a task awaiting a dropped `Wake` hears.
+/// Whom the writer tells that an append is committed (or failed), on the
+/// writer thread: an [`NotificationLog::append_then`] callback, or one that
+/// wakes a task awaiting [`EmbeddedLog::enqueue`]. Called exactly once:
+/// with the append's result or, dropped unanswered (the writer thread died
+/// with it queued), with "the log writer stopped".
 struct Callback(Option<Appended>);
 
 impl Callback {
+    fn new(then: Appended) -> Self {
+        Self(Some(then))
+    }
+
     fn call(mut self, result: Result<(), StoreError>) {
-        if let Some(then) = self.0.take() {
-            then(result);
+        let Some(then) = self.0.take() else { return };
+        // A panicking callback must not stop the writer thread (and with
+        // it every later append).
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result)));
+        if called.is_err() {
+            tracing::error!("notification log: a commit callback panicked");
         }
     }
 }
@@ -186,7 +167,12 @@ impl EmbeddedLog {
     /// Queues records for the writer and waits for their commit.
     async fn enqueue(&self, records: Vec<NotificationRecord>) -> Result<(), StoreError> {
         let (done, committed) = oneshot::channel();
-        self.send(records, Done::Wake(done));
+        self.send(
+            records,
+            Callback::new(Box::new(move |result| {
+                let _ = done.send(result);
+            })),
+        );
         committed
             .await
             .map_err(|_| unavailable("the log writer stopped"))?
@@ -194,15 +180,15 @@ impl EmbeddedLog {
 
     /// Queues records for the writer, which tells `done`; told at once when
     /// the writer is gone.
-    fn send(&self, records: Vec<NotificationRecord>, done: Done) {
+    fn send(&self, records: Vec<NotificationRecord>, done: Callback) {
         let Some(appends) = self.appends.as_ref() else {
-            return done.finish(Err(unavailable("the log is closing")));
+            return done.call(Err(unavailable("the log is closing")));
         };
         if let Err(refused) = appends.send(Append { records, done }) {
             refused
                 .0
                 .done
-                .finish(Err(unavailable("the log writer stopped")));
+                .call(Err(unavailable("the log writer stopped")));
         }
     }
 
@@ -304,7 +290,7 @@ fn write_loop(
             }
         }
         for append in batch {
-            append.done.finish(result.clone());
+            append.done.call(result.clone());
         }
     }
 }
@@ -576,7 +562,7 @@ impl NotificationLog for EmbeddedLog {
             return then(Ok(()));
         }
         self.clock.number(&mut records);
-        self.send(records, Done::Call(Callback(Some(then))));
+        self.send(records, Callback::new(then));
     }
 
     fn next_seq(&self) -> i64 {
@@ -1079,12 +1065,12 @@ mod tests {
         let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
         let callback = |heard: &Arc<std::sync::Mutex<Vec<String>>>| {
             let heard = Arc::clone(heard);
-            Callback(Some(Box::new(move |result: Result<(), StoreError>| {
+            Callback::new(Box::new(move |result: Result<(), StoreError>| {
                 heard.lock().unwrap().push(format!("{result:?}"));
-            })))
+            }))
         };
         callback(&heard).call(Ok(()));
-        drop(Done::Call(callback(&heard)));
+        drop(callback(&heard));
         let heard = heard.lock().unwrap();
         assert_eq!(heard.len(), 2, "each called once: {heard:?}");
         assert_eq!(heard[0], "Ok(())");
