@@ -21,7 +21,7 @@ use crate::auth::Claims;
 use crate::delivery::registry::{
     CLOSE_TRY_AGAIN_LATER, CloseRequest, ConnectionHandle, OutboundFrame,
 };
-use crate::dispatch::{Inbound, LOG_WAIT};
+use crate::dispatch::Inbound;
 use crate::plugin::{ClientOrigin, Event, Origin};
 use crate::protocol::{
     ClientFrame, ErrorBody, ErrorCode, FrameError, error_frame, event_frame, new_id, ok_reply,
@@ -394,8 +394,7 @@ impl Connection {
                             // idle connection's task should not carry it.
                             match Box::pin(self.handle_text(text.as_str())).await {
                                 Reply::Now(reply) => self.replies.send(reply),
-                                Reply::Waiting => {
-                                    let due = tokio::time::Instant::now() + LOG_WAIT;
+                                Reply::Waiting { due } => {
                                     if deadline.deadline() > due {
                                         deadline.as_mut().reset(due);
                                     }
@@ -589,6 +588,7 @@ impl Connection {
             Err(err) => return Reply::Now(reply_frame(ack, Err(err.to_error_body()))),
         };
         let place = self.replies.reserve(ack);
+        let due = place.due;
         let replies = Arc::clone(&self.replies);
         self.state.dispatcher.record_then(delivered, move |routed| {
             let routed = routed
@@ -596,7 +596,7 @@ impl Connection {
                 .map_err(|err| err.to_error_body());
             replies.fill(place, reply_frame(ack, routed));
         });
-        Reply::Waiting
+        Reply::Waiting { due }
     }
 }
 
@@ -606,7 +606,10 @@ enum Reply {
     Now(Option<String>),
     /// The reply has its place in `Connection::replies` and is filled in
     /// once the log records are written.
-    Waiting,
+    Waiting {
+        /// When the reader answers it `unavailable` if the log has not.
+        due: tokio::time::Instant,
+    },
 }
 
 /// The frame answering a client frame: the reply when it asked for an
